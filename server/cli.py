@@ -1,0 +1,139 @@
+"""`t2serve` console entry point: `serve`, `prepare-model`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.config import EngineSettings, ParallelismSettings, ServerSettings
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (passed to vLLM)")
+    g.add_argument(
+        "--model", help="local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    g.add_argument("--served-model-name", help="model name clients use (default: the folder's name)")
+    g.add_argument("--tokenizer", help="tokenizer folder, if not the model's")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", type=int, default=1)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="eager mode (default on: hidden-state capture uses forward hooks, which compiled graphs skip)",
+    )
+    g.add_argument("--block-size", type=int, help="KV-cache block size (CPU default 32)")
+    g.add_argument("--max-num-seqs", type=int)
+    g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--cpu-kvcache-space", type=int, default=4, help="CPU only: KV-cache GiB")
+    g.add_argument("--cpu-threads-bind", help="CPU only: OpenMP core binding, e.g. 0-1 (default: all cores)")
+
+
+def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel thinking")
+    g.add_argument(
+        "--default-parallelism",
+        type=int,
+        default=8,
+        help="N for parallelism 'auto' without an estimator, and the fixed-N baseline for savings",
+    )
+    g.add_argument("--max-parallelism", type=int, default=64, help="largest N per choice a request may get")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--default-max-tokens", type=int, default=512)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_engine_args(serve)
+    _add_parallelism_args(serve)
+
+    prepare = sub.add_parser(
+        "prepare-model", help="convert the embedded GGUF model into a vLLM-loadable folder"
+    )
+    prepare.add_argument("--output", type=Path, help="target folder (default: the t2serve cache)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    if args.model:
+        model = Path(args.model).expanduser()
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"t2serve: --model {model} is not a Hugging Face model folder (no config.json)")
+    else:
+        from server.model_store import prepare_embedded_model
+
+        model = prepare_embedded_model()
+    engine = EngineSettings(
+        model=str(model),
+        served_model_name=args.served_model_name or model.name,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        cpu_kvcache_space_gib=args.cpu_kvcache_space,
+        cpu_threads_bind=args.cpu_threads_bind,
+    )
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        engine=engine,
+        parallelism=ParallelismSettings(
+            default_parallelism=args.default_parallelism, max_parallelism=args.max_parallelism
+        ),
+        default_max_tokens=args.default_max_tokens,
+        log_level=args.log_level,
+    )
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+    elif args.command == "prepare-model":
+        from server.model_store import prepare_embedded_model, verify_model_dir
+
+        folder = prepare_embedded_model(args.output, force=args.force)
+        ok = verify_model_dir(folder)
+        print(f"{folder} ({'verified' if ok else 'NOT verified'})")
+        sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: keep the guard.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

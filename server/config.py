@@ -1,0 +1,49 @@
+"""Server settings: one typed object built from the CLI, injected into routes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class EngineSettings(BaseModel):
+    """What the vLLM engine is started with. `None` means vLLM's (or the platform's) default."""
+
+    model: str
+    served_model_name: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    # Hidden-state capture uses forward hooks, which fire only in eager mode.
+    enforce_eager: bool = True
+    block_size: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    # CPU only: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE) and OpenMP core binding.
+    cpu_kvcache_space_gib: int = 4
+    cpu_threads_bind: str | None = None
+    capture_timeout_s: float = 30.0
+
+
+class ParallelismSettings(BaseModel):
+    """How many samples a request gets."""
+
+    # N for `parallelism: "auto"` until an estimator head is loaded; also the fixed-N
+    # baseline that "samples saved" is measured against.
+    default_parallelism: int = Field(default=8, ge=1)
+    # Upper bound on per-choice N a request may ask for or `auto` may choose.
+    max_parallelism: int = Field(default=64, ge=1)
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: EngineSettings
+    parallelism: ParallelismSettings = ParallelismSettings()
+    # Default max_tokens when a request gives none (bounded by the context left).
+    default_max_tokens: int = 512
+    log_level: str = "info"

@@ -1,0 +1,216 @@
+"""The one module that owns the vLLM engine.
+
+`Engine` wraps vLLM V1's `AsyncLLM` (engine core in its own process, front end in ours),
+starts it with automatic prefix caching and the hidden-state capture worker extension, and
+offers the rest of t2serve a narrow interface: tokenizer, `generate`, `abort`,
+`captured_states`, health. Nothing else in the server imports vLLM's engine classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.capture import CAPTURE_KEY
+from server.config import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+# Defaults that make vLLM work well on a small CPU box; applied only on the CPU platform.
+CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; the default 128 caches little.
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    num_layers: int
+    hidden_size: int
+    max_model_len: int
+    device: str
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def apply_cpu_environment(settings: EngineSettings) -> None:
+    """Set vLLM's CPU knobs before the engine processes are spawned (they inherit env).
+
+    Values the user exported win. Without VLLM_CPU_KVCACHE_SPACE vLLM sizes the KV cache
+    from total memory and fails to start when that much is not free.
+    """
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+    # vLLM binds one core and reserves another by default; on small boxes use them all.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or f"0-{cores - 1}")
+
+
+class CaptureReceiver:
+    """Front-end end of the capture channel: a ZMQ PULL socket whose messages resolve futures."""
+
+    def __init__(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._dir = tempfile.mkdtemp(prefix="t2serve-")
+        self.endpoint = f"ipc://{self._dir}/capture.sock"
+        self._ctx = zmq.asyncio.Context()
+        self._socket = self._ctx.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.endpoint)
+        self._waiters: dict[str, asyncio.Future[np.ndarray]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._receive_loop())
+
+    def expect(self, tag: str) -> asyncio.Future[np.ndarray]:
+        """Register interest in `tag` before the tagged request is submitted (no race)."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._waiters[tag] = future
+        return future
+
+    def forget(self, tag: str) -> None:
+        future = self._waiters.pop(tag, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            tag_bytes, header, payload = await self._socket.recv_multipart()
+            future = self._waiters.pop(tag_bytes.decode(), None)
+            # A second message for a tag (re-prefill after preemption) or one for an
+            # aborted request finds no waiter and is dropped.
+            if future is None or future.done():
+                continue
+            meta = json.loads(header)
+            future.set_result(np.frombuffer(payload, dtype=meta["dtype"]).reshape(meta["shape"]))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for tag in list(self._waiters):
+            self.forget(tag)
+        self._socket.close()
+        self._ctx.term()
+        with contextlib.suppress(OSError):
+            os.unlink(self.endpoint.removeprefix("ipc://"))
+            os.rmdir(self._dir)
+
+
+class Engine:
+    """A started vLLM engine plus the capture channel. Create with `await Engine.start(...)`."""
+
+    def __init__(self, llm: Any, receiver: CaptureReceiver, info: ModelInfo, settings: EngineSettings):
+        self._llm = llm
+        self._receiver = receiver
+        self.info = info
+        self.settings = settings
+        self.tokenizer = llm.get_tokenizer()
+
+    @classmethod
+    async def start(cls, settings: EngineSettings) -> Engine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cpu = on_cpu()
+        if cpu:
+            apply_cpu_environment(settings)
+        if settings.pipeline_parallel_size != 1:
+            raise ValueError("hidden-state capture needs --pipeline-parallel-size 1")
+        block_size = settings.block_size or (CPU_BLOCK_SIZE if cpu else None)
+        args = AsyncEngineArgs(
+            model=settings.model,
+            tokenizer=settings.tokenizer,
+            served_model_name=settings.served_model_name,
+            dtype=settings.dtype,
+            seed=settings.seed,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            block_size=block_size,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            worker_extension_cls="server.capture.HiddenStateCapture",
+            # Keep vLLM's own Prometheus metrics (KV cache, prefix-cache hits) on /metrics.
+            disable_log_stats=False,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        receiver = CaptureReceiver()
+        try:
+            receiver.start()
+            workers = await llm.collective_rpc("t2_capture_install", args=(receiver.endpoint,))
+            config = llm.model_config
+            info = ModelInfo(
+                name=settings.served_model_name,
+                path=settings.model,
+                num_layers=int(workers[0]["num_layers"]),
+                hidden_size=int(workers[0]["hidden_size"]),
+                max_model_len=int(config.max_model_len),
+                device="cpu" if cpu else "gpu",
+            )
+        except BaseException:
+            await receiver.close()
+            llm.shutdown()
+            raise
+        logger.info("engine ready: %s", info)
+        return cls(llm, receiver, info, settings)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def tag_for_capture(self, params: Any, tag: str) -> asyncio.Future[np.ndarray]:
+        """Mark `params` so the engine captures this request's prefill states; returns the
+        future that the `[L, d]` float32 array arrives on."""
+        params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: tag}
+        return self._receiver.expect(tag)
+
+    def forget_capture(self, tag: str) -> None:
+        self._receiver.forget(tag)
+
+    def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+        from vllm.inputs import TokensPrompt
+
+        return self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            await self._llm.abort(request_ids)
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return not self._llm.errored
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the front end still tracks (each sample of an n>1 request counts)."""
+        return self._llm.output_processor.get_num_unfinished_requests()
+
+    async def shutdown(self) -> None:
+        await self._receiver.close()
+        self._llm.shutdown()
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,40 @@
+"""t2serve's Prometheus metrics (prefix `t2serve_`; vLLM owns `vllm:`).
+
+Metrics live in prometheus_client's default registry, next to the vLLM engine's own, so one
+`GET /metrics` shows both. They are created once per process (module import).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "t2serve_requests",
+    "Requests finished, by endpoint, parallelism mode (auto/fixed) and outcome (ok/error/cancelled).",
+    ["endpoint", "mode", "outcome"],
+)
+SAMPLES = Counter("t2serve_samples_dispatched", "Samples sent to the engine.")
+BASELINE_SAMPLES = Counter(
+    "t2serve_samples_baseline",
+    "Samples a fixed-N deployment (the configured default N per choice) would have sent; "
+    "samples saved = t2serve_samples_baseline_total - t2serve_samples_dispatched_total.",
+)
+GENERATED_TOKENS = Counter("t2serve_generated_tokens", "Tokens generated over all samples.")
+VOTES = Counter("t2serve_votes", "Votes by outcome: decided, tie, no_answer.", ["outcome"])
+CHOSEN_N = Histogram(
+    "t2serve_chosen_parallelism",
+    "Samples per choice chosen for a request.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128),
+)
+CAPTURE_SECONDS = Histogram(
+    "t2serve_capture_latency_seconds",
+    "From submitting sample 0 to its prefill hidden states arriving (auto mode).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REQUEST_SECONDS = Histogram(
+    "t2serve_request_latency_seconds",
+    "End-to-end request latency.",
+    ["endpoint"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
+)
+REQUESTS_IN_FLIGHT = Gauge("t2serve_requests_in_flight", "Requests being served.")

@@ -1,0 +1,213 @@
+"""Parallel thinking for one prompt: capture, choose N, fan out N samples, vote.
+
+Timeline of a request (see README "How a request runs"):
+  1. sample 0 starts at once, tagged for hidden-state capture; its prefill fills the
+     prefix cache and produces the last prompt token's `[L, d]` residual stream.
+  2. mode "auto": the states arrive (pushed from the worker) while sample 0 keeps
+     decoding; the estimator picks N. Mode "fixed": N is known, nothing waits.
+  3. the other `n_choices * N - 1` samples go out as one `n=k` engine request over the same
+     token ids, reading the prompt's KV blocks from the prefix cache.
+  4. each choice takes N consecutive samples (sample 0 belongs to choice 0) and votes.
+Every engine request this module starts is aborted if the caller goes away or fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from estimator.policy import choose_parallelism
+from server.config import ParallelismSettings
+from server.engine import Engine
+from server.voting import Vote, extract_answer, majority_vote
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+    mean_logprob: float | None
+    answer: str | None
+
+
+@dataclass
+class ChoiceResult:
+    vote: Vote
+    samples: list[Sample]
+
+    @property
+    def winner(self) -> Sample:
+        return self.samples[self.vote.winner_index]
+
+
+@dataclass
+class ThinkingResult:
+    choices: list[ChoiceResult]
+    mode: Literal["auto", "fixed"]
+    n_used: int
+    n_max: int
+    baseline_n: int
+    prediction: float | None
+    estimator: str
+    prompt_tokens: int
+    cached_tokens_per_sample: int  # prompt tokens the fan-out samples read from the prefix cache
+    capture_ms: float | None = None
+    states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
+
+    @property
+    def samples(self) -> int:
+        return sum(len(c.samples) for c in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.num_tokens for c in self.choices for s in c.samples)
+
+
+def _to_sample(output: Any) -> Sample:
+    n = len(output.token_ids)
+    cumulative = getattr(output, "cumulative_logprob", None)
+    mean = cumulative / n if cumulative is not None and n > 0 and math.isfinite(cumulative) else None
+    return Sample(output.text, n, output.finish_reason, mean, extract_answer(output.text))
+
+
+async def _final_output(stream: Any) -> Any:
+    final = None
+    async for output in stream:
+        final = output
+    return final
+
+
+class ParallelThinker:
+    """Runs parallel thinking requests on an `Engine`."""
+
+    def __init__(self, engine: Engine, settings: ParallelismSettings, estimator: Any = None):
+        self.engine = engine
+        self.settings = settings
+        self.estimator = estimator  # later: a T2 head with .predict(states) -> float and .name
+
+    def resolve_budget(
+        self, parallelism: int | str | None, max_parallelism: int | None
+    ) -> tuple[str, int, int]:
+        """(mode, fixed N or 0, per-choice cap) for a request's extension fields."""
+        cap = min(max_parallelism or self.settings.max_parallelism, self.settings.max_parallelism)
+        if parallelism is None or parallelism == "auto":
+            return "auto", 0, cap
+        if int(parallelism) > cap:
+            raise ValueError(f"parallelism {parallelism} exceeds max_parallelism {cap}")
+        return "fixed", int(parallelism), cap
+
+    async def run(
+        self,
+        prompt_token_ids: list[int],
+        params: Any,
+        *,
+        n_choices: int,
+        parallelism: int | str | None,
+        max_parallelism: int | None,
+        request_id: str,
+    ) -> ThinkingResult:
+        from vllm.sampling_params import RequestOutputKind
+
+        mode, fixed_n, cap = self.resolve_budget(parallelism, max_parallelism)
+        # The sampled token's log-prob gives the tie rule its mean log-probability.
+        base = params.clone()
+        base.logprobs = 0
+        base.output_kind = RequestOutputKind.FINAL_ONLY
+        first_params = base.clone()
+        first_params.n = 1
+        first_id, rest_id = f"{request_id}-s0", f"{request_id}-s1"
+        states_future = self.engine.tag_for_capture(first_params, request_id)
+        started = time.monotonic()
+        first = asyncio.ensure_future(
+            _final_output(self.engine.generate(prompt_token_ids, first_params, first_id))
+        )
+        rest: asyncio.Future[Any] | None = None
+        try:
+            prediction = None
+            states = None
+            capture_ms = None
+            if mode == "auto":
+                states, capture_ms = await self._wait_states(states_future, first, started)
+                if states is not None and self.estimator is not None:
+                    prediction = float(await asyncio.to_thread(self.estimator.predict, states))
+                n = choose_parallelism(
+                    prediction, n_max=cap, default=self.settings.default_parallelism, cap=cap
+                )
+            else:
+                n = fixed_n
+            total = n * n_choices
+            if total > 1:
+                rest_params = base.clone()
+                rest_params.n = total - 1
+                if rest_params.seed is not None:
+                    # vLLM seeds child i of an n>1 request with seed + i: shift past sample 0.
+                    rest_params.seed += 1
+                rest = asyncio.ensure_future(
+                    _final_output(self.engine.generate(prompt_token_ids, rest_params, rest_id))
+                )
+            first_out = await first
+            rest_out = await rest if rest is not None else None
+            if mode == "fixed" and states_future.done() and not states_future.cancelled():
+                states = states_future.result()
+        except BaseException:
+            for task in (first, rest):
+                if task is not None:
+                    task.cancel()
+            await asyncio.shield(self.engine.abort([first_id, rest_id]))
+            raise
+        finally:
+            self.engine.forget_capture(request_id)
+
+        outputs = list(first_out.outputs)
+        if rest_out is not None:
+            outputs += sorted(rest_out.outputs, key=lambda o: o.index)
+        samples = [_to_sample(o) for o in outputs]
+        choices = []
+        for c in range(n_choices):
+            group = samples[c * n : (c + 1) * n]
+            vote = majority_vote([s.answer for s in group], [s.mean_logprob for s in group])
+            choices.append(ChoiceResult(vote, group))
+        return ThinkingResult(
+            choices=choices,
+            mode=mode,  # type: ignore[arg-type]
+            n_used=n,
+            n_max=cap,
+            baseline_n=self.settings.default_parallelism,
+            prediction=prediction,
+            estimator=getattr(self.estimator, "name", "default"),
+            prompt_tokens=len(prompt_token_ids),
+            cached_tokens_per_sample=int(rest_out.num_cached_tokens or 0) if rest_out is not None else 0,
+            capture_ms=capture_ms,
+            states=states,
+        )
+
+    async def _wait_states(
+        self, states_future: asyncio.Future[Any], first: asyncio.Future[Any], started: float
+    ) -> tuple[Any, float | None]:
+        """The captured states, or None if sample 0 ended (e.g. failed) or the wait timed out."""
+        done, _ = await asyncio.wait(
+            {states_future, first},
+            timeout=self.engine.settings.capture_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if first in done and states_future not in done and first.exception() is None:
+            # The states are pushed before the step's tokens are sampled, so they are all
+            # but certain to be here already; allow a moment for the socket.
+            await asyncio.wait({states_future}, timeout=0.2)
+            done = {states_future} if states_future.done() else done
+        if states_future in done and not states_future.cancelled():
+            return states_future.result(), (time.monotonic() - started) * 1000
+        if first in done and first.exception() is not None:
+            raise first.exception()  # type: ignore[misc]
+        if states_future not in done:
+            # Sample 0 finished (or the wait timed out) without states arriving: fall back
+            # to the default N rather than failing the request.
+            logger.warning("hidden states for a request did not arrive; using the default N")
+        return None, None

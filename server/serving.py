@@ -1,0 +1,326 @@
+"""The OpenAI endpoints' logic: request -> prompt tokens + sampling params -> parallel
+thinking -> OpenAI-shaped response or SSE stream. Routes in `server.app` stay thin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server import metrics
+from server.config import ServerSettings
+from server.engine import Engine
+from server.errors import APIError, error_event
+from server.parallel import ParallelThinker, ThinkingResult
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    SamplingFields,
+    T2Info,
+    Usage,
+    VoteInfo,
+)
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, thinker: ParallelThinker, settings: ServerSettings):
+        self.engine = engine
+        self.thinker = thinker
+        self.settings = settings
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.engine.info.name:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Available: `{self.engine.info.name}`.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        tokenizer = self.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template may reject role orders it does not support
+            raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        prompt = request.prompt
+        vocab = len(self.engine.tokenizer)
+        if isinstance(prompt, str):
+            prompts: list[Any] = [prompt]
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        token_lists = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = list(self.engine.tokenizer.encode(p))
+            else:
+                if not p:
+                    raise APIError(400, "prompt token list must not be empty", param="prompt")
+                if any(t < 0 or t >= vocab for t in p):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+                ids = list(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            token_lists.append(ids)
+        return token_lists
+
+    def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None) -> Any:
+        from vllm import SamplingParams
+
+        context = self.engine.info.max_model_len
+        room = context - prompt_len
+        if room <= 0:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
+                param="messages" if hasattr(request, "messages") else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = min(self.settings.default_max_tokens, room)
+        elif max_tokens > room:
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the context of {context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        optional = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+            "min_p": request.min_p,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "seed": request.seed,
+            "stop": request.stop,
+        }
+        return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in optional.items() if v is not None})
+
+    def check_budget(self, request: SamplingFields) -> None:
+        try:
+            self.thinker.resolve_budget(request.parallelism, request.max_parallelism)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="parallelism", code="invalid_value") from exc
+
+    # -- running ------------------------------------------------------------------------
+
+    async def _think(
+        self, request: SamplingFields, prompts: list[list[int]], max_tokens: int | None
+    ) -> list[ThinkingResult]:
+        params = [self.sampling_params(request, len(p), max_tokens) for p in prompts]
+        base_id = uuid.uuid4().hex
+        results = await asyncio.gather(
+            *(
+                self.thinker.run(
+                    p,
+                    sp,
+                    n_choices=request.n,
+                    parallelism=request.parallelism,
+                    max_parallelism=request.max_parallelism,
+                    request_id=f"{base_id}-p{i}",
+                )
+                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+            )
+        )
+        for result in results:
+            record_result(result)
+        return list(results)
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        self.check_budget(request)
+        prompt = self.chat_prompt(request)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        # Validate params before any streaming starts, so errors get a proper status.
+        self.sampling_params(request, len(prompt), max_tokens)
+        if request.stream:
+            return self._chat_stream(request, prompt, max_tokens)
+        (result,) = await self._think(request, [prompt], max_tokens)
+        return ChatCompletionResponse(
+            model=request.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessageOut(content=c.winner.text),
+                    finish_reason=c.winner.finish_reason,
+                )
+                for i, c in enumerate(result.choices)
+            ],
+            usage=usage([result]),
+            t2=t2_info([result]),
+        )
+
+    async def _chat_stream(
+        self, request: ChatCompletionRequest, prompt: list[int], max_tokens: int | None
+    ) -> AsyncIterator[str]:
+        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list[ChatChunkChoice], **extra: Any) -> str:
+            body = ChatCompletionChunk(
+                id=chunk_id, created=created, model=request.model, choices=choices, **extra
+            )
+            return sse(body.model_dump(exclude_none=True))
+
+        # The role goes out at once so clients see the stream open while samples run.
+        yield chunk(
+            [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(request.n)
+            ]
+        )
+        try:
+            (result,) = await self._think(request, [prompt], max_tokens)
+        except APIError as exc:
+            yield error_event(exc)
+            yield "data: [DONE]\n\n"
+            return
+        for i, c in enumerate(result.choices):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=c.winner.text))])
+        info = t2_info([result])
+        for i, c in enumerate(result.choices):
+            last = i == len(result.choices) - 1
+            yield chunk(
+                [ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=c.winner.finish_reason)],
+                t2=info if last else None,
+            )
+        if request.stream_options and request.stream_options.include_usage:
+            yield chunk([], usage=usage([result]))
+        yield "data: [DONE]\n\n"
+
+    async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        self.check_budget(request)
+        prompts = self.completion_prompts(request)
+        for p in prompts:
+            self.sampling_params(request, len(p), request.max_tokens)
+        if request.stream:
+            return self._completion_stream(request, prompts)
+        results = await self._think(request, prompts, request.max_tokens)
+        return CompletionResponse(
+            model=request.model,
+            choices=completion_choices(results),
+            usage=usage(results),
+            t2=t2_info(results),
+        )
+
+    async def _completion_stream(
+        self, request: CompletionRequest, prompts: list[list[int]]
+    ) -> AsyncIterator[str]:
+        chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        try:
+            results = await self._think(request, prompts, request.max_tokens)
+        except APIError as exc:
+            yield error_event(exc)
+            yield "data: [DONE]\n\n"
+            return
+        choices = completion_choices(results)
+        for choice in choices:
+            body = CompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=request.model,
+                choices=[CompletionChoice(index=choice.index, text=choice.text, finish_reason=None)],
+            )
+            yield sse(body.model_dump(exclude_none=True))
+        for k, choice in enumerate(choices):
+            body = CompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=request.model,
+                choices=[CompletionChoice(index=choice.index, text="", finish_reason=choice.finish_reason)],
+                t2=t2_info(results) if k == len(choices) - 1 else None,
+            )
+            yield sse(body.model_dump(exclude_none=True))
+        if request.stream_options and request.stream_options.include_usage:
+            body = CompletionChunk(
+                id=chunk_id, created=created, model=request.model, choices=[], usage=usage(results)
+            )
+            yield sse(body.model_dump(exclude_none=True))
+        yield "data: [DONE]\n\n"
+
+
+# -- response pieces --------------------------------------------------------------------
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def completion_choices(results: list[ThinkingResult]) -> list[CompletionChoice]:
+    # OpenAI's layout for several prompts: prompt i's choices are i*n .. i*n + n - 1.
+    n = len(results[0].choices)
+    return [
+        CompletionChoice(index=p * n + i, text=c.winner.text, finish_reason=c.winner.finish_reason)
+        for p, result in enumerate(results)
+        for i, c in enumerate(result.choices)
+    ]
+
+
+def usage(results: list[ThinkingResult]) -> Usage:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    cached = sum(min(r.cached_tokens_per_sample, r.prompt_tokens) for r in results)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def t2_info(results: list[ThinkingResult]) -> T2Info:
+    first = results[0]
+    votes = [c.vote for r in results for c in r.choices]
+    return T2Info(
+        mode=first.mode,
+        n_used=first.n_used,
+        n_max=first.n_max,
+        baseline_n=first.baseline_n,
+        prediction=first.prediction,
+        samples=sum(r.samples for r in results),
+        estimator=first.estimator,
+        capture_ms=first.capture_ms,
+        answer=votes[0].answer,
+        votes=votes[0].votes,
+        agreement=votes[0].agreement,
+        choices=[VoteInfo(answer=v.answer, votes=v.votes, agreement=v.agreement, tie=v.tie) for v in votes]
+        if len(votes) > 1
+        else None,
+    )
+
+
+def record_result(result: ThinkingResult) -> None:
+    metrics.SAMPLES.inc(result.samples)
+    metrics.BASELINE_SAMPLES.inc(result.baseline_n * len(result.choices))
+    metrics.GENERATED_TOKENS.inc(result.completion_tokens)
+    metrics.CHOSEN_N.observe(result.n_used)
+    if result.capture_ms is not None:
+        metrics.CAPTURE_SECONDS.observe(result.capture_ms / 1000)
+    for choice in result.choices:
+        vote = choice.vote
+        metrics.VOTES.labels("no_answer" if vote.answer is None else "tie" if vote.tie else "decided").inc()

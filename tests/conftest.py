@@ -1,0 +1,89 @@
+"""Shared fixtures: one real vLLM engine (embedded model, CPU) and one real uvicorn server
+per test session, because an engine takes ~30-50 s to start on a 2-core machine.
+
+All async tests and fixtures run on one session-wide event loop (pyproject's
+asyncio_default_*_loop_scope = "session"): the engine's output handler lives on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL_NAME = "smol-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from server.model_store import prepare_embedded_model
+
+    return prepare_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def server_settings(model_dir: Path):
+    from server.config import EngineSettings, ParallelismSettings, ServerSettings
+
+    return ServerSettings(
+        port=free_port(),
+        engine=EngineSettings(model=str(model_dir), served_model_name=MODEL_NAME, max_model_len=2048, seed=0),
+        parallelism=ParallelismSettings(default_parallelism=4, max_parallelism=16),
+        default_max_tokens=32,
+    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engine(server_settings) -> AsyncIterator:
+    from server.engine import Engine
+
+    live = await Engine.start(server_settings.engine)
+    yield live
+    await live.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def server_url(engine, server_settings) -> AsyncIterator[str]:
+    """A real uvicorn server on loopback, sharing the session's engine."""
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(server_settings, engine=engine)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=server_settings.port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{server_settings.port}"
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(server_url: str) -> AsyncIterator:
+    """The official OpenAI SDK, pointed at the test server."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c

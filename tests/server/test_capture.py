@@ -1,0 +1,198 @@
+"""Hidden-state capture inside the real vLLM engine (embedded model, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+PROMPTS = [
+    "What is 7 times 8?",
+    "Name a prime number larger than 20.",
+    "If I have 3 apples and eat one, how many are left?",
+    "Which is bigger, 0.5 or 0.45?",
+    "Spell the word cat backwards.",
+    "What is the capital of France?",
+    "Add 12 and 30.",
+    "How many legs does a spider have?",
+    "What comes after Tuesday?",
+    "Is 91 a prime number? Explain.",
+    "Convert 3 hours to minutes.",
+    "What is 100 divided by 4?",
+    "Give me a color of the rainbow.",
+    "How many sides does a hexagon have?",
+    "What is 2 to the power of 10?",
+    "Subtract 19 from 50.",
+]
+
+
+def chat_ids(engine, text: str) -> list[int]:
+    tok = engine.tokenizer
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tok.encode(rendered, add_special_tokens=False))
+
+
+async def capture(engine, ids: list[int], max_tokens: int = 1) -> tuple[np.ndarray, object]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    tag = uuid.uuid4().hex
+    future = engine.tag_for_capture(params, tag)
+    final = None
+    async for out in engine.generate(ids, params, f"test-{tag}"):
+        final = out
+    return await asyncio.wait_for(future, 10), final
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def reference_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+async def test_states_match_transformers(engine, reference_model):
+    ids = chat_ids(engine, "Tom has 5 marbles and finds 3 more. How many marbles does he have now?")
+    states, _ = await capture(engine, ids)
+    layers = reference_model.model.layers
+    assert (
+        states.shape
+        == (len(layers), reference_model.config.hidden_size)
+        == (engine.info.num_layers, engine.info.hidden_size)
+    )
+    assert states.dtype == np.float32
+
+    # transformers' last hidden state has the final norm applied; take the last layer's
+    # own output (pre-norm) with a hook, as the capture does.
+    last_layer_out = {}
+    handle = layers[-1].register_forward_hook(
+        lambda m, a, o: last_layer_out.setdefault("h", o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        out = reference_model(torch.tensor([ids]), output_hidden_states=True)
+    handle.remove()
+    reference = [out.hidden_states[layer + 1][0, -1].numpy() for layer in range(len(layers) - 1)]
+    reference.append(last_layer_out["h"][0, -1].numpy())
+    sims = [cosine(states[layer], reference[layer]) for layer in range(len(layers))]
+    assert min(sims) >= 0.999, sims
+    # And it really is the last token: another position of the same prompt is far off.
+    assert cosine(states[10], out.hidden_states[11][0, -2].numpy()) < 0.99
+
+
+async def test_concurrent_requests_get_their_own_states(engine):
+    ids = [chat_ids(engine, p) for p in PROMPTS]
+    alone = [(await capture(engine, i))[0] for i in ids]
+    together = await asyncio.gather(*(capture(engine, i, max_tokens=8) for i in ids))
+    for k, (states, _) in enumerate(together):
+        own = min(cosine(states[layer], alone[k][layer]) for layer in range(states.shape[0]))
+        assert own >= 0.999, (k, own)
+        # Closer to its own one-at-a-time capture than to any other prompt's.
+        others = [np.linalg.norm(states - alone[j]) for j in range(len(ids)) if j != k]
+        assert np.linalg.norm(states - alone[k]) < min(others) / 10
+
+
+def prefix_cache_hits() -> float:
+    total = 0.0
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name == "vllm:prefix_cache_hits_total":
+                total += sample.value
+    return total
+
+
+async def test_fan_out_reads_prompt_from_prefix_cache(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    # A prompt of several 32-token blocks that no other test uses.
+    question = "Here is a long preamble about counting sheep in a field near a river. " * 3 + "What is 6 + 7?"
+    ids = chat_ids(engine, question)
+    assert len(ids) > 64
+    full_blocks = (len(ids) - 1) // 32 * 32
+
+    hits_before = prefix_cache_hits()
+    result = await thinker.run(
+        ids,
+        SamplingParams(max_tokens=8, temperature=0.8),
+        n_choices=1,
+        parallelism="auto",
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+    )
+    assert result.mode == "auto" and result.n_used == server_settings.parallelism.default_parallelism
+    assert result.states is not None and result.capture_ms is not None
+    assert result.samples == result.n_used
+    # Every fan-out sample read all full blocks of the prompt from the cache.
+    assert result.cached_tokens_per_sample == full_blocks
+    await asyncio.sleep(1.5)  # vLLM publishes engine stats about once a second
+    assert prefix_cache_hits() - hits_before >= full_blocks * (result.n_used - 1)
+
+
+async def test_fixed_mode_with_choices(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    ids = chat_ids(engine, "What is 9 + 9? " * 6)
+    result = await thinker.run(
+        ids,
+        SamplingParams(max_tokens=6, temperature=1.0, seed=3),
+        n_choices=3,
+        parallelism=5,
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+    )
+    assert result.mode == "fixed" and result.n_used == 5
+    assert [len(c.samples) for c in result.choices] == [5, 5, 5]
+    assert result.completion_tokens == sum(s.num_tokens for c in result.choices for s in c.samples) > 0
+    # Seeds are spread over samples: they are not all copies of one text.
+    texts = {s.text for c in result.choices for s in c.samples}
+    assert len(texts) > 1
+    assert engine.num_unfinished_requests() == 0
+
+
+async def test_cancelled_run_aborts_its_engine_requests(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    ids = chat_ids(engine, "Write a very long story about a dragon.")
+    task = asyncio.ensure_future(
+        thinker.run(
+            ids,
+            SamplingParams(max_tokens=1000, temperature=1.0, ignore_eos=True),
+            n_choices=1,
+            parallelism=6,
+            max_parallelism=None,
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    for _ in range(100):
+        if engine.num_unfinished_requests() >= 6:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.num_unfinished_requests() >= 6
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if engine.num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.num_unfinished_requests() == 0
