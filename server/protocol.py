@@ -57,6 +57,8 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM extension: keep sampling past the end-of-sequence token (load tests, benchmarks).
+    ignore_eos: bool = False
     # t2serve extensions
     parallelism: int | Literal["auto"] | None = None
     max_parallelism: int | None = Field(default=None, ge=1)

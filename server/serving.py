@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from server.protocol import (
     Usage,
     VoteInfo,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class OpenAIServing:
@@ -119,7 +122,11 @@ class OpenAIServing:
             "seed": request.seed,
             "stop": request.stop,
         }
-        return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in optional.items() if v is not None})
+        return SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
 
     def check_budget(self, request: SamplingFields) -> None:
         try:
@@ -195,9 +202,8 @@ class OpenAIServing:
         )
         try:
             (result,) = await self._think(request, [prompt], max_tokens)
-        except APIError as exc:
-            yield error_event(exc)
-            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield stream_error(exc)
             return
         for i, c in enumerate(result.choices):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=c.winner.text))])
@@ -234,9 +240,8 @@ class OpenAIServing:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         try:
             results = await self._think(request, prompts, request.max_tokens)
-        except APIError as exc:
-            yield error_event(exc)
-            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield stream_error(exc)
             return
         choices = completion_choices(results)
         for choice in choices:
@@ -265,6 +270,14 @@ class OpenAIServing:
 
 
 # -- response pieces --------------------------------------------------------------------
+
+
+def stream_error(exc: Exception) -> str:
+    """The status line is already sent: report the error as an event, then end the stream."""
+    if not isinstance(exc, APIError):
+        logger.exception("error while streaming", exc_info=exc)
+        exc = APIError(500, "internal server error", code="internal_error")
+    return error_event(exc) + "data: [DONE]\n\n"
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -41,8 +41,8 @@ _NUMBER_RE = re.compile(rf"{_NUMBER}(?:\s*/\s*\d+(?![.,]\d))?")
 _FRACTION_RE = re.compile(r"^([-+]?)\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))$")
 _PLAIN_FRACTION_RE = re.compile(r"^([-+]?\d+(?:\.\d+)?)\s*/\s*([-+]?\d+(?:\.\d+)?)$")
 _PHRASE_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=|was)\s*:?\s*(?P<rest>[^\n]{0,%d})|####\s*(?P<hash>[^\n]{0,%d})"
-    % (MAX_ANSWER_CHARS, MAX_ANSWER_CHARS),
+    rf"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=|was)\s*:?\s*(?P<rest>[^\n]{{0,{MAX_ANSWER_CHARS}}})"
+    rf"|####\s*(?P<hash>[^\n]{{0,{MAX_ANSWER_CHARS}}})",
     re.IGNORECASE,
 )
 _CHOICE_RE = re.compile(r"^\(\s*([A-Ea-e])\s*\)|^([A-E])(?:\s*\)|\s*[.:,;]|\s*$)")
