@@ -6,8 +6,8 @@ model. Forward hooks on the decoder layers read the rows of requests whose prefi
 completes in the current step and that were tagged through
 `SamplingParams.extra_args[CAPTURE_KEY]`; the rows are pushed to the front end over a ZMQ
 socket as soon as the step's forward pass ends. Pushing (rather than the front end polling
-with `collective_rpc`) matters: an RPC waits for the engine's busy loop to go idle between
-steps, which measured ~0.8 s under load, while a push arrives within the step.
+with `collective_rpc`) matters: an RPC is served only between engine steps, behind the
+busy loop, while a push leaves the worker in the same step as the prefill.
 
 The capture rides on the request's own prefill, so the KV blocks it produces are the ones
 the other samples later read from the prefix cache; there is no second model copy and no

@@ -116,9 +116,10 @@ class ParallelThinker:
         from vllm.sampling_params import RequestOutputKind
 
         mode, fixed_n, cap = self.resolve_budget(parallelism, max_parallelism)
-        # The sampled token's log-prob gives the tie rule its mean log-probability.
         base = params.clone()
-        base.logprobs = 0
+        if self.settings.tie_break == "logprob":
+            # The sampled token's log-prob gives the tie rule its mean log-probability.
+            base.logprobs = 0
         base.output_kind = RequestOutputKind.FINAL_ONLY
         first_params = base.clone()
         first_params.n = 1

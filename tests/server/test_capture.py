@@ -196,3 +196,32 @@ async def test_cancelled_run_aborts_its_engine_requests(engine, server_settings)
             break
         await asyncio.sleep(0.05)
     assert engine.num_unfinished_requests() == 0
+
+
+async def test_logprob_tie_break_gets_sample_logprobs(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    settings = server_settings.parallelism.model_copy(update={"tie_break": "logprob"})
+    ids = chat_ids(engine, "What is 5 + 5?")
+    result = await ParallelThinker(engine, settings).run(
+        ids,
+        SamplingParams(max_tokens=6, temperature=1.0),
+        n_choices=1,
+        parallelism=3,
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+    )
+    means = [s.mean_logprob for s in result.choices[0].samples]
+    assert all(m is not None and m <= 0 for m in means)
+    # Default ("order") does not ask the engine for log-probs at all.
+    plain = await ParallelThinker(engine, server_settings.parallelism).run(
+        ids,
+        SamplingParams(max_tokens=6),
+        n_choices=1,
+        parallelism=2,
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+    )
+    assert all(s.mean_logprob is None for s in plain.choices[0].samples)

@@ -1,0 +1,129 @@
+"""Pieces the benchmark scripts share: prompts, a `t2serve serve` subprocess, result paths."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prompts(count: int) -> list[str]:
+    out = []
+    for i in range(count):
+        a, b = 3 + (7 * i) % 17, 2 + (5 * i) % 11
+        sym = "+-*"[i % 3]
+        out.append(f"Question {i}: what is {a} {sym} {b}? Think step by step, then give the answer.")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`t2serve serve` in a subprocess, plus an async client for it."""
+
+    def __init__(self, args, model_dir: Path, log_name: str):
+        self.args = args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            "bench",
+            "--max-model-len",
+            "2048",
+            "--log-level",
+            "warning",
+            "--max-parallelism",
+            str(max(args.n, 64)),
+            *args.server_args.split(),
+        ]
+        self.log = open(RESULTS / f"{log_name}_server.log", "w")  # noqa: SIM115 - outlives __init__
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self) -> None:
+        import httpx
+
+        started = time.monotonic()
+        async with httpx.AsyncClient() as http:
+            while True:
+                try:
+                    if (await http.get(f"{self.url}/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() - started > 600:
+                    raise RuntimeError(
+                        "t2serve did not start; see benchmarks/results/frontend_overhead_server.log"
+                    )
+                await asyncio.sleep(1)
+        print(f"t2serve up in {time.monotonic() - started:.0f} s", flush=True)
+
+    async def run(self, questions: list[str], label: str, parallelism: int | str | None = None) -> dict:
+        import httpx
+        from tqdm import tqdm
+
+        def body(q: str) -> dict:
+            return {
+                "model": "bench",
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": self.args.max_tokens,
+                "temperature": 0.8,
+                "ignore_eos": True,
+                "parallelism": self.args.n,
+            }
+
+        tokens = 0
+        latencies: list[float] = []
+        t2s: list[dict] = []
+        async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as http:
+            bar = tqdm(total=len(questions), desc=label, unit="req")
+
+            async def one(q: str) -> None:
+                nonlocal tokens
+                sent = time.monotonic()
+                r = await http.post(f"{self.url}/v1/chat/completions", json=body(q))
+                r.raise_for_status()
+                latencies.append(time.monotonic() - sent)
+                reply = r.json()
+                tokens += reply["usage"]["completion_tokens"]
+                t2s.append(reply["t2"])
+                bar.update()
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(one(q) for q in questions))
+            wall = time.monotonic() - t0
+            bar.close()
+        return {
+            "wall_s": wall,
+            "generated_tokens": tokens,
+            "requests": len(questions),
+            "latencies_s": latencies,
+            "t2": t2s,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()

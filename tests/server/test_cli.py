@@ -1,0 +1,122 @@
+"""The real command: `t2serve serve` as a subprocess, on the embedded model, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import build_parser, settings_from_args
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_parser_defaults_and_engine_args(model_dir):
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            str(model_dir),
+            "--max-model-len",
+            "1024",
+            "--tensor-parallel-size",
+            "1",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--no-enforce-eager",
+            "--default-parallelism",
+            "6",
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.engine.model == str(model_dir)
+    assert settings.engine.served_model_name == model_dir.name
+    assert settings.engine.max_model_len == 1024 and settings.engine.gpu_memory_utilization == 0.5
+    assert settings.engine.enforce_eager is False and settings.engine.enable_prefix_caching is True
+    assert settings.parallelism.default_parallelism == 6
+
+
+def test_bad_model_folder_is_refused(tmp_path):
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
+        settings_from_args(args)
+
+
+def test_prepare_model_command(model_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "prepare-model"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "verified" in out.stdout and str(model_dir) in out.stdout
+
+
+def test_serve_command_end_to_end(model_dir):
+    port = free_port()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+            "--default-parallelism",
+            "2",
+            "--cpu-kvcache-space",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(1)
+        models = httpx.get(f"{url}/v1/models").json()
+        name = models["data"][0]["id"]
+        assert name == model_dir.name  # no --model: the embedded model, named after its folder
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5},
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["t2"]["n_used"] == 2
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # SIGTERM shuts the server down by itself, in time (uvicorn drains, the lifespan stops the
+    # engine, then uvicorn re-raises the signal, hence -SIGTERM rather than 0); -9 would mean
+    # it hung and had to be killed.
+    assert proc.returncode in (0, -signal.SIGTERM)
