@@ -1,0 +1,135 @@
+"""Sample-optimal parallelism labels from a pool of sampled answers.
+
+Definitions (used in code, docs and reports exactly as written here):
+
+- For a question x with a pool of N_max sampled answers, A_x(N) is the expected
+  majority-vote accuracy with N samples drawn without replacement from the pool.
+  Samples without an answer abstain; if nobody votes the vote is wrong. **Ties count
+  fractionally**: a tie between the gold answer and t other answers earns 1/(t+1). This is
+  exactly the expected accuracy under the server's default tie rule ("first seen in sample
+  order wins"), because sample order is random.
+- Sample-optimal level N*_x = the smallest N in [1, N_max] with A_x(N) >= max_N A_x(N) - eps
+  (eps = 0 by default).
+- System-optimal level N_D = the smallest N maximising the dataset mean of A_x(N).
+- Overscaling index M_D = mean_x(N*_x) / N_D.
+- Sample types by the shape of A_x(N):
+    1 "solved"      A(N) = A(1) > 0 for every N (solved at N = 1 and stays solved)
+    2 "unsolved"    A(N) = 0 for every N (never solved)
+    3 "decreasing"  A(N_max) < A(1): a wrong answer is the mode, more samples hurt
+    4 "increasing"  A never decreases and ends above A(1): needs more samples
+    5 "non-monotone" anything else (rises then falls, or wiggles)
+
+A_x(N) is computed exactly (`expected_accuracy`, a polynomial DP over answer classes,
+O(K * N_max^2) numpy work per gold count for K distinct answers) or estimated by Monte Carlo
+(`expected_accuracy_mc`, vectorised over tau random orderings; the standard error of each
+A(N) is at most 0.5 / sqrt(tau), so the default tau = 10,000 keeps it <= 0.005).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from math import comb
+
+import numpy as np
+
+TYPES = {1: "solved", 2: "unsolved", 3: "decreasing", 4: "increasing", 5: "non-monotone"}
+_TOL = 1e-9
+
+
+def _class_sizes(answers: Sequence[str | None], gold: str) -> tuple[int, list[int], int]:
+    counts = Counter(a for a in answers if a is not None)
+    n_gold = counts.pop(gold, 0)
+    abstain = sum(1 for a in answers if a is None)
+    return n_gold, sorted(counts.values(), reverse=True), abstain
+
+
+def expected_accuracy(answers: Sequence[str | None], gold: str) -> np.ndarray:
+    """Exact A(N) for N = 1..len(answers) (index N-1), fractional ties."""
+    n_max = len(answers)
+    n_gold, others, abstain = _class_sizes(answers, gold)
+    result = np.zeros(n_max)
+    if n_gold == 0:
+        return result
+    totals = np.array([comb(n_max, n) for n in range(n_max + 1)], dtype=np.float64)
+    k = len(others)
+    abstain_poly = np.array([comb(abstain, c) for c in range(abstain + 1)], dtype=np.float64)
+    for g in range(1, n_gold + 1):
+        # ways[j, t]: choose j non-gold samples with every other class taking <= g of its
+        # members and exactly t of them taking exactly g (a t-way tie with the gold answer).
+        ways = np.zeros((n_max + 1, k + 1))
+        ways[: len(abstain_poly), 0] = abstain_poly
+        for size in others:
+            new = np.zeros_like(ways)
+            for c in range(min(size, g) + 1):
+                weight = comb(size, c)
+                if c == g:
+                    new[c:, 1:] += weight * ways[: n_max + 1 - c, :-1]
+                else:
+                    new[c:, :] += weight * ways[: n_max + 1 - c, :]
+            ways = new
+        tie_credit = ways @ (1.0 / np.arange(1, k + 2))  # [j] -> sum_t ways[j, t] / (t + 1)
+        pick_gold = comb(n_gold, g)
+        for n in range(g, n_max + 1):
+            result[n - 1] += pick_gold * tie_credit[n - g] / totals[n]
+    return np.clip(result, 0.0, 1.0)
+
+
+def expected_accuracy_mc(
+    answers: Sequence[str | None], gold: str, tau: int = 10_000, seed: int = 0, chunk: int = 2_000
+) -> np.ndarray:
+    """Monte Carlo A(N) for N = 1..len(answers): tau random orderings of the pool, every
+    prefix length at once (fractional ties, as in `expected_accuracy`)."""
+    n_max = len(answers)
+    labels = sorted({a for a in answers if a is not None})
+    if gold not in labels:
+        return np.zeros(n_max)
+    index = {a: i for i, a in enumerate(labels)}
+    classes = np.array([index[a] if a is not None else -1 for a in answers])
+    gold_id = index[gold]
+    onehot = np.zeros((n_max, len(labels)), dtype=np.int32)
+    voting = classes >= 0
+    onehot[np.nonzero(voting)[0], classes[voting]] = 1
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_max)
+    done = 0
+    while done < tau:
+        m = min(chunk, tau - done)
+        order = np.argsort(rng.random((m, n_max)), axis=1)
+        counts = np.cumsum(onehot[order], axis=1)  # [m, N, K]: votes after the first N samples
+        top = counts.max(axis=2)
+        at_top = counts == top[..., None]
+        gold_top = at_top[..., gold_id] & (top > 0)
+        total += np.where(gold_top, 1.0 / at_top.sum(axis=2), 0.0).sum(axis=0)
+        done += m
+    return total / tau
+
+
+def sample_optimal_n(accuracy: np.ndarray, eps: float = 0.0) -> int:
+    """N*: the smallest N whose A(N) reaches max A - eps."""
+    return int(np.argmax(accuracy >= accuracy.max() - eps - _TOL)) + 1
+
+
+def system_optimal_n(accuracies: np.ndarray) -> int:
+    """N_D: the smallest N maximising the mean of A_x(N) over questions ([questions, N_max])."""
+    mean = np.asarray(accuracies).mean(axis=0)
+    return int(np.argmax(mean >= mean.max() - _TOL)) + 1
+
+
+def overscaling_index(n_star: Sequence[int], n_d: int) -> float:
+    """M_D = mean(N*_x) / N_D."""
+    return float(np.mean(n_star)) / n_d
+
+
+def sample_type(accuracy: np.ndarray) -> int:
+    """1 solved, 2 unsolved, 3 decreasing, 4 increasing, 5 non-monotone (see module doc)."""
+    a = np.asarray(accuracy)
+    if np.all(a <= _TOL):
+        return 2
+    if np.all(np.abs(a - a[0]) <= _TOL):  # nonzero and flat: right at N = 1 and after
+        return 1
+    if a[-1] < a[0] - _TOL:
+        return 3
+    if np.all(np.diff(a) >= -_TOL):
+        return 4
+    return 5
