@@ -1,0 +1,180 @@
+"""Graded problems with checkable answers, and a loader for users' own JSONL data.
+
+The built-in generator is deterministic by seed and spans difficulty levels chosen so that
+a small model's per-question accuracy ranges from ~0 to ~1 (single-digit sums, comparisons
+and multiple choice at the easy end; multi-step arithmetic at the hard end). Splits are
+decided by a hash of the question text, so a question never appears in two splits and
+adding questions does not reshuffle the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from server.voting import normalize_answer
+
+SPLITS = ("train", "validation", "test")
+PROMPT_SUFFIX = "\nGive the final answer as 'Answer: <answer>'."
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str  # the user message
+    answer: str  # normalised gold answer (server.voting.normalize_answer)
+    family: str
+    level: int
+    split: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def split_of(text: str, fractions: tuple[float, float] = (0.7, 0.15)) -> str:
+    """train/validation/test by a stable hash of the question text."""
+    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if h < fractions[0]:
+        return "train"
+    return "validation" if h < fractions[0] + fractions[1] else "test"
+
+
+def _add_small(r: random.Random) -> tuple[str, int]:
+    a, b = r.randint(0, 9), r.randint(0, 9)
+    return f"What is {a} + {b}?", a + b
+
+
+def _compare(r: random.Random) -> tuple[str, int]:
+    a, b = r.sample(range(1, 100), 2)
+    return f"Which number is larger, {a} or {b}?", max(a, b)
+
+
+def _choice(r: random.Random) -> tuple[str, str]:
+    a, b = r.randint(1, 9), r.randint(1, 9)
+    right = a + b
+    wrong = r.sample([x for x in range(max(0, right - 5), right + 6) if x != right], 3)
+    options = wrong + [right]
+    r.shuffle(options)
+    letters = "ABCD"
+    text = " ".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
+    return f"What is {a} + {b}? Choose one: {text}", letters[options.index(right)]
+
+
+def _times(r: random.Random) -> tuple[str, int]:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    return f"What is {a} times {b}?", a * b
+
+
+def _subtract(r: random.Random) -> tuple[str, int]:
+    a = r.randint(10, 99)
+    b = r.randint(1, a)
+    return f"What is {a} - {b}?", a - b
+
+
+def _add_two_digit(r: random.Random) -> tuple[str, int]:
+    a, b = r.randint(10, 99), r.randint(10, 99)
+    return f"What is {a} + {b}?", a + b
+
+
+def _story(r: random.Random) -> tuple[str, int]:
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
+    items = ["apples", "books", "coins", "pens", "stamps", "shells"]
+    n, item = r.choice(names), r.choice(items)
+    a, b = r.randint(2, 20), r.randint(2, 20)
+    if r.random() < 0.5:
+        return f"{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?", a + b
+    a, b = max(a, b), min(a, b)
+    return f"{n} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+
+
+def _two_step(r: random.Random) -> tuple[str, int]:
+    a, b, c = r.randint(2, 12), r.randint(2, 12), r.randint(1, 20)
+    return f"What is {a} times {b}, plus {c}?", a * b + c
+
+
+def _chain(r: random.Random) -> tuple[str, int]:
+    terms = [r.randint(1, 30) for _ in range(4)]
+    return f"What is {' + '.join(map(str, terms))}?", sum(terms)
+
+
+# family -> (level, generator); levels rise with the number of steps and digits.
+FAMILIES: dict[str, tuple[int, Callable[[random.Random], tuple[str, int | str]]]] = {
+    "add_small": (1, _add_small),
+    "compare": (1, _compare),
+    "choice": (2, _choice),
+    "times": (2, _times),
+    "subtract": (3, _subtract),
+    "add_two_digit": (3, _add_two_digit),
+    "story": (4, _story),
+    "two_step": (5, _two_step),
+    "chain": (5, _chain),
+}
+
+
+def generate(count: int, seed: int = 0, families: list[str] | None = None) -> list[Problem]:
+    """`count` distinct problems, cycling over the families (deterministic by seed)."""
+    names = families or list(FAMILIES)
+    unknown = set(names) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown problem families: {sorted(unknown)}")
+    r = random.Random(seed)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    active = list(names)
+    misses = dict.fromkeys(names, 0)
+    turn = 0
+    while len(out) < count:
+        if not active:
+            raise ValueError(f"cannot draw {count} distinct problems from {names}")
+        family = active[turn % len(active)]
+        level, make = FAMILIES[family]
+        question, answer = make(r)
+        if question in seen:
+            # Small families (e.g. 100 single-digit sums) run out: retire them, keep the rest.
+            misses[family] += 1
+            if misses[family] >= 200:
+                active.remove(family)
+            continue
+        misses[family] = 0
+        turn += 1
+        seen.add(question)
+        gold = normalize_answer(str(answer))
+        assert gold is not None
+        digest = hashlib.sha256(question.encode()).hexdigest()[:12]
+        out.append(Problem(f"{family}-{digest}", question + PROMPT_SUFFIX, gold, family, level, split_of(question)))
+    return out
+
+
+def load_jsonl(
+    path: str | Path, question_key: str = "question", answer_key: str = "answer"
+) -> Iterator[Problem]:
+    """Problems from a JSONL file of {question, answer} rows (GSM8K/MATH style).
+
+    GSM8K answers end in `#### N`; that final value is the gold answer. Rows whose answer
+    does not normalise are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            question = str(row[question_key])
+            raw = str(row[answer_key])
+            if "####" in raw:
+                raw = raw.rsplit("####", 1)[1]
+            gold = normalize_answer(raw)
+            if gold is None:
+                continue
+            digest = hashlib.sha256(question.encode()).hexdigest()[:12]
+            yield Problem(
+                str(row.get("id", f"{Path(path).stem}-{line_no}-{digest}")),
+                question,
+                gold,
+                str(row.get("family", Path(path).stem)),
+                int(row.get("level", 0)),
+                str(row.get("split", split_of(question))),
+            )
