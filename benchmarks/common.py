@@ -88,7 +88,7 @@ class ServerProcess:
                 "max_tokens": self.args.max_tokens,
                 "temperature": 0.8,
                 "ignore_eos": True,
-                "parallelism": self.args.n,
+                "parallelism": parallelism or self.args.n,
             }
 
         tokens = 0

@@ -145,7 +145,9 @@ def generate(count: int, seed: int = 0, families: list[str] | None = None) -> li
         gold = normalize_answer(str(answer))
         assert gold is not None
         digest = hashlib.sha256(question.encode()).hexdigest()[:12]
-        out.append(Problem(f"{family}-{digest}", question + PROMPT_SUFFIX, gold, family, level, split_of(question)))
+        out.append(
+            Problem(f"{family}-{digest}", question + PROMPT_SUFFIX, gold, family, level, split_of(question))
+        )
     return out
 
 

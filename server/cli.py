@@ -68,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     _add_parallelism_args(serve)
 
+    label = sub.add_parser("label", help="sample N_max answers per question and store T2 training labels")
+    label.add_argument(
+        "--data", default="builtin", help="'builtin' (graded generator) or a JSONL file of {question, answer}"
+    )
+    label.add_argument("--count", type=int, default=600, help="builtin: number of problems")
+    label.add_argument("--families", help="builtin: comma-separated problem families (default: all)")
+    label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
+    label.add_argument("--n-max", type=int, default=16)
+    label.add_argument("--temperature", type=float, default=0.7)
+    label.add_argument("--max-tokens", type=int, default=64)
+    label.add_argument("--tau", type=int, default=0, help="Monte Carlo orderings for A_x(N) (0: exact)")
+    label.add_argument("--eps", type=float, default=0.0, help="tolerance in the N* definition")
+    label.add_argument("--shard-size", type=int, default=32)
+    label.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    label.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    label.set_defaults(host="127.0.0.1", port=0, default_max_tokens=512)
+    _add_engine_args(label)
+    _add_parallelism_args(label)
+
     prepare = sub.add_parser(
         "prepare-model", help="convert the embedded GGUF model into a vLLM-loadable folder"
     )
@@ -130,10 +149,50 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
+def label(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from estimator.labeling import LabelConfig, run_labeling
+    from estimator.problems import generate, load_jsonl
+    from server.engine import Engine
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.data == "builtin":
+        families = args.families.split(",") if args.families else None
+        problems = generate(args.count, seed=args.seed, families=families)
+    else:
+        problems = list(load_jsonl(args.data))
+    if args.split:
+        problems = [p for p in problems if p.split == args.split]
+    config = LabelConfig(
+        n_max=args.n_max,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        tau=args.tau,
+        eps=args.eps,
+        shard_size=args.shard_size,
+        seed=args.seed,
+    )
+
+    async def run() -> None:
+        engine = await Engine.start(settings.engine)
+        try:
+            await run_labeling(engine, problems, args.out, config)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "label":
+        label(args)
     elif args.command == "prepare-model":
         from server.model_store import prepare_embedded_model, verify_model_dir
 

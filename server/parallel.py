@@ -112,6 +112,7 @@ class ParallelThinker:
         parallelism: int | str | None,
         max_parallelism: int | None,
         request_id: str,
+        want_states: bool = False,
     ) -> ThinkingResult:
         from vllm.sampling_params import RequestOutputKind
 
@@ -155,6 +156,8 @@ class ParallelThinker:
                 )
             first_out = await first
             rest_out = await rest if rest is not None else None
+            if mode == "fixed" and want_states and not states_future.done():
+                await asyncio.wait({states_future}, timeout=self.engine.settings.capture_timeout_s)
             if mode == "fixed" and states_future.done() and not states_future.cancelled():
                 states = states_future.result()
         except BaseException:

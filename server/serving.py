@@ -60,12 +60,10 @@ class OpenAIServing:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
         ]
-        tokenizer = self.engine.tokenizer
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.engine.tokenizer, messages)
         except Exception as exc:  # a template may reject role orders it does not support
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
-        return list(tokenizer.encode(text, add_special_tokens=False))
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
@@ -270,6 +268,13 @@ class OpenAIServing:
 
 
 # -- response pieces --------------------------------------------------------------------
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat messages -> prompt token ids, exactly as the server renders them (labeling and
+    evaluation use this too, so the estimator sees the states the server will see)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def stream_error(exc: Exception) -> str:

@@ -1,0 +1,124 @@
+"""The T2 head: one MLP probe per decoder layer (d -> d*r -> 1) on the last prompt token's
+residual stream, combined by inverse-variance weighting.
+
+Each probe predicts y = N*_x / N_max in [0, 1] (a sigmoid output) from its layer's
+standardised state and is trained with MSE. The combined prediction is the weighted mean of
+the probes over a set S of layers, with weights proportional to 1 / (validation MSE):
+
+    y_hat = sum_{l in S} y_l / MSE_l  /  sum_{l in S} 1 / MSE_l
+
+S is the k layers with the lowest validation MSE, k chosen on validation among 1..L. k = 1
+is the best single layer, so the combination is by construction no worse on validation than
+the best single layer (plain inverse-variance weighting over all layers only guarantees the
+harmonic mean of the layer MSEs).
+
+Saved as `<name>.safetensors` (tensors) + `<name>.json` (model identity, N_max, layer MSEs,
+chosen layers, training config). `T2Head.load` refuses a head whose model does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class HeadMeta:
+    model_name: str
+    num_layers: int
+    hidden_size: int
+    n_max: int
+    ratio: float
+    layer_val_mse: list[float] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # the combined set S
+    weights: list[float] = field(default_factory=list)  # normalised 1/MSE over S
+    combined_val_mse: float | None = None
+    train_config: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+class LayerProbes(nn.Module):
+    """L independent MLPs evaluated together: x [B, L, d] -> y [B, L] in (0, 1)."""
+
+    def __init__(self, num_layers: int, hidden_size: int, ratio: float = 1 / 8):
+        super().__init__()
+        width = max(1, round(hidden_size * ratio))
+        self.w1 = nn.Parameter(torch.randn(num_layers, hidden_size, width) / hidden_size**0.5)
+        self.b1 = nn.Parameter(torch.zeros(num_layers, width))
+        self.w2 = nn.Parameter(torch.randn(num_layers, width) / width**0.5)
+        self.b2 = nn.Parameter(torch.zeros(num_layers))
+        self.register_buffer("mean", torch.zeros(num_layers, hidden_size))
+        self.register_buffer("std", torch.ones(num_layers, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        h = torch.nn.functional.gelu(torch.einsum("bld,ldh->blh", x, self.w1) + self.b1)
+        return torch.sigmoid(torch.einsum("blh,lh->bl", h, self.w2) + self.b2)
+
+
+class T2Head:
+    name = "t2"
+
+    def __init__(self, probes: LayerProbes, meta: HeadMeta):
+        self.probes = probes.eval()
+        self.meta = meta
+        self._layers = torch.tensor(meta.layers, dtype=torch.long)
+        self._weights = torch.tensor(meta.weights, dtype=torch.float32)
+
+    @property
+    def identity(self) -> str:
+        return (
+            f"t2:{self.meta.model_name}:L{self.meta.num_layers}:d{self.meta.hidden_size}:n{self.meta.n_max}"
+        )
+
+    @torch.inference_mode()
+    def predict_layers(self, states: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Per-layer predictions [B, L] for states [B, L, d] (or [L, d])."""
+        x = torch.as_tensor(states, dtype=torch.float32)
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        return self.probes(x)
+
+    @torch.inference_mode()
+    def predict_batch(self, states: np.ndarray | torch.Tensor) -> np.ndarray:
+        per_layer = self.predict_layers(states)
+        return (per_layer[:, self._layers] @ self._weights).numpy()
+
+    def predict(self, states: np.ndarray) -> float:
+        """N*/N_max estimate for one request's `[L, d]` states."""
+        return float(self.predict_batch(states)[0])
+
+    def check_model(self, name: str, num_layers: int, hidden_size: int) -> None:
+        m = self.meta
+        if (m.num_layers, m.hidden_size) != (num_layers, hidden_size):
+            raise ValueError(
+                f"estimator head was trained on {m.model_name} ({m.num_layers} layers, hidden size "
+                f"{m.hidden_size}) but the served model {name} has {num_layers} layers, hidden size "
+                f"{hidden_size}; train a head for this model with `t2serve label` + `t2serve train`"
+            )
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.probes.state_dict().items()}
+        save_file(tensors, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(asdict(self.meta), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> T2Head:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = HeadMeta(**json.loads(path.with_suffix(".json").read_text()))
+        probes = LayerProbes(meta.num_layers, meta.hidden_size, meta.ratio)
+        probes.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+        return cls(probes, meta)

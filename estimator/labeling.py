@@ -1,0 +1,215 @@
+"""`t2serve label`: sample N_max answers per question through the server's own engine path,
+and store per question the answers, A_x(N), N*_x, its type and the `[L, d]` hidden states
+captured during the prompt's prefill.
+
+Output folder layout (resumable: a killed run continues with the first missing shard):
+    labels.json            run config + model identity; a run with another config refuses
+    shard-00000.npz        states [Q, L, d] float16, ids [Q]
+    shard-00000.json       per-question records + sha256 of the .npz
+Each shard is written to a temporary name and renamed, so a shard file is complete or absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from estimator.labels import TYPES, expected_accuracy, expected_accuracy_mc, sample_optimal_n, sample_type
+from estimator.problems import Problem
+
+LABELS_FILE = "labels.json"
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    n_max: int = 16
+    temperature: float = 0.7
+    max_tokens: int = 64
+    tau: int = 0  # 0: exact A_x(N); > 0: Monte Carlo with tau orderings
+    eps: float = 0.0
+    shard_size: int = 32
+    seed: int = 0
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
+    return out / f"shard-{index:05d}.npz", out / f"shard-{index:05d}.json"
+
+
+def shard_complete(out: Path, index: int) -> bool:
+    npz, meta = shard_paths(out, index)
+    if not (npz.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text())["sha256"] == _sha256(npz)
+    except (json.JSONDecodeError, KeyError):
+        return False
+
+
+def label_record(problem: Problem, answers: list[str | None], tokens: list[int], config: LabelConfig) -> dict:
+    if config.tau > 0:
+        accuracy = expected_accuracy_mc(answers, problem.answer, tau=config.tau, seed=config.seed)
+    else:
+        accuracy = expected_accuracy(answers, problem.answer)
+    return {
+        **problem.to_json(),
+        "answers": answers,
+        "tokens": tokens,
+        "accuracy": [round(float(a), 6) for a in accuracy],
+        "n_star": sample_optimal_n(accuracy, config.eps),
+        "type": sample_type(accuracy),
+    }
+
+
+async def label_shard(
+    engine, thinker, problems: list[Problem], config: LabelConfig
+) -> tuple[list[dict], np.ndarray]:
+    """Sample every problem of a shard concurrently; returns records and states [Q, L, d]."""
+    from vllm import SamplingParams
+
+    from server.serving import render_chat
+
+    async def one(k: int, problem: Problem):
+        ids = render_chat(engine.tokenizer, [{"role": "user", "content": problem.question}])
+        params = SamplingParams(
+            max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed * 1_000_003 + k
+        )
+        result = await thinker.run(
+            ids,
+            params,
+            n_choices=1,
+            parallelism=config.n_max,
+            max_parallelism=config.n_max,
+            request_id=f"label-{uuid.uuid4().hex}",
+            want_states=True,
+        )
+        if result.states is None:
+            raise RuntimeError(f"no hidden states captured for {problem.id}")
+        samples = result.choices[0].samples
+        record = label_record(problem, [s.answer for s in samples], [s.num_tokens for s in samples], config)
+        return record, result.states
+
+    results = await asyncio.gather(*(one(k, p) for k, p in enumerate(problems)))
+    return [r for r, _ in results], np.stack([s for _, s in results])
+
+
+def write_shard(out: Path, index: int, records: list[dict], states: np.ndarray) -> None:
+    npz, meta = shard_paths(out, index)
+    tmp = npz.with_name(f".{npz.name}.tmp.npz")
+    np.savez(tmp, states=states.astype(np.float16), ids=np.array([r["id"] for r in records]))
+    os.replace(tmp, npz)
+    tmp_meta = meta.with_name(f".{meta.name}.tmp")
+    tmp_meta.write_text(json.dumps({"sha256": _sha256(npz), "records": records}))
+    os.replace(tmp_meta, meta)
+
+
+def prepare_output(out: Path, config: LabelConfig, model: dict, problems: list[Problem]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ids_digest = hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()
+    header = {
+        "config": asdict(config),
+        "model": model,
+        "problems": len(problems),
+        "problems_sha256": ids_digest,
+    }
+    path = out / LABELS_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != header:
+            raise SystemExit(
+                f"{out} holds labels from another run (config, model or problem list differ); "
+                "use a new --out folder"
+            )
+    else:
+        path.write_text(json.dumps(header, indent=2))
+
+
+async def run_labeling(engine, problems: list[Problem], out: Path, config: LabelConfig) -> list[dict]:
+    from tqdm import tqdm
+
+    from server.config import ParallelismSettings
+    from server.parallel import ParallelThinker
+
+    model = {
+        "name": engine.info.name,
+        "num_layers": engine.info.num_layers,
+        "hidden_size": engine.info.hidden_size,
+    }
+    prepare_output(out, config, model, problems)
+    thinker = ParallelThinker(
+        engine, ParallelismSettings(default_parallelism=config.n_max, max_parallelism=config.n_max)
+    )
+    shards = [problems[i : i + config.shard_size] for i in range(0, len(problems), config.shard_size)]
+    todo = [i for i in range(len(shards)) if not shard_complete(out, i)]
+    bar = tqdm(
+        total=len(problems),
+        desc="label",
+        unit="q",
+        initial=sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
+    )
+    started = time.monotonic()
+    for index in todo:
+        records, states = await label_shard(engine, thinker, shards[index], config)
+        write_shard(out, index, records, states)
+        bar.update(len(records))
+    bar.close()
+    records = load_records(out)
+    print(summary_table(records, time.monotonic() - started))
+    return records
+
+
+def load_records(out: Path) -> list[dict]:
+    records = []
+    for meta in sorted(out.glob("shard-*.json")):
+        records += json.loads(meta.read_text())["records"]
+    return records
+
+
+def load_labels(out: Path, verify: bool = True) -> tuple[list[dict], np.ndarray]:
+    """All records and states [Q, L, d] float32 of a labeled folder (checksums verified)."""
+    records, states = [], []
+    for meta in sorted(out.glob("shard-*.json")):
+        body = json.loads(meta.read_text())
+        npz = meta.with_suffix(".npz")
+        if verify and _sha256(npz) != body["sha256"]:
+            raise ValueError(f"{npz} does not match its checksum")
+        with np.load(npz) as data:
+            states.append(data["states"].astype(np.float32))
+        records += body["records"]
+    if not records:
+        raise ValueError(f"no label shards in {out}")
+    return records, np.concatenate(states)
+
+
+def summary_table(records: list[dict], seconds: float | None = None) -> str:
+    from collections import Counter
+
+    n_max = len(records[0]["accuracy"])
+    acc = np.array([r["accuracy"] for r in records])
+    types = Counter(r["type"] for r in records)
+    lines = [
+        f"questions {len(records)}   N_max {n_max}"
+        + (f"   time {seconds:.0f} s" if seconds is not None else ""),
+        f"mean accuracy  N=1: {acc[:, 0].mean():.3f}   N=N_max: {acc[:, -1].mean():.3f}",
+        f"mean N*: {np.mean([r['n_star'] for r in records]):.2f}",
+        "type            share",
+    ]
+    for t, name in TYPES.items():
+        lines.append(f"  {t} {name:<13} {types.get(t, 0) / len(records):6.1%}")
+    families = sorted({r["family"] for r in records})
+    lines.append("family          questions  acc@1  acc@N_max")
+    for fam in families:
+        rows = acc[[r["family"] == fam for r in records]]
+        lines.append(f"  {fam:<14} {len(rows):9d}  {rows[:, 0].mean():.3f}  {rows[:, -1].mean():.3f}")
+    return "\n".join(lines)

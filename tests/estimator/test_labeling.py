@@ -1,0 +1,56 @@
+"""`label` on the real engine (embedded model): shards, checksums, resume, records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from estimator.labeling import LabelConfig, load_labels, run_labeling, shard_complete, shard_paths
+from estimator.problems import generate
+
+
+async def test_label_writes_verifiable_resumable_shards(engine, tmp_path, capsys):
+    problems = generate(6, seed=1, families=["add_small", "compare"])
+    config = LabelConfig(n_max=4, max_tokens=8, temperature=0.9, shard_size=4)
+    out = tmp_path / "labels"
+    records = await run_labeling(engine, problems, out, config)
+    assert "type" in capsys.readouterr().out  # the summary table
+
+    assert [r["id"] for r in records] == [p.id for p in problems]
+    assert shard_complete(out, 0) and shard_complete(out, 1)
+    for r in records:
+        assert len(r["answers"]) == 4 and len(r["accuracy"]) == 4
+        assert 1 <= r["n_star"] <= 4 and 1 <= r["type"] <= 5
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"])
+        assert all(1 <= t <= 8 for t in r["tokens"])
+        # A(1) is the share of samples that got the gold answer.
+        assert r["accuracy"][0] == pytest.approx(sum(a == r["answer"] for a in r["answers"]) / 4, abs=1e-6)
+    loaded, states = load_labels(out)
+    assert states.shape == (6, engine.info.num_layers, engine.info.hidden_size)
+    assert np.isfinite(states).all() and np.abs(states).sum() > 0
+
+    # Resume: a lost shard is redone, a complete one is left alone.
+    npz0, meta0 = shard_paths(out, 0)
+    before = meta0.read_text()
+    npz1, _ = shard_paths(out, 1)
+    npz1.unlink()
+    await run_labeling(engine, problems, out, config)
+    assert meta0.read_text() == before
+    assert shard_complete(out, 1)
+
+    # A corrupted shard fails verification.
+    npz0.write_bytes(npz0.read_bytes()[:-10] + b"0123456789")
+    assert not shard_complete(out, 0)
+    with pytest.raises(ValueError, match="checksum"):
+        load_labels(out)
+
+
+async def test_label_refuses_to_mix_runs(engine, tmp_path):
+    problems = generate(2, seed=2, families=["add_small"])
+    out = tmp_path / "labels"
+    await run_labeling(engine, problems, out, LabelConfig(n_max=2, max_tokens=4))
+    with pytest.raises(SystemExit, match="another run"):
+        await run_labeling(engine, problems, out, LabelConfig(n_max=3, max_tokens=4))
+    assert json.loads((out / "labels.json").read_text())["config"]["n_max"] == 2
