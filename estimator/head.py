@@ -35,6 +35,7 @@ class HeadMeta:
     hidden_size: int
     n_max: int
     ratio: float
+    model_fingerprint: str = ""
     layer_val_mse: list[float] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)  # the combined set S
     weights: list[float] = field(default_factory=list)  # normalised 1/MSE over S
@@ -95,13 +96,17 @@ class T2Head:
         """N*/N_max estimate for one request's `[L, d]` states."""
         return float(self.predict_batch(states)[0])
 
-    def check_model(self, name: str, num_layers: int, hidden_size: int) -> None:
+    def check_model(self, name: str, num_layers: int, hidden_size: int, fingerprint: str = "") -> None:
+        """Raise ValueError unless this head was trained on the served model's state space."""
         m = self.meta
-        if (m.num_layers, m.hidden_size) != (num_layers, hidden_size):
+        shape_differs = (m.num_layers, m.hidden_size) != (num_layers, hidden_size)
+        model_differs = bool(m.model_fingerprint and fingerprint and m.model_fingerprint != fingerprint)
+        if shape_differs or model_differs:
             raise ValueError(
                 f"estimator head was trained on {m.model_name} ({m.num_layers} layers, hidden size "
-                f"{m.hidden_size}) but the served model {name} has {num_layers} layers, hidden size "
-                f"{hidden_size}; train a head for this model with `t2serve label` + `t2serve train`"
+                f"{m.hidden_size}, fingerprint {m.model_fingerprint or '?'}) but the served model {name} has "
+                f"{num_layers} layers, hidden size {hidden_size}, fingerprint {fingerprint or '?'}; "
+                "train a head for this model with `t2serve label` + `t2serve train`"
             )
 
     def save(self, path: str | Path) -> None:
@@ -109,7 +114,8 @@ class T2Head:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.probes.state_dict().items()}
+        # float16 on disk keeps the shipped head small; it is computed in float32.
+        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.probes.state_dict().items()}
         save_file(tensors, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(asdict(self.meta), indent=2))
 
@@ -120,5 +126,37 @@ class T2Head:
         path = Path(path)
         meta = HeadMeta(**json.loads(path.with_suffix(".json").read_text()))
         probes = LayerProbes(meta.num_layers, meta.hidden_size, meta.ratio)
-        probes.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        probes.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         return cls(probes, meta)
+
+
+DEFAULT_HEAD = Path(__file__).resolve().parent / "heads" / "smollm2-135m-instruct"
+
+
+def load_head(
+    spec: str | None, *, name: str, num_layers: int, hidden_size: int, fingerprint: str
+) -> T2Head | None:
+    """The head a server should use.
+
+    spec None: no estimator. spec "default": the head shipped for the embedded model, used
+    only when it matches the served model (else None). A path: that head; a mismatch raises
+    ValueError with the reason."""
+    if spec is None:
+        return None
+    if spec == "default":
+        if not DEFAULT_HEAD.with_suffix(".json").is_file():
+            return None
+        head = T2Head.load(DEFAULT_HEAD)
+        try:
+            head.check_model(name, num_layers, hidden_size, fingerprint)
+        except ValueError:
+            return None
+        return head
+    path = Path(spec)
+    path = path.with_suffix("") if path.suffix in {".json", ".safetensors"} else path
+    if not path.with_suffix(".json").is_file():
+        raise ValueError(f"estimator head {path}.json not found")
+    head = T2Head.load(path)
+    head.check_model(name, num_layers, hidden_size, fingerprint)
+    return head

@@ -31,8 +31,8 @@ LABELS_FILE = "labels.json"
 @dataclass(frozen=True)
 class LabelConfig:
     n_max: int = 16
-    temperature: float = 0.7
-    max_tokens: int = 64
+    temperature: float = 0.3
+    max_tokens: int = 48
     tau: int = 0  # 0: exact A_x(N); > 0: Monte Carlo with tau orderings
     eps: float = 0.0
     shard_size: int = 32
@@ -145,6 +145,7 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
         "name": engine.info.name,
         "num_layers": engine.info.num_layers,
         "hidden_size": engine.info.hidden_size,
+        "fingerprint": engine.info.fingerprint,
     }
     prepare_output(out, config, model, problems)
     thinker = ParallelThinker(

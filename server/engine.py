@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +39,26 @@ class ModelInfo:
     hidden_size: int
     max_model_len: int
     device: str
+    fingerprint: str  # identifies the architecture + shape; estimator heads must match it
+
+
+def model_fingerprint(hf_config: Any) -> str:
+    """A short hash of the fields that fix a model's hidden-state space."""
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k: getattr(hf_config, k, None)
+    keys = (
+        "architectures",
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rope_theta",
+        "max_position_embeddings",
+    )
+    blob = json.dumps({k: get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def on_cpu() -> bool:
@@ -149,6 +170,11 @@ class Engine:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=settings.enable_prefix_caching,
+            enable_chunked_prefill=(
+                settings.enable_chunked_prefill
+                if settings.enable_chunked_prefill is not None
+                else (False if cpu else None)
+            ),
             worker_extension_cls="server.capture.HiddenStateCapture",
             # Keep vLLM's own Prometheus metrics (KV cache, prefix-cache hits) on /metrics.
             disable_log_stats=False,
@@ -166,6 +192,7 @@ class Engine:
                 hidden_size=int(workers[0]["hidden_size"]),
                 max_model_len=int(config.max_model_len),
                 device="cpu" if cpu else "gpu",
+                fingerprint=model_fingerprint(config.hf_config),
             )
         except BaseException:
             await receiver.close()

@@ -16,7 +16,7 @@ REQUESTS = Counter(
 SAMPLES = Counter("t2serve_samples_dispatched", "Samples sent to the engine.")
 BASELINE_SAMPLES = Counter(
     "t2serve_samples_baseline",
-    "Samples a fixed-N deployment (the configured default N per choice) would have sent; "
+    "Samples a fixed-N deployment (N_max per choice: the head's, else the default N) would have sent; "
     "samples saved = t2serve_samples_baseline_total - t2serve_samples_dispatched_total.",
 )
 GENERATED_TOKENS = Counter("t2serve_generated_tokens", "Tokens generated over all samples.")

@@ -52,8 +52,8 @@ class ThinkingResult:
     choices: list[ChoiceResult]
     mode: Literal["auto", "fixed"]
     n_used: int
-    n_max: int
-    baseline_n: int
+    n_max: int  # the fixed-N baseline (head's N_max, else the default N)
+    max_parallelism: int
     prediction: float | None
     estimator: str
     prompt_tokens: int
@@ -90,7 +90,14 @@ class ParallelThinker:
     def __init__(self, engine: Engine, settings: ParallelismSettings, estimator: Any = None):
         self.engine = engine
         self.settings = settings
-        self.estimator = estimator  # later: a T2 head with .predict(states) -> float and .name
+        # A T2 head (estimator.head.T2Head: .predict(states) -> N*/N_max, .name, .meta.n_max) or None.
+        self.estimator = estimator
+
+    @property
+    def n_max(self) -> int:
+        """The fixed-N baseline: the N_max the head was trained for, else the default N."""
+        meta = getattr(self.estimator, "meta", None)
+        return int(meta.n_max) if meta is not None else self.settings.default_parallelism
 
     def resolve_budget(
         self, parallelism: int | str | None, max_parallelism: int | None
@@ -140,7 +147,11 @@ class ParallelThinker:
                 if states is not None and self.estimator is not None:
                     prediction = float(await asyncio.to_thread(self.estimator.predict, states))
                 n = choose_parallelism(
-                    prediction, n_max=cap, default=self.settings.default_parallelism, cap=cap
+                    prediction,
+                    n_max=self.n_max,
+                    default=self.settings.default_parallelism,
+                    cap=cap,
+                    margin=self.settings.estimator_margin,
                 )
             else:
                 n = fixed_n
@@ -182,8 +193,8 @@ class ParallelThinker:
             choices=choices,
             mode=mode,  # type: ignore[arg-type]
             n_used=n,
-            n_max=cap,
-            baseline_n=self.settings.default_parallelism,
+            n_max=self.n_max,
+            max_parallelism=cap,
             prediction=prediction,
             estimator=getattr(self.estimator, "name", "default"),
             prompt_tokens=len(prompt_token_ids),

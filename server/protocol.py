@@ -162,9 +162,9 @@ class T2Info(BaseModel):
 
     mode: Literal["auto", "fixed"]
     n_used: int  # samples per choice
-    n_max: int  # the per-choice cap this request ran under
-    baseline_n: int  # what a fixed-N deployment would have used
-    prediction: float | None = None  # estimator output (fraction of n_max), when one ran
+    n_max: int  # N_max: what a fixed-N deployment uses (the head's N_max, else the default N)
+    max_parallelism: int  # the per-choice cap this request ran under
+    prediction: float | None = None  # estimator output, N*/N_max in [0, 1], when one ran
     samples: int  # samples dispatched for the whole request (n_used * n choices * prompts)
     estimator: str  # which estimator chose N ("default" until a head is loaded)
     capture_ms: float | None = None  # prefill hidden-state capture latency

@@ -318,7 +318,7 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         mode=first.mode,
         n_used=first.n_used,
         n_max=first.n_max,
-        baseline_n=first.baseline_n,
+        max_parallelism=first.max_parallelism,
         prediction=first.prediction,
         samples=sum(r.samples for r in results),
         estimator=first.estimator,
@@ -334,7 +334,7 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
 
 def record_result(result: ThinkingResult) -> None:
     metrics.SAMPLES.inc(result.samples)
-    metrics.BASELINE_SAMPLES.inc(result.baseline_n * len(result.choices))
+    metrics.BASELINE_SAMPLES.inc(result.n_max * len(result.choices))
     metrics.GENERATED_TOKENS.inc(result.completion_tokens)
     metrics.CHOSEN_N.observe(result.n_used)
     if result.capture_ms is not None:

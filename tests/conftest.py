@@ -42,7 +42,8 @@ def server_settings(model_dir: Path):
     return ServerSettings(
         port=free_port(),
         engine=EngineSettings(model=str(model_dir), served_model_name=MODEL_NAME, max_model_len=2048, seed=0),
-        parallelism=ParallelismSettings(default_parallelism=4, max_parallelism=16),
+        # No estimator head here: `auto` uses the default N, which the API tests rely on.
+        parallelism=ParallelismSettings(default_parallelism=4, max_parallelism=16, estimator_head=None),
         default_max_tokens=32,
     )
 

@@ -54,3 +54,65 @@ async def test_label_refuses_to_mix_runs(engine, tmp_path):
     with pytest.raises(SystemExit, match="another run"):
         await run_labeling(engine, problems, out, LabelConfig(n_max=3, max_tokens=4))
     assert json.loads((out / "labels.json").read_text())["config"]["n_max"] == 2
+
+
+async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp_path):
+    """label -> train -> a head that the serving path uses for `auto` on the real engine."""
+    import uuid
+
+    from vllm import SamplingParams
+
+    from estimator.head import T2Head, load_head
+    from estimator.training import TrainConfig, fit, targets
+    from server.parallel import ParallelThinker
+    from server.serving import render_chat
+
+    problems = generate(12, seed=5, families=["add_small", "compare", "times"])
+    out = tmp_path / "labels"
+    await run_labeling(engine, problems, out, LabelConfig(n_max=6, max_tokens=8, shard_size=6))
+    records, states = load_labels(out)
+    head = fit(
+        states[:8],
+        targets(records[:8]),
+        states[8:],
+        targets(records[8:]),
+        model_name=engine.info.name,
+        n_max=6,
+        config=TrainConfig(epochs=5),
+        progress=False,
+    )
+    head.meta.model_fingerprint = engine.info.fingerprint
+    head.save(tmp_path / "head")
+    loaded = load_head(
+        str(tmp_path / "head"),
+        name=engine.info.name,
+        num_layers=engine.info.num_layers,
+        hidden_size=engine.info.hidden_size,
+        fingerprint=engine.info.fingerprint,
+    )
+    assert isinstance(loaded, T2Head)
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_head(
+            str(tmp_path / "head"),
+            name="x",
+            num_layers=engine.info.num_layers,
+            hidden_size=engine.info.hidden_size,
+            fingerprint="0000",
+        )
+
+    settings = server_settings.parallelism.model_copy(update={"max_parallelism": 16})
+    thinker = ParallelThinker(engine, settings, estimator=loaded)
+    ids = render_chat(engine.tokenizer, [{"role": "user", "content": problems[0].question}])
+    result = await thinker.run(
+        ids,
+        SamplingParams(max_tokens=4),
+        n_choices=1,
+        parallelism="auto",
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+    )
+    assert result.estimator == "t2" and result.prediction is not None
+    assert result.n_max == 6
+    assert result.n_used == max(1, min(round(6 * result.prediction), 16))
+    # The prediction comes from this request's own captured states.
+    assert result.prediction == pytest.approx(loaded.predict(result.states), abs=1e-6)

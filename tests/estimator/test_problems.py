@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from estimator.problems import FAMILIES, PROMPT_SUFFIX, generate, load_jsonl, split_of
+from estimator.problems import DEFAULT_FAMILIES, FAMILIES, PROMPT_SUFFIX, generate, load_jsonl, split_of
 from server.voting import extract_answer
 
 
@@ -15,8 +15,9 @@ def test_deterministic_and_distinct():
 
 
 def test_every_family_and_split_present():
-    problems = generate(900, seed=0)
+    problems = generate(900, seed=0, families=list(FAMILIES))
     assert set(Counter(p.family for p in problems)) == set(FAMILIES)
+    assert set(Counter(p.family for p in generate(80))) == set(DEFAULT_FAMILIES)
     splits = Counter(p.split for p in problems)
     assert set(splits) == {"train", "validation", "test"}
     assert splits["train"] > splits["validation"] > 0 and splits["test"] > 0

