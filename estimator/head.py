@@ -58,10 +58,13 @@ class LayerProbes(nn.Module):
         self.register_buffer("mean", torch.zeros(num_layers, hidden_size))
         self.register_buffer("std", torch.ones(num_layers, hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        h = torch.nn.functional.gelu(torch.einsum("bld,ldh->blh", x, self.w1) + self.b1)
-        return torch.sigmoid(torch.einsum("blh,lh->bl", h, self.w2) + self.b2)
+    def forward(self, x: torch.Tensor, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions of every probe, or only of `layers` (x then holds just those layers)."""
+        p = [self.mean, self.std, self.w1, self.b1, self.w2, self.b2]
+        mean, std, w1, b1, w2, b2 = p if layers is None else [t[layers] for t in p]
+        x = (x - mean) / std
+        h = torch.nn.functional.gelu(torch.einsum("bld,ldh->blh", x, w1) + b1)
+        return torch.sigmoid(torch.einsum("blh,lh->bl", h, w2) + b2)
 
 
 class T2Head:
@@ -89,8 +92,12 @@ class T2Head:
 
     @torch.inference_mode()
     def predict_batch(self, states: np.ndarray | torch.Tensor) -> np.ndarray:
-        per_layer = self.predict_layers(states)
-        return (per_layer[:, self._layers] @ self._weights).numpy()
+        """Combined predictions [B]; only the layers in the combination are computed."""
+        x = torch.as_tensor(states, dtype=torch.float32)
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        per_layer = self.probes(x[:, self._layers], self._layers)
+        return (per_layer @ self._weights).numpy()
 
     def predict(self, states: np.ndarray) -> float:
         """N*/N_max estimate for one request's `[L, d]` states."""

@@ -60,7 +60,8 @@ def test_save_load_roundtrip_and_model_check(trained, tmp_path):
     head, vx, _ = trained
     head.save(tmp_path / "head")
     loaded = T2Head.load(tmp_path / "head")
-    np.testing.assert_allclose(loaded.predict_batch(vx), head.predict_batch(vx), rtol=1e-6)
+    # Weights are stored as float16 (small shipped head): predictions agree to ~1e-4.
+    np.testing.assert_allclose(loaded.predict_batch(vx), head.predict_batch(vx), atol=1e-3)
     assert loaded.meta.n_max == 16 and loaded.meta.model_name == "synthetic"
     loaded.check_model("synthetic", 6, 32)
     with pytest.raises(ValueError, match="trained on synthetic"):

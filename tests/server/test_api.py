@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, wait_until
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Reply with just the number."}]
 
@@ -195,19 +195,13 @@ async def test_client_disconnect_aborts_samples(server_url, engine):
     }
     async with httpx.AsyncClient(timeout=120) as http:
         request = asyncio.ensure_future(http.post(f"{server_url}/v1/chat/completions", json=body))
-        for _ in range(200):
-            if engine.num_unfinished_requests() >= 4:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: engine.num_unfinished_requests() >= 4, timeout=10)
         assert engine.num_unfinished_requests() >= 4  # all four samples are running
         request.cancel()  # the client goes away mid-request
         with pytest.raises(asyncio.CancelledError):
             await request
     # 4 x 1500 tokens would take minutes here; the abort takes well under a few seconds.
-    for _ in range(100):
-        if engine.num_unfinished_requests() == 0:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
     assert engine.num_unfinished_requests() == 0
 
 
@@ -227,13 +221,7 @@ async def test_client_disconnect_mid_stream_aborts_samples(server_url, engine):
         assert response.status_code == 200
         lines = response.aiter_lines()  # keep the iterator: dropping it closes the stream
         assert (await lines.__anext__()).startswith("data:")  # the role chunk: samples are running
-        for _ in range(200):
-            if engine.num_unfinished_requests() >= 3:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: engine.num_unfinished_requests() >= 3, timeout=10)
         assert engine.num_unfinished_requests() >= 3
-    for _ in range(100):
-        if engine.num_unfinished_requests() == 0:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
     assert engine.num_unfinished_requests() == 0

@@ -10,6 +10,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from tests.conftest import wait_until
+
 PROMPTS = [
     "What is 7 times 8?",
     "Name a prime number larger than 20.",
@@ -183,18 +185,12 @@ async def test_cancelled_run_aborts_its_engine_requests(engine, server_settings)
             request_id=uuid.uuid4().hex,
         )
     )
-    for _ in range(100):
-        if engine.num_unfinished_requests() >= 6:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: engine.num_unfinished_requests() >= 6, timeout=5)
     assert engine.num_unfinished_requests() >= 6
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if engine.num_unfinished_requests() == 0:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
     assert engine.num_unfinished_requests() == 0
 
 

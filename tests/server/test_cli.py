@@ -108,7 +108,21 @@ def test_serve_command_end_to_end(model_dir):
             timeout=120,
         )
         assert reply.status_code == 200, reply.text
-        assert reply.json()["t2"]["n_used"] == 2
+        t2 = reply.json()["t2"]
+        # No --estimator-head: the head shipped for the embedded model is loaded and picks N.
+        assert t2["estimator"] == "t2" and t2["prediction"] is not None
+        assert t2["n_used"] == max(1, min(round(t2["n_max"] * t2["prediction"]), t2["max_parallelism"]))
+        fixed = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": name,
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 3,
+                "parallelism": 2,
+            },
+            timeout=120,
+        )
+        assert fixed.json()["t2"]["n_used"] == 2 and fixed.json()["t2"]["mode"] == "fixed"
     finally:
         proc.terminate()
         try:
