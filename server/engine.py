@@ -119,7 +119,8 @@ class CaptureReceiver:
             if future is None or future.done():
                 continue
             meta = json.loads(header)
-            future.set_result(np.frombuffer(payload, dtype=meta["dtype"]).reshape(meta["shape"]))
+            # copy(): own, writable memory rather than a view of the ZMQ frame.
+            future.set_result(np.frombuffer(payload, dtype=meta["dtype"]).reshape(meta["shape"]).copy())
 
     async def close(self) -> None:
         if self._task is not None:
