@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from estimator.head import T2Head
-from estimator.labels import TYPES, overscaling_index, system_optimal_n
+from estimator.labels import TYPES, overscaling_index, sample_type, system_optimal_n
 from estimator.policy import choose_parallelism
 
 MARGINS = (1.25, 1.5, 2.0)
@@ -61,7 +61,8 @@ def evaluate(head: T2Head, train: list[dict], test: list[dict], test_states: np.
     margin_curve = [
         {"margin": float(m), **score(chosen(float(m)), acc, tokens)} for m in np.linspace(0.5, 4.0, 15)
     ]
-    types = Counter(r["type"] for r in test)
+    # Types from the curves (not the stored label) so the current definition always applies.
+    types = Counter(sample_type(np.array(r["accuracy"])) for r in test)
     return {
         "n_max": n_max,
         "questions": len(test),
@@ -99,6 +100,16 @@ def report_table(result: dict) -> str:
         f"estimator mean N / oracle mean N* = {result['estimator_mean_n_over_oracle']:.2f}"
     )
     lines.append("types: " + "  ".join(f"{k} {v:.1%}" for k, v in result["type_shares"].items()))
+    if "server" in result:
+        s = result["server"]
+        lines.append(f"through the server ({s['url']}, {s['concurrency']} in flight):")
+        for mode in ("auto", "fixed N_max"):
+            m = s[mode]
+            lines.append(
+                f"  {mode:<12} wall {m['wall_s']:7.1f} s  accuracy {m['accuracy']:.3f}  "
+                f"mean samples {m['mean_samples']:.2f}  tokens {m['tokens']}"
+            )
+        lines.append(f"  C_time wall {s['c_time_wall']:.2f}   C_time tokens {s['c_time_tokens']:.2f}")
     return "\n".join(lines)
 
 
@@ -148,3 +159,61 @@ def write_report(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
+
+
+async def replay_through_server(
+    url: str, test: list[dict], *, n_max: int, temperature: float, max_tokens: int, concurrency: int = 8
+) -> dict:
+    """Wall-clock C_time: send the test questions through a running t2serve, once with
+    `parallelism: "auto"` and once with fixed N_max, same sampling as the labels; report
+    wall time, samples, tokens and the measured (single-draw) vote accuracy of each."""
+    import asyncio
+    import time
+
+    import httpx
+    from tqdm import tqdm
+
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600)) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        out: dict = {"url": url, "model": model, "concurrency": concurrency}
+        for mode, parallelism in (("auto", "auto"), ("fixed N_max", n_max)):
+            gate = asyncio.Semaphore(concurrency)
+            bar = tqdm(total=len(test), desc=f"server {mode}", unit="q")
+            rows: list[dict] = []
+
+            async def one(record: dict, parallelism=parallelism, bar=bar, gate=gate, rows=rows) -> None:
+                async with gate:
+                    reply = await http.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "messages": [{"role": "user", "content": record["question"]}],
+                            "temperature": temperature,
+                            "max_tokens": max_tokens,
+                            "parallelism": parallelism,
+                            "max_parallelism": n_max,
+                        },
+                    )
+                    reply.raise_for_status()
+                    body = reply.json()
+                    rows.append(
+                        {
+                            "correct": body["t2"]["answer"] == record["answer"],
+                            "samples": body["t2"]["samples"],
+                            "tokens": body["usage"]["completion_tokens"],
+                        }
+                    )
+                    bar.update()
+
+            started = time.monotonic()
+            await asyncio.gather(*(one(r) for r in test))
+            bar.close()
+            out[mode] = {
+                "wall_s": time.monotonic() - started,
+                "accuracy": float(np.mean([r["correct"] for r in rows])),
+                "mean_samples": float(np.mean([r["samples"] for r in rows])),
+                "tokens": int(sum(r["tokens"] for r in rows)),
+            }
+        out["c_time_wall"] = out["auto"]["wall_s"] / out["fixed N_max"]["wall_s"]
+        out["c_time_tokens"] = out["auto"]["tokens"] / out["fixed N_max"]["tokens"]
+    return out

@@ -198,7 +198,7 @@ def summary_table(records: list[dict], seconds: float | None = None) -> str:
 
     n_max = len(records[0]["accuracy"])
     acc = np.array([r["accuracy"] for r in records])
-    types = Counter(r["type"] for r in records)
+    types = Counter(sample_type(np.array(r["accuracy"])) for r in records)
     lines = [
         f"questions {len(records)}   N_max {n_max}"
         + (f"   time {seconds:.0f} s" if seconds is not None else ""),
@@ -214,3 +214,32 @@ def summary_table(records: list[dict], seconds: float | None = None) -> str:
         rows = acc[[r["family"] == fam for r in records]]
         lines.append(f"  {fam:<14} {len(rows):9d}  {rows[:, 0].mean():.3f}  {rows[:, -1].mean():.3f}")
     return "\n".join(lines)
+
+
+def load_label_sets(folders: list[Path]) -> tuple[list[dict], np.ndarray, dict]:
+    """Records and states of one or more label folders that share model and sampling config.
+
+    Questions that appear in several folders are kept once (the first); since splits are a
+    hash of the question text, a repeated question always falls in the same split."""
+    headers = [json.loads((Path(f) / LABELS_FILE).read_text()) for f in folders]
+    first = headers[0]
+    for folder, header in zip(folders, headers, strict=True):
+        same_config = {k: v for k, v in header["config"].items() if k != "shard_size"} == {
+            k: v for k, v in first["config"].items() if k != "shard_size"
+        }
+        if header["model"] != first["model"] or not same_config:
+            raise ValueError(f"{folder}: labels from another model or sampling config than {folders[0]}")
+    records: list[dict] = []
+    states: list[np.ndarray] = []
+    seen: set[str] = set()
+    for folder in folders:
+        recs, st = load_labels(Path(folder))
+        keep = [i for i, r in enumerate(recs) if r["question"] not in seen]
+        seen.update(recs[i]["question"] for i in keep)
+        records += [recs[i] for i in keep]
+        states.append(st[keep])
+    return (
+        records,
+        np.concatenate(states),
+        {**first, "folders": [str(f) for f in folders], "problems": len(records)},
+    )

@@ -12,7 +12,7 @@ Definitions (used in code, docs and reports exactly as written here):
   (eps = 0 by default).
 - System-optimal level N_D = the smallest N maximising the dataset mean of A_x(N).
 - Overscaling index M_D = mean_x(N*_x) / N_D.
-- Sample types by the shape of A_x(N) (delta = 0.05, monotone tolerance 0.01):
+- Sample types by the shape of A_x(N) (delta = 0.05; monotonicity checked exactly):
     1 "solved"       A(N) >= 1 - delta for every N (solved at N = 1 and stays solved)
     2 "unsolved"     A(N) <= delta for every N (never solved)
     3 "decreasing"   A never rises and A(N_max) < A(1): a wrong answer is the mode
@@ -35,7 +35,9 @@ import numpy as np
 
 TYPES = {1: "solved", 2: "unsolved", 3: "decreasing", 4: "increasing", 5: "non-monotone"}
 SOLVED_DELTA = 0.05  # "solved" = A(N) >= 0.95 for every N; "unsolved" = A(N) <= 0.05 for every N
-MONOTONE_TOL = 0.01  # steps of A(N) smaller than this do not break monotonicity
+# A(N) is computed exactly, so monotonicity is checked exactly (up to float rounding): a
+# curve that rises by any amount and then falls is non-monotone.
+MONOTONE_TOL = 0.0
 _TOL = 1e-9
 
 
@@ -131,8 +133,8 @@ def sample_type(accuracy: np.ndarray, delta: float = SOLVED_DELTA, tol: float = 
     if a.max() <= delta + _TOL:
         return 2
     steps = np.diff(a)
-    if np.all(steps <= tol) and a[-1] < a[0]:
+    if np.all(steps <= tol + _TOL) and a[-1] < a[0]:
         return 3
-    if np.all(steps >= -tol) and a[-1] > a[0]:
+    if np.all(steps >= -tol - _TOL) and a[-1] > a[0]:
         return 4
     return 5

@@ -68,6 +68,16 @@ def _compare(r: random.Random) -> tuple[str, int]:
     return f"Which number is larger, {a} or {b}?", max(a, b)
 
 
+def _compare_small(r: random.Random) -> tuple[str, int]:
+    a, b = r.sample(range(1, 100), 2)
+    return f"Which number is smaller, {a} or {b}?", min(a, b)
+
+
+def _compare3(r: random.Random) -> tuple[str, int]:
+    a, b, c = r.sample(range(1, 100), 3)
+    return f"Which is the largest of {a}, {b} and {c}?", max(a, b, c)
+
+
 def _choice(r: random.Random) -> tuple[str, str]:
     a, b = r.randint(1, 9), r.randint(1, 9)
     right = a + b
@@ -123,6 +133,8 @@ FAMILIES: dict[str, tuple[int, Callable[[random.Random], tuple[str, int | str]]]
     "double": (0, _double),
     "add_small": (1, _add_small),
     "compare": (1, _compare),
+    "compare_small": (1, _compare_small),
+    "compare3": (2, _compare3),
     "choice": (2, _choice),
     "times": (2, _times),
     "subtract": (3, _subtract),
@@ -133,8 +145,11 @@ FAMILIES: dict[str, tuple[int, Callable[[random.Random], tuple[str, int | str]]]
 }
 
 
-# The default mix for the embedded model: its per-question accuracy spans 0..1 on these
-# (measured with `t2serve label`; successor/choice/two_step/chain sit near 0 for it).
+# The default mix for the embedded model, chosen by measurement with `t2serve label`: its
+# per-question accuracy spans 0..1 on these (successor/choice/two_step/chain sit near 0 for
+# it). The comparison families (compare_small, compare3) produce more close contests
+# between the gold answer and one wrong answer, i.e. non-monotone A(N); a family listed
+# twice in --families is drawn twice as often.
 DEFAULT_FAMILIES = [
     "add_small",
     "times",

@@ -63,6 +63,15 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             if owned:
                 await live.shutdown()
             raise SystemExit(f"t2serve: refusing to start: {exc}") from exc
+        metrics.ESTIMATOR_INFO.info(
+            {
+                "identity": head.identity,
+                "n_max": str(head.meta.n_max),
+                "layers": ",".join(map(str, head.meta.layers)),
+            }
+            if head is not None
+            else {"identity": "", "n_max": str(settings.parallelism.default_parallelism), "layers": ""}
+        )
         if head is not None:
             logger.info("estimator head loaded: %s (layers %s)", head.identity, head.meta.layers)
         else:

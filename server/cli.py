@@ -97,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallelism_args(label)
 
     train = sub.add_parser("train", help="train the T2 head (per-layer probes) on labeled states")
-    train.add_argument("--labels", type=Path, required=True, help="a `t2serve label` output folder")
+    train.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        required=True,
+        help="a `t2serve label` output folder (repeat to combine runs with the same model and sampling)",
+    )
     train.add_argument(
         "--out", type=Path, required=True, help="head path without suffix (.safetensors/.json)"
     )
@@ -110,8 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
 
     evaluate = sub.add_parser("evaluate", help="compare fixed N, N_D, T2 and the oracle on the test split")
-    evaluate.add_argument("--labels", type=Path, required=True)
+    evaluate.add_argument(
+        "--labels", type=Path, action="append", required=True, help="label folder(s), as for train"
+    )
     evaluate.add_argument("--head", type=Path, required=True, help="head path without suffix")
+    evaluate.add_argument(
+        "--server",
+        help="also replay the test split through a running t2serve at this URL (wall-clock C_time)",
+    )
+    evaluate.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight")
     evaluate.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/evaluate"), help="report path (.json/.png)"
     )
@@ -226,13 +239,11 @@ def _split(records: list[dict], states, split: str):
 
 
 def train(args: argparse.Namespace) -> None:
-    import json
 
-    from estimator.labeling import load_labels
+    from estimator.labeling import load_label_sets
     from estimator.training import TrainConfig, fit, targets
 
-    records, states = load_labels(args.labels)
-    header = json.loads((args.labels / "labels.json").read_text())
+    records, states, header = load_label_sets(args.labels)
     train_records, train_states = _split(records, states, "train")
     val_records, val_states = _split(records, states, "validation")
     if not train_records or not val_records:
@@ -248,7 +259,7 @@ def train(args: argparse.Namespace) -> None:
         model_name=header["model"]["name"],
         n_max=header["config"]["n_max"],
         config=config,
-        labels_info={"folder": str(args.labels), **header},
+        labels_info=header,
     )
     head.meta.model_fingerprint = header["model"].get("fingerprint", "")
     head.save(args.out)
@@ -266,14 +277,30 @@ def evaluate(args: argparse.Namespace) -> None:
     from estimator.evaluation import evaluate as run_evaluation
     from estimator.evaluation import report_table, write_report
     from estimator.head import T2Head
-    from estimator.labeling import load_labels
+    from estimator.labeling import load_label_sets
 
-    records, states = load_labels(args.labels)
+    records, states, header = load_label_sets(args.labels)
     train_records, _ = _split(records, states, "train")
     test_records, test_states = _split(records, states, "test")
     if not test_records:
         raise SystemExit("t2serve evaluate: no test-split questions in the labels")
     result = run_evaluation(T2Head.load(args.head), train_records, test_records, test_states)
+    if args.server:
+        import asyncio
+
+        from estimator.evaluation import replay_through_server
+
+        config = header["config"]
+        result["server"] = asyncio.run(
+            replay_through_server(
+                args.server,
+                test_records,
+                n_max=config["n_max"],
+                temperature=config["temperature"],
+                max_tokens=config["max_tokens"],
+                concurrency=args.concurrency,
+            )
+        )
     print(report_table(result))
     write_report(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")

@@ -6,7 +6,7 @@ Metrics live in prometheus_client's default registry, next to the vLLM engine's 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 REQUESTS = Counter(
     "t2serve_requests",
@@ -38,3 +38,27 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
 REQUESTS_IN_FLIGHT = Gauge("t2serve_requests_in_flight", "Requests being served.")
+SAMPLES_IN_FLIGHT = Gauge("t2serve_samples_in_flight", "Samples running in the engine.")
+UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+PREDICTION = Histogram(
+    "t2serve_estimator_prediction",
+    "Estimator output N*/N_max per request (auto mode, head loaded).",
+    buckets=UNIT_BUCKETS,
+)
+ESTIMATOR_SECONDS = Histogram(
+    "t2serve_estimator_latency_seconds",
+    "Estimator head latency per request (off the event loop).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+AGREEMENT = Histogram(
+    "t2serve_vote_agreement",
+    "Share of voting samples that gave the winning answer, per choice.",
+    buckets=UNIT_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "t2serve_time_to_first_token_seconds",
+    "Request start to the first content byte (the voted text is sent once the vote is decided).",
+    ["endpoint"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
+)
+ESTIMATOR_INFO = Info("t2serve_estimator", "The loaded estimator head (empty values: none loaded).")

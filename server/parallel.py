@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from estimator.policy import choose_parallelism
+from server import metrics
 from server.config import ParallelismSettings
 from server.engine import Engine
 from server.voting import Vote, extract_answer, majority_vote
@@ -59,6 +60,7 @@ class ThinkingResult:
     prompt_tokens: int
     cached_tokens_per_sample: int  # prompt tokens the fan-out samples read from the prefix cache
     capture_ms: float | None = None
+    estimator_ms: float | None = None
     states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
 
     @property
@@ -134,6 +136,8 @@ class ParallelThinker:
         first_id, rest_id = f"{request_id}-s0", f"{request_id}-s1"
         states_future = self.engine.tag_for_capture(first_params, request_id)
         started = time.monotonic()
+        in_flight = 1
+        metrics.SAMPLES_IN_FLIGHT.inc()
         first = asyncio.ensure_future(
             _final_output(self.engine.generate(prompt_token_ids, first_params, first_id))
         )
@@ -142,10 +146,13 @@ class ParallelThinker:
             prediction = None
             states = None
             capture_ms = None
+            estimator_ms = None
             if mode == "auto":
                 states, capture_ms = await self._wait_states(states_future, first, started)
                 if states is not None and self.estimator is not None:
+                    estimator_started = time.monotonic()
                     prediction = float(await asyncio.to_thread(self.estimator.predict, states))
+                    estimator_ms = (time.monotonic() - estimator_started) * 1000
                 n = choose_parallelism(
                     prediction,
                     n_max=self.n_max,
@@ -162,6 +169,8 @@ class ParallelThinker:
                 if rest_params.seed is not None:
                     # vLLM seeds child i of an n>1 request with seed + i: shift past sample 0.
                     rest_params.seed += 1
+                in_flight += rest_params.n
+                metrics.SAMPLES_IN_FLIGHT.inc(rest_params.n)
                 rest = asyncio.ensure_future(
                     _final_output(self.engine.generate(prompt_token_ids, rest_params, rest_id))
                 )
@@ -178,6 +187,7 @@ class ParallelThinker:
             await asyncio.shield(self.engine.abort([first_id, rest_id]))
             raise
         finally:
+            metrics.SAMPLES_IN_FLIGHT.dec(in_flight)
             self.engine.forget_capture(request_id)
 
         outputs = list(first_out.outputs)
@@ -200,6 +210,7 @@ class ParallelThinker:
             prompt_tokens=len(prompt_token_ids),
             cached_tokens_per_sample=int(rest_out.num_cached_tokens or 0) if rest_out is not None else 0,
             capture_ms=capture_ms,
+            estimator_ms=estimator_ms,
             states=states,
         )
 

@@ -135,7 +135,12 @@ class OpenAIServing:
     # -- running ------------------------------------------------------------------------
 
     async def _think(
-        self, request: SamplingFields, prompts: list[list[int]], max_tokens: int | None
+        self,
+        request: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        endpoint: str,
+        started: float,
     ) -> list[ThinkingResult]:
         params = [self.sampling_params(request, len(p), max_tokens) for p in prompts]
         base_id = uuid.uuid4().hex
@@ -152,11 +157,14 @@ class OpenAIServing:
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
             )
         )
+        # The voted text is the first content a client gets, streaming or not.
+        metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(time.monotonic() - started)
         for result in results:
             record_result(result)
         return list(results)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+        started = time.monotonic()
         self.check_model(request.model)
         self.check_budget(request)
         prompt = self.chat_prompt(request)
@@ -164,8 +172,8 @@ class OpenAIServing:
         # Validate params before any streaming starts, so errors get a proper status.
         self.sampling_params(request, len(prompt), max_tokens)
         if request.stream:
-            return self._chat_stream(request, prompt, max_tokens)
-        (result,) = await self._think(request, [prompt], max_tokens)
+            return self._chat_stream(request, prompt, max_tokens, started)
+        (result,) = await self._think(request, [prompt], max_tokens, "chat", started)
         return ChatCompletionResponse(
             model=request.model,
             choices=[
@@ -181,7 +189,7 @@ class OpenAIServing:
         )
 
     async def _chat_stream(
-        self, request: ChatCompletionRequest, prompt: list[int], max_tokens: int | None
+        self, request: ChatCompletionRequest, prompt: list[int], max_tokens: int | None, started: float
     ) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -199,7 +207,7 @@ class OpenAIServing:
             ]
         )
         try:
-            (result,) = await self._think(request, [prompt], max_tokens)
+            (result,) = await self._think(request, [prompt], max_tokens, "chat", started)
         except Exception as exc:
             yield stream_error(exc)
             return
@@ -217,14 +225,15 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        started = time.monotonic()
         self.check_model(request.model)
         self.check_budget(request)
         prompts = self.completion_prompts(request)
         for p in prompts:
             self.sampling_params(request, len(p), request.max_tokens)
         if request.stream:
-            return self._completion_stream(request, prompts)
-        results = await self._think(request, prompts, request.max_tokens)
+            return self._completion_stream(request, prompts, started)
+        results = await self._think(request, prompts, request.max_tokens, "completion", started)
         return CompletionResponse(
             model=request.model,
             choices=completion_choices(results),
@@ -233,11 +242,11 @@ class OpenAIServing:
         )
 
     async def _completion_stream(
-        self, request: CompletionRequest, prompts: list[list[int]]
+        self, request: CompletionRequest, prompts: list[list[int]], started: float
     ) -> AsyncIterator[str]:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         try:
-            results = await self._think(request, prompts, request.max_tokens)
+            results = await self._think(request, prompts, request.max_tokens, "completion", started)
         except Exception as exc:
             yield stream_error(exc)
             return
@@ -339,6 +348,12 @@ def record_result(result: ThinkingResult) -> None:
     metrics.CHOSEN_N.observe(result.n_used)
     if result.capture_ms is not None:
         metrics.CAPTURE_SECONDS.observe(result.capture_ms / 1000)
+    if result.prediction is not None:
+        metrics.PREDICTION.observe(result.prediction)
+    if result.estimator_ms is not None:
+        metrics.ESTIMATOR_SECONDS.observe(result.estimator_ms / 1000)
     for choice in result.choices:
         vote = choice.vote
+        if vote.num_voters:
+            metrics.AGREEMENT.observe(vote.agreement)
         metrics.VOTES.labels("no_answer" if vote.answer is None else "tie" if vote.tie else "decided").inc()

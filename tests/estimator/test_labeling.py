@@ -116,3 +116,16 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
     assert result.n_used == max(1, min(round(6 * result.prediction), 16))
     # The prediction comes from this request's own captured states.
     assert result.prediction == pytest.approx(loaded.predict(result.states), abs=1e-6)
+
+
+async def test_replay_through_server_measures_both_modes(server_url):
+    from estimator.evaluation import replay_through_server
+
+    test = [p.to_json() for p in generate(3, seed=9, families=["add_small"])]
+    out = await replay_through_server(server_url, test, n_max=3, temperature=0.5, max_tokens=6, concurrency=2)
+    assert out["fixed N_max"]["mean_samples"] == 3
+    # The session server has no head: auto uses its default N (4) capped by max_parallelism 3.
+    assert out["auto"]["mean_samples"] == 3
+    for mode in ("auto", "fixed N_max"):
+        assert out[mode]["wall_s"] > 0 and 0.0 <= out[mode]["accuracy"] <= 1.0 and out[mode]["tokens"] >= 9
+    assert out["c_time_wall"] > 0

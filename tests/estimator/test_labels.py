@@ -80,7 +80,8 @@ def test_sample_optimal_and_system_optimal():
         ([0, 0, 0, 0], 2),
         ([0.04, 0.01, 0, 0], 2),
         ([0.4, 0.3, 0.2, 0.1], 3),
-        ([0.4, 0.405, 0.2, 0.1], 3),  # a step below the tolerance does not count
+        ([0.4, 0.4 + 1e-12, 0.2, 0.1], 3),  # float rounding does not count as a rise
+        ([0.4, 0.405, 0.2, 0.1], 5),  # a real rise, then a fall
         ([0.4, 0.5, 0.5, 0.9], 4),
         ([0.4, 0.6, 0.5, 0.45], 5),
         ([0.4, 0.6, 0.5, 0.3], 5),

@@ -225,3 +225,39 @@ async def test_client_disconnect_mid_stream_aborts_samples(server_url, engine):
         assert engine.num_unfinished_requests() >= 3
     await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
     assert engine.num_unfinished_requests() == 0
+
+
+async def scrape(server_url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{server_url}/metrics")).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+async def test_metrics_count_samples_and_baseline(client, server_url, server_settings):
+    before = await scrape(server_url)
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, max_tokens=6, n=2, extra_body={"parallelism": 3}
+    )
+    after = await scrape(server_url)
+    t2 = response.model_extra["t2"]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("t2serve_samples_dispatched_total{}") == t2["samples"] == 6
+    # Baseline: what fixed N_max (here the default N, no head) would have dispatched per choice.
+    assert delta("t2serve_samples_baseline_total{}") == server_settings.parallelism.default_parallelism * 2
+    assert delta("t2serve_generated_tokens_total{}") == response.usage.completion_tokens
+    assert delta("t2serve_requests_total{endpoint=chat,mode=fixed,outcome=ok}") == 1
+    assert delta("t2serve_time_to_first_token_seconds_count{endpoint=chat}") == 1
+    assert delta("t2serve_chosen_parallelism_count{}") == 1
+    assert sum(delta(f"t2serve_votes_total{{outcome={o}}}") for o in ("decided", "tie", "no_answer")) == 2
+    assert after["t2serve_samples_in_flight{}"] == 0 and after["t2serve_requests_in_flight{}"] == 0
+    assert after["t2serve_estimator_info{identity=,layers=,n_max=4}"] == 1
