@@ -61,7 +61,7 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         choices=["logprob", "order"],
         default="order",
         help="vote tie rule: 'order' (first seen wins; default) or 'logprob' (highest mean token "
-        "log-prob; measured ~28%% lower throughput on CPU, see README)",
+        "log-prob; measured 25.7%% lower throughput on CPU, see README)",
     )
 
 

@@ -44,7 +44,7 @@ class ParallelismSettings(BaseModel):
     max_parallelism: int = Field(default=64, ge=1)
     # Tie rule of the vote: "order" (first seen wins) or "logprob" (higher mean token
     # log-probability wins). "logprob" asks the engine for each sampled token's log-prob,
-    # which cost ~28% of throughput on the CPU benchmark, hence the default.
+    # which cost 25.7% of throughput on the CPU benchmark (README), hence the default.
     tie_break: Literal["logprob", "order"] = "order"
     # T2 head: a path (without suffix) to <head>.safetensors/.json; "default" = the head
     # shipped for the embedded model, loaded only when it matches the served model; None = off.
