@@ -138,11 +138,10 @@ class OpenAIServing:
         self,
         request: SamplingFields,
         prompts: list[list[int]],
-        max_tokens: int | None,
+        params: list[Any],
         endpoint: str,
         started: float,
     ) -> list[ThinkingResult]:
-        params = [self.sampling_params(request, len(p), max_tokens) for p in prompts]
         base_id = uuid.uuid4().hex
         results = await asyncio.gather(
             *(
@@ -169,11 +168,11 @@ class OpenAIServing:
         self.check_budget(request)
         prompt = self.chat_prompt(request)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        # Validate params before any streaming starts, so errors get a proper status.
-        self.sampling_params(request, len(prompt), max_tokens)
+        # Built (and so validated) before any streaming starts, so errors get a proper status.
+        params = [self.sampling_params(request, len(prompt), max_tokens)]
         if request.stream:
-            return self._chat_stream(request, prompt, max_tokens, started)
-        (result,) = await self._think(request, [prompt], max_tokens, "chat", started)
+            return self._chat_stream(request, prompt, params, started)
+        (result,) = await self._think(request, [prompt], params, "chat", started)
         return ChatCompletionResponse(
             model=request.model,
             choices=[
@@ -189,7 +188,7 @@ class OpenAIServing:
         )
 
     async def _chat_stream(
-        self, request: ChatCompletionRequest, prompt: list[int], max_tokens: int | None, started: float
+        self, request: ChatCompletionRequest, prompt: list[int], params: list[Any], started: float
     ) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -207,7 +206,7 @@ class OpenAIServing:
             ]
         )
         try:
-            (result,) = await self._think(request, [prompt], max_tokens, "chat", started)
+            (result,) = await self._think(request, [prompt], params, "chat", started)
         except Exception as exc:
             yield stream_error(exc)
             return
@@ -229,11 +228,10 @@ class OpenAIServing:
         self.check_model(request.model)
         self.check_budget(request)
         prompts = self.completion_prompts(request)
-        for p in prompts:
-            self.sampling_params(request, len(p), request.max_tokens)
+        params = [self.sampling_params(request, len(p), request.max_tokens) for p in prompts]
         if request.stream:
-            return self._completion_stream(request, prompts, started)
-        results = await self._think(request, prompts, request.max_tokens, "completion", started)
+            return self._completion_stream(request, prompts, params, started)
+        results = await self._think(request, prompts, params, "completion", started)
         return CompletionResponse(
             model=request.model,
             choices=completion_choices(results),
@@ -242,11 +240,11 @@ class OpenAIServing:
         )
 
     async def _completion_stream(
-        self, request: CompletionRequest, prompts: list[list[int]], started: float
+        self, request: CompletionRequest, prompts: list[list[int]], params: list[Any], started: float
     ) -> AsyncIterator[str]:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         try:
-            results = await self._think(request, prompts, request.max_tokens, "completion", started)
+            results = await self._think(request, prompts, params, "completion", started)
         except Exception as exc:
             yield stream_error(exc)
             return
