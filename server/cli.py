@@ -1,4 +1,4 @@
-"""`t2serve` console entry point: `serve`, `prepare-model`."""
+"""`t2serve` console entry point: `serve`, `label`, `train`, `evaluate`, `prepare-model`."""
 
 from __future__ import annotations
 
