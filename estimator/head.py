@@ -82,21 +82,21 @@ class T2Head:
             f"t2:{self.meta.model_name}:L{self.meta.num_layers}:d{self.meta.hidden_size}:n{self.meta.n_max}"
         )
 
+    @staticmethod
+    def _batch(states: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """States as a float32 batch [B, L, d] (one request's [L, d] becomes B = 1)."""
+        x = torch.as_tensor(states, dtype=torch.float32)
+        return x.unsqueeze(0) if x.dim() == 2 else x
+
     @torch.inference_mode()
     def predict_layers(self, states: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Per-layer predictions [B, L] for states [B, L, d] (or [L, d])."""
-        x = torch.as_tensor(states, dtype=torch.float32)
-        if x.dim() == 2:
-            x = x.unsqueeze(0)
-        return self.probes(x)
+        return self.probes(self._batch(states))
 
     @torch.inference_mode()
     def predict_batch(self, states: np.ndarray | torch.Tensor) -> np.ndarray:
         """Combined predictions [B]; only the layers in the combination are computed."""
-        x = torch.as_tensor(states, dtype=torch.float32)
-        if x.dim() == 2:
-            x = x.unsqueeze(0)
-        per_layer = self.probes(x[:, self._layers], self._layers)
+        per_layer = self.probes(self._batch(states)[:, self._layers], self._layers)
         return (per_layer @ self._weights).numpy()
 
     def predict(self, states: np.ndarray) -> float:

@@ -63,22 +63,18 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             if owned:
                 await live.shutdown()
             raise SystemExit(f"t2serve: refusing to start: {exc}") from exc
+        thinker = ParallelThinker(live, settings.parallelism, estimator=head)
         metrics.ESTIMATOR_INFO.info(
             {
-                "identity": head.identity,
-                "n_max": str(head.meta.n_max),
-                "layers": ",".join(map(str, head.meta.layers)),
+                "identity": head.identity if head is not None else "",
+                "n_max": str(thinker.n_max),
+                "layers": ",".join(map(str, head.meta.layers)) if head is not None else "",
             }
-            if head is not None
-            else {"identity": "", "n_max": str(settings.parallelism.default_parallelism), "layers": ""}
         )
         if head is not None:
             logger.info("estimator head loaded: %s (layers %s)", head.identity, head.meta.layers)
         else:
-            logger.info(
-                "no estimator head: parallelism 'auto' uses N=%d", settings.parallelism.default_parallelism
-            )
-        thinker = ParallelThinker(live, settings.parallelism, estimator=head)
+            logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
         app.state.serving = OpenAIServing(live, thinker, settings)
         try:
             yield

@@ -77,6 +77,7 @@ class HiddenStateCapture:
                 handle.remove()
         self._t2_plan: list[tuple[str, int]] = []
         self._t2_rows: list[torch.Tensor] = []
+        self._t2_index: torch.Tensor | None = None
         self._t2_num_layers = len(layers)
         # Only one tensor-parallel rank sends: after the all-reduce every rank holds the
         # same residual stream.
@@ -96,6 +97,7 @@ class HiddenStateCapture:
         """Before layer 0: find tagged requests whose prompt's last token is in this step."""
         self._t2_plan = []
         self._t2_rows = []
+        self._t2_index = None
         model_runner = self.model_runner  # type: ignore[attr-defined]
         batch = model_runner.input_batch
         num_reqs = batch.num_reqs
@@ -121,8 +123,9 @@ class HiddenStateCapture:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             if not self._t2_plan:
                 return
-            rows = torch.tensor([row for _, row in self._t2_plan], device=_device_of(output))
-            self._t2_rows.append(residual_stream(output).index_select(0, rows).float())
+            if self._t2_index is None:  # built once per step, shared by all layers
+                self._t2_index = torch.tensor([row for _, row in self._t2_plan], device=_device_of(output))
+            self._t2_rows.append(residual_stream(output).index_select(0, self._t2_index).float())
             if index == self._t2_num_layers - 1:
                 self._t2_flush()
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -238,7 +237,3 @@ class Engine:
     async def shutdown(self) -> None:
         await self._receiver.close()
         self._llm.shutdown()
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
