@@ -71,9 +71,7 @@ class ServerProcess:
                 except httpx.TransportError:
                     pass
                 if self.proc.poll() is not None or time.monotonic() - started > 600:
-                    raise RuntimeError(
-                        "t2serve did not start; see benchmarks/results/frontend_overhead_server.log"
-                    )
+                    raise RuntimeError(f"t2serve did not start; see {self.log.name}")
                 await asyncio.sleep(1)
         print(f"t2serve up in {time.monotonic() - started:.0f} s", flush=True)
 

@@ -223,9 +223,12 @@ def load_label_sets(folders: list[Path]) -> tuple[list[dict], np.ndarray, dict]:
     hash of the question text, a repeated question always falls in the same split."""
     headers = [json.loads((Path(f) / LABELS_FILE).read_text()) for f in folders]
     first = headers[0]
+    # Runs may differ in shard size and in seed (a second seed is how a pool grows); the
+    # sampling itself (N_max, temperature, max tokens, A_x(N) method) must be the same.
+    free = {"shard_size", "seed"}
     for folder, header in zip(folders, headers, strict=True):
-        same_config = {k: v for k, v in header["config"].items() if k != "shard_size"} == {
-            k: v for k, v in first["config"].items() if k != "shard_size"
+        same_config = {k: v for k, v in header["config"].items() if k not in free} == {
+            k: v for k, v in first["config"].items() if k not in free
         }
         if header["model"] != first["model"] or not same_config:
             raise ValueError(f"{folder}: labels from another model or sampling config than {folders[0]}")

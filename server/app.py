@@ -6,18 +6,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from estimator.head import load_head
 from server import metrics
+from server.admission import Admission, Ticket, minimum_samples
+from server.auth import require_api_key, require_metrics_key
+from server.body_limit import BodyLimit
 from server.config import ServerSettings
-from server.engine import Engine
+from server.engine import Engine, engine_dead_error
 from server.errors import APIError, error_response, install_error_handlers
 from server.parallel import ParallelThinker
 from server.protocol import (
@@ -28,6 +31,7 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    SamplingFields,
 )
 from server.serving import OpenAIServing
 
@@ -35,15 +39,23 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)
 }
+# How often the watchdog looks at the engine.
+WATCHDOG_INTERVAL_S = 0.5
+# After the engine died, keep answering 503 (on /health too) this long before stopping, so
+# health checks and load balancers see it rather than a refused connection.
+DEAD_ENGINE_LINGER_S = 5.0
 
 
-def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings,
+    engine: Engine | None = None,
+    on_engine_dead: Callable[[], None] | None = None,
+) -> FastAPI:
     """The app. With `engine=None` the lifespan starts (and later stops) its own engine;
-    tests pass a shared, already-started engine instead."""
+    tests pass a shared, already-started engine instead. `on_engine_dead` is called once if
+    the engine dies (the CLI uses it to stop uvicorn and exit non-zero)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,19 +63,12 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         live = await Engine.start(settings.engine) if owned else engine
         assert live is not None
         app.state.engine = live
-        try:
-            head = load_head(
-                settings.parallelism.estimator_head,
-                name=live.info.name,
-                num_layers=live.info.num_layers,
-                hidden_size=live.info.hidden_size,
-                fingerprint=live.info.fingerprint,
-            )
-        except ValueError as exc:
-            if owned:
-                await live.shutdown()
-            raise SystemExit(f"t2serve: refusing to start: {exc}") from exc
-        thinker = ParallelThinker(live, settings.parallelism, estimator=head)
+        app.state.engine_failed = False
+        metrics.ENGINE_HEALTHY.set(1)
+        head = load_head_or_fallback(settings, live)
+        thinker = ParallelThinker(
+            live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
+        )
         metrics.ESTIMATOR_INFO.info(
             {
                 "identity": head.identity if head is not None else "",
@@ -76,61 +81,122 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         else:
             logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
         app.state.serving = OpenAIServing(live, thinker, settings)
+        app.state.admission = Admission(settings.limits)
+        watchdog = asyncio.ensure_future(watch_engine(app, live, on_engine_dead))
         try:
             yield
         finally:
+            watchdog.cancel()
             if owned:
                 await live.shutdown()
 
     app = FastAPI(title="t2serve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    # Runs before routing: bodies are bounded before anything reads them.
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
 
     @app.get("/health")
-    async def health(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> Response:
+    async def health(request: Request) -> Response:
+        serving = getattr(request.app.state, "serving", None)
+        if serving is None:
+            return error_response(503, "the engine is starting", code="engine_starting")
         if not serving.engine.healthy:
             return error_response(503, "engine is not running", code="engine_dead")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
+
+    @v1.get("/models", response_model=ModelList)
     async def models(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
         info = serving.engine.info
         return ModelList(data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len)])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(request, "chat", body.parallelism, serving.chat(body))
+        return await respond(request, "chat", body, lambda: serving.chat(body))
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(
         body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(request, "completion", body.parallelism, serving.completion(body))
+        return await respond(request, "completion", body, lambda: serving.completion(body))
 
+    app.include_router(v1)
     return app
+
+
+def load_head_or_fallback(settings: ServerSettings, live: Engine) -> Any:
+    """The configured head, or None (fixed default N) with a warning and a metric when it
+    fails to load or was trained for another model: a bad head never stops the server."""
+    spec = settings.parallelism.estimator_head
+    try:
+        return load_head(
+            spec,
+            name=live.info.name,
+            num_layers=live.info.num_layers,
+            hidden_size=live.info.hidden_size,
+            fingerprint=live.info.fingerprint,
+        )
+    except Exception as exc:
+        logger.warning(
+            "estimator head %s not used (%s); parallelism 'auto' falls back to N=%d",
+            spec,
+            exc,
+            settings.parallelism.default_parallelism,
+        )
+        metrics.ESTIMATOR_FALLBACKS.labels("load").inc()
+        return None
+
+
+async def watch_engine(app: FastAPI, live: Engine, on_engine_dead: Callable[[], None] | None) -> None:
+    """Notice the engine dying (vLLM marks it errored when its core process exits): from
+    then on /health and every request answer 503, waiting requests are turned away, and
+    `on_engine_dead` stops the server (in-flight requests already failed with the engine)."""
+    while live.healthy:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+    logger.error("the vLLM engine died: answering 503 and shutting down")
+    metrics.ENGINE_HEALTHY.set(0)
+    app.state.engine_failed = True
+    app.state.admission.close(engine_dead_error())
+    if on_engine_dead is not None:
+        await asyncio.sleep(DEAD_ENGINE_LINGER_S)
+        on_engine_dead()
 
 
 def get_serving(request: Request) -> OpenAIServing:
     serving = getattr(request.app.state, "serving", None)
     if serving is None:
         raise APIError(503, "the engine is starting", code="engine_starting")
+    if not serving.engine.healthy:
+        metrics.REJECTED.labels("engine_dead").inc()
+        raise engine_dead_error()
     return serving
 
 
-async def respond(request: Request, endpoint: str, parallelism: Any, work: Awaitable[Any]) -> Response:
-    """Run an endpoint's work, cancelling it (and so its engine requests) if the client leaves.
+async def respond(
+    request: Request, endpoint: str, body: SamplingFields, make_work: Callable[[], Awaitable[Any]]
+) -> Response:
+    """Admit the request (server.admission), then run the endpoint's work, cancelling it (and
+    so its engine requests) if the client leaves, while queued or running.
 
     Non-streaming work is raced against the client's disconnect; a streaming body is
     cancelled by the server itself when the client goes away mid-stream."""
-    request_metrics = RequestMetrics(endpoint, "fixed" if isinstance(parallelism, int) else "auto")
+    admission: Admission = request.app.state.admission
+    request_metrics = RequestMetrics(endpoint, "fixed" if isinstance(body.parallelism, int) else "auto")
+
+    async def admitted_work() -> Any:
+        request_metrics.ticket = await admission.acquire(minimum_samples(body))
+        return await make_work()
+
     try:
-        result = await run_until_disconnect(request, work)
+        result = await run_until_disconnect(request, admitted_work())
     except ClientDisconnected:
         request_metrics.done("cancelled")
         return Response(status_code=499)
@@ -138,20 +204,27 @@ async def respond(request: Request, endpoint: str, parallelism: Any, work: Await
         request_metrics.done("error")
         raise
     if isinstance(result, AsyncIterator):
-        return StreamingResponse(request_metrics.track(result), media_type="text/event-stream")
+        return TrackedStream(result, request_metrics)
     request_metrics.done("ok")
     return JSONResponse(result.model_dump())
 
 
 class RequestMetrics:
-    """In-flight gauge, outcome counter and latency of one request."""
+    """In-flight gauge, outcome counter and latency of one request; releases its admission."""
 
     def __init__(self, endpoint: str, mode: str):
         self.endpoint, self.mode = endpoint, mode
         self.started = time.monotonic()
+        self.ticket: Ticket | None = None
+        self.finished = False
         metrics.REQUESTS_IN_FLIGHT.inc()
 
     def done(self, outcome: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.ticket is not None:
+            self.ticket.release()
         metrics.REQUESTS_IN_FLIGHT.dec()
         metrics.REQUESTS.labels(self.endpoint, self.mode, outcome).inc()
         metrics.REQUEST_SECONDS.labels(self.endpoint).observe(time.monotonic() - self.started)
@@ -167,6 +240,21 @@ class RequestMetrics:
             raise
         finally:
             self.done(outcome)
+
+
+class TrackedStream(StreamingResponse):
+    """An SSE response that settles its request's metrics and admission even when the client
+    leaves before the body starts (then the body generator never runs its `finally`)."""
+
+    def __init__(self, stream: AsyncIterator[str], request_metrics: RequestMetrics):
+        super().__init__(request_metrics.track(stream), media_type="text/event-stream")
+        self.request_metrics = request_metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request_metrics.done("cancelled")  # no-op when the stream already settled
 
 
 class ClientDisconnected(Exception):

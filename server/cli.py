@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.config import EngineSettings, ParallelismSettings, ServerSettings
+from server.config import EngineSettings, LimitSettings, ParallelismSettings, ServerSettings
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,10 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         "shipped for the embedded model, used when it matches) or 'none'",
     )
     g.add_argument(
-        "--estimator-margin", type=float, default=1.0, help="N = round(N_max * prediction * margin)"
+        "--estimator-margin",
+        type=float,
+        default=1.5,
+        help="N = round(N_max * prediction * margin) (default 1.5: matches fixed N_max on validation, README)",
     )
     g.add_argument(
         "--tie-break",
@@ -62,6 +65,42 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         default="order",
         help="vote tie rule: 'order' (first seen wins; default) or 'logprob' (highest mean token "
         "log-prob; measured 25.7%% lower throughput on CPU, see README)",
+    )
+
+
+def _add_operating_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("operating (README: Operating t2serve)")
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accept this Bearer key on /v1/* (repeatable; also T2SERVE_API_KEYS=k1,k2); none: no auth",
+    )
+    g.add_argument("--metrics-auth", action="store_true", help="require an API key on /metrics too")
+    limits = LimitSettings()
+    g.add_argument("--max-concurrent-requests", type=int, default=limits.max_concurrent_requests)
+    g.add_argument(
+        "--max-samples-in-flight",
+        type=int,
+        default=limits.max_samples_in_flight,
+        help="samples admitted requests may have in the engine; 'auto' lowers N as this fills",
+    )
+    g.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; more: 429")
+    g.add_argument(
+        "--queue-timeout", type=float, default=limits.queue_timeout_s, help="seconds in the queue before 503"
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=limits.request_timeout_s,
+        help="seconds per request (0: none); at the deadline the vote is over the finished samples, else 504",
+    )
+    g.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="larger bodies: 413")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=limits.drain_timeout_s,
+        help="on SIGTERM, seconds in-flight requests may take to finish",
     )
 
 
@@ -76,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_engine_args(serve)
     _add_parallelism_args(serve)
+    _add_operating_args(serve)
 
     label = sub.add_parser("label", help="sample N_max answers per question and store T2 training labels")
     label.add_argument(
@@ -115,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--seed", type=int, default=0)
 
-    evaluate = sub.add_parser("evaluate", help="compare fixed N, N_D, T2 and the oracle on the test split")
+    evaluate = sub.add_parser(
+        "evaluate", help="compare fixed N, N_D, T2, early-stopping policies and the oracle on the test split"
+    )
     evaluate.add_argument(
         "--labels", type=Path, action="append", required=True, help="label folder(s), as for train"
     )
@@ -127,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight")
     evaluate.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/evaluate"), help="report path (.json/.png)"
+    )
+    evaluate.add_argument(
+        "--orderings",
+        type=int,
+        default=200,
+        help="early-stopping comparison: random orderings replayed per question (0: skip it)",
+    )
+    evaluate.add_argument("--replay-seed", type=int, default=0, help="seed of the replayed orderings")
+    evaluate.add_argument(
+        "--policies",
+        default="all",
+        help="policy families to replay, comma-separated (fixed,T2,ESC,AC-beta,AC-dirichlet,T2+beta,"
+        "T2+dirichlet) or 'all'",
+    )
+    evaluate.add_argument(
+        "--policies-out",
+        type=Path,
+        default=Path("benchmarks/results/policies"),
+        help="early-stopping report path (.json/.png)",
     )
 
     prepare = sub.add_parser(
@@ -177,7 +238,34 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,
+        **operating_settings(args),
     )
+
+
+def operating_settings(args: argparse.Namespace) -> dict:
+    """Auth and limits (only `serve` has these flags; other commands get the defaults)."""
+    if not hasattr(args, "api_key"):
+        return {}
+    env_keys = [k.strip() for k in os.environ.get("T2SERVE_API_KEYS", "").split(",") if k.strip()]
+    return {
+        "api_keys": list(args.api_key) + env_keys,
+        "metrics_auth": args.metrics_auth,
+        "limits": LimitSettings(
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_samples_in_flight=args.max_samples_in_flight,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout,
+            request_timeout_s=args.request_timeout or None,
+            max_body_bytes=args.max_body_bytes,
+            drain_timeout_s=args.drain_timeout,
+        ),
+    }
+
+
+# Exit statuses: start-up failed (uvicorn's own code), the engine died while serving (an
+# orchestrator should restart the server).
+STARTUP_FAILED_EXIT_CODE = 3
+ENGINE_DEAD_EXIT_CODE = 4
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -189,8 +277,26 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_dead=stop)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # SIGTERM: stop accepting, let in-flight requests finish (bounded), then the lifespan
+        # stops the engine.
+        timeout_graceful_shutdown=settings.limits.drain_timeout_s,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if getattr(app.state, "engine_failed", False):
+        sys.exit(ENGINE_DEAD_EXIT_CODE)
+    if not server.started:
+        sys.exit(STARTUP_FAILED_EXIT_CODE)  # the cause is logged above
 
 
 def label(args: argparse.Namespace) -> None:
@@ -284,7 +390,8 @@ def evaluate(args: argparse.Namespace) -> None:
     test_records, test_states = _split(records, states, "test")
     if not test_records:
         raise SystemExit("t2serve evaluate: no test-split questions in the labels")
-    result = run_evaluation(T2Head.load(args.head), train_records, test_records, test_states)
+    head = T2Head.load(args.head)
+    result = run_evaluation(head, train_records, test_records, test_states)
     if args.server:
         import asyncio
 
@@ -304,6 +411,28 @@ def evaluate(args: argparse.Namespace) -> None:
     print(report_table(result))
     write_report(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
+    if args.orderings > 0:
+        from estimator import comparison
+
+        val_records, val_states = _split(records, states, "validation")
+        if not val_records:
+            raise SystemExit("t2serve evaluate: the policy comparison needs validation-split questions")
+        families = comparison.FAMILIES if args.policies == "all" else tuple(args.policies.split(","))
+        if unknown := set(families) - set(comparison.FAMILIES):
+            raise SystemExit(f"t2serve evaluate: unknown policy families {sorted(unknown)}")
+        compared = comparison.compare_policies(
+            head,
+            val_records,
+            val_states,
+            test_records,
+            test_states,
+            orderings=args.orderings,
+            seed=args.replay_seed,
+            families=families,
+        )
+        print(comparison.report_table(compared))
+        comparison.write_report(compared, args.policies_out)
+        print(f"wrote {args.policies_out}.json and {args.policies_out}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,28 @@ class ParallelismSettings(BaseModel):
     # shipped for the embedded model, loaded only when it matches the served model; None = off.
     estimator_head: str | None = "default"
     # Safety margin: N = round(N_max * prediction * margin).
-    estimator_margin: float = Field(default=1.0, gt=0)
+    estimator_margin: float = Field(default=1.5, gt=0)
+
+
+class LimitSettings(BaseModel):
+    """Back-pressure, timeouts and shutdown (README "Operating t2serve")."""
+
+    # Requests served at once; more wait in the queue.
+    max_concurrent_requests: int = Field(default=128, ge=1)
+    # Samples the admitted requests may have in the engine. Admission counts each request's
+    # minimum (fixed N: n*N per prompt; auto: n per prompt); `auto` grows N only as far as
+    # the load curve (estimator.policy.load_scaled_cap) allows.
+    max_samples_in_flight: int = Field(default=1024, ge=1)
+    # Requests waiting for admission; one more gets 429.
+    max_queue: int = Field(default=256, ge=0)
+    # Longest wait in the queue before 503.
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # Per-request deadline (None: none); a request may ask for a shorter one (`timeout`).
+    request_timeout_s: float | None = Field(default=600.0, gt=0)
+    # Largest request body; bigger ones get 413 before they are parsed.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # On SIGTERM: how long in-flight requests may take to finish before they are cut.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
 
 class ServerSettings(BaseModel):
@@ -58,6 +79,11 @@ class ServerSettings(BaseModel):
     port: int = 8000
     engine: EngineSettings
     parallelism: ParallelismSettings = ParallelismSettings()
+    limits: LimitSettings = LimitSettings()
+    # Bearer keys accepted on /v1/* (empty: no auth). /health is always open.
+    api_keys: list[str] = []
+    # Also require a key on /metrics.
+    metrics_auth: bool = False
     # Default max_tokens when a request gives none (bounded by the context left).
     default_max_tokens: int = 512
     log_level: str = "info"

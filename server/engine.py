@@ -23,8 +23,14 @@ import numpy as np
 
 from server.capture import CAPTURE_KEY
 from server.config import EngineSettings
+from server.errors import APIError
 
 logger = logging.getLogger(__name__)
+
+
+def engine_dead_error() -> APIError:
+    return APIError(503, "the inference engine has stopped; the server is shutting down", code="engine_dead")
+
 
 # Defaults that make vLLM work well on a small CPU box; applied only on the CPU platform.
 CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; the default 128 caches little.
@@ -212,13 +218,23 @@ class Engine:
     def forget_capture(self, tag: str) -> None:
         self._receiver.forget(tag)
 
-    def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+    async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-        return self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id)
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id
+            ):
+                yield output
+        except EngineDeadError as exc:
+            raise engine_dead_error() from exc
+        except VLLMClientError as exc:  # vLLM refused the request itself: the client's fault
+            raise APIError(400, f"the engine rejected the request: {exc}", code="invalid_value") from exc
 
     async def abort(self, request_ids: list[str]) -> None:
-        if request_ids:
+        if request_ids and self.healthy:
             await self._llm.abort(request_ids)
 
     # -- state --------------------------------------------------------------------------

@@ -25,16 +25,26 @@ _TYPES = {
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on 429/503, WWW-Authenticate on 401
 
     def body(self) -> ErrorResponse:
         return error_body(self.status, self.message, self.param, self.code)
@@ -49,9 +59,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code).model_dump(), status_code=status)
+    return JSONResponse(
+        error_body(status, message, param, code).model_dump(), status_code=status, headers=headers
+    )
 
 
 def error_event(error: APIError) -> str:
@@ -62,7 +78,7 @@ def error_event(error: APIError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,7 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
         phrase = (
             HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else ""
         )
-        return error_response(exc.status_code, str(exc.detail or phrase), None, None)
+        code = "invalid_body" if exc.status_code == 400 else None
+        return error_response(exc.status_code, str(exc.detail or phrase), None, code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -62,3 +62,30 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
 ESTIMATOR_INFO = Info("t2serve_estimator", "The loaded estimator head (empty values: none loaded).")
+# -- hardening: back-pressure, load-aware N, faults (README "Operating t2serve") --
+QUEUE_DEPTH = Gauge("t2serve_queue_depth", "Requests waiting for admission.")
+REJECTED = Counter(
+    "t2serve_requests_rejected",
+    "Requests turned away before running, by reason: queue_full (429), queue_timeout (503), "
+    "unauthorized (401), engine_dead (503).",
+    ["reason"],
+)
+LOAD_REDUCED = Counter(
+    "t2serve_load_reduced_requests", "auto requests that got a smaller N than they would have without load."
+)
+LOAD_CAP = Histogram(
+    "t2serve_load_scaled_cap",
+    "Per-choice cap on N after the load curve, per auto request.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128),
+)
+TIMEOUTS = Counter(
+    "t2serve_request_timeouts",
+    "Requests that hit their deadline, by outcome: partial (voted) or failed.",
+    ["outcome"],
+)
+ESTIMATOR_FALLBACKS = Counter(
+    "t2serve_estimator_fallbacks",
+    "Times the configured head could not be used and the default N was: load (at start-up) or predict.",
+    ["reason"],
+)
+ENGINE_HEALTHY = Gauge("t2serve_engine_healthy", "1 while the vLLM engine is alive, 0 once it died.")

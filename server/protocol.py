@@ -52,7 +52,8 @@ class SamplingFields(OpenAIModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    # Bounded so the engine's torch generator accepts it (and seed + i for the fan-out).
+    seed: int | None = Field(default=None, ge=0, le=2**62)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -62,6 +63,8 @@ class SamplingFields(OpenAIModel):
     # t2serve extensions
     parallelism: int | Literal["auto"] | None = None
     max_parallelism: int | None = Field(default=None, ge=1)
+    # seconds; the server's --request-timeout bounds it (README "Operating t2serve")
+    timeout: float | None = Field(default=None, gt=0, le=86_400)
 
     @field_validator("parallelism")
     @classmethod
@@ -105,13 +108,34 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI fields t2serve cannot honour: rejected rather than silently ignored.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
+    def _no_logprobs(cls, value: Any) -> Any:
         if value:
             raise ValueError("logprobs are not supported: the returned completion is a vote over samples")
+        return value
+
+    @field_validator("tools", "tool_choice", "functions", "function_call", "logit_bias")
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> Any:
+        if value not in (None, [], {}, "none"):
+            raise ValueError(f"{info.field_name} is not supported by t2serve")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
 
@@ -168,6 +192,8 @@ class T2Info(BaseModel):
     samples: int  # samples dispatched for the whole request (n_used * n choices * prompts)
     estimator: str  # which estimator chose N ("default" until a head is loaded)
     capture_ms: float | None = None  # prefill hidden-state capture latency
+    load_cap: int | None = None  # auto: per-choice cap on N after the load curve
+    timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
     answer: str | None
     votes: dict[str, int]
     agreement: float

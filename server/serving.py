@@ -15,7 +15,7 @@ from server import metrics
 from server.config import ServerSettings
 from server.engine import Engine
 from server.errors import APIError, error_event
-from server.parallel import ParallelThinker, ThinkingResult
+from server.parallel import ParallelThinker, ThinkingResult, is_greedy
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -120,17 +120,35 @@ class OpenAIServing:
             "seed": request.seed,
             "stop": request.stop,
         }
-        return SamplingParams(
-            max_tokens=max_tokens,
-            ignore_eos=request.ignore_eos,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                ignore_eos=request.ignore_eos,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        except (ValueError, TypeError) as exc:  # vLLM's own checks on the combination
+            raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
+
+    def timeout_s(self, request: SamplingFields) -> float | None:
+        """The request's deadline: its own `timeout`, bounded by --request-timeout."""
+        limits = [t for t in (request.timeout, self.settings.limits.request_timeout_s) if t is not None]
+        return min(limits) if limits else None
 
     def check_budget(self, request: SamplingFields) -> None:
         try:
             self.thinker.resolve_budget(request.parallelism, request.max_parallelism)
         except ValueError as exc:
             raise APIError(400, str(exc), param="parallelism", code="invalid_value") from exc
+        fixed_n = request.parallelism if isinstance(request.parallelism, int) else 1
+        if is_greedy(request.temperature) and request.n * fixed_n > 1:
+            # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
+            raise APIError(
+                400,
+                "temperature 0 (greedy) makes every sample the same: use n=1 with parallelism 'auto' or 1, "
+                "or a temperature > 0",
+                param="temperature",
+                code="invalid_value",
+            )
 
     # -- running ------------------------------------------------------------------------
 
@@ -143,8 +161,9 @@ class OpenAIServing:
         started: float,
     ) -> list[ThinkingResult]:
         base_id = uuid.uuid4().hex
-        results = await asyncio.gather(
-            *(
+        timeout_s = self.timeout_s(request)
+        tasks = [
+            asyncio.ensure_future(
                 self.thinker.run(
                     p,
                     sp,
@@ -152,10 +171,19 @@ class OpenAIServing:
                     parallelism=request.parallelism,
                     max_parallelism=request.max_parallelism,
                     request_id=f"{base_id}-p{i}",
+                    timeout_s=timeout_s,
                 )
-                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
             )
-        )
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # One prompt failed (or the client left): stop the others' samples too.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         # The voted text is the first content a client gets, streaming or not.
         metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(time.monotonic() - started)
         for result in results:
@@ -330,6 +358,8 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         samples=sum(r.samples for r in results),
         estimator=first.estimator,
         capture_ms=first.capture_ms,
+        load_cap=first.load_cap,
+        timed_out=any(r.timed_out for r in results),
         answer=votes[0].answer,
         votes=votes[0].votes,
         agreement=votes[0].agreement,

@@ -113,7 +113,7 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
     )
     assert result.estimator == "t2" and result.prediction is not None
     assert result.n_max == 6
-    assert result.n_used == max(1, min(round(6 * result.prediction), 16))
+    assert result.n_used == max(1, min(round(6 * result.prediction * settings.estimator_margin), 16))
     # The prediction comes from this request's own captured states.
     assert result.prediction == pytest.approx(loaded.predict(result.states), abs=1e-6)
 
@@ -129,3 +129,31 @@ async def test_replay_through_server_measures_both_modes(server_url):
     for mode in ("auto", "fixed N_max"):
         assert out[mode]["wall_s"] > 0 and 0.0 <= out[mode]["accuracy"] <= 1.0 and out[mode]["tokens"] >= 9
     assert out["c_time_wall"] > 0
+
+
+def _fake_label_folder(path, problems, config: LabelConfig, num_layers: int = 3, hidden: int = 4):
+    """A label folder as `label` writes it, with made-up answers and states (pure data)."""
+    from estimator.labeling import label_record, prepare_output, write_shard
+
+    model = {"name": "m", "num_layers": num_layers, "hidden_size": hidden, "fingerprint": "f"}
+    prepare_output(path, config, model, problems)
+    records = [label_record(p, [p.answer] * config.n_max, [3] * config.n_max, config) for p in problems]
+    states = np.stack([np.full((num_layers, hidden), i, dtype=np.float32) for i in range(len(problems))])
+    write_shard(path, 0, records, states)
+
+
+def test_label_sets_combine_seeds_and_refuse_other_sampling(tmp_path):
+    from estimator.labeling import load_label_sets
+
+    first, second = generate(4, seed=0), generate(4, seed=1)
+    overlap = [first[0], *second[:2]]  # a question both runs labelled is kept once
+    _fake_label_folder(tmp_path / "a", first, LabelConfig(n_max=4, seed=0))
+    _fake_label_folder(tmp_path / "b", overlap, LabelConfig(n_max=4, seed=1, shard_size=8))
+    records, states, header = load_label_sets([tmp_path / "a", tmp_path / "b"])
+    expected = [p.question for p in first] + [p.question for p in second[:2] if p not in first]
+    assert [r["question"] for r in records] == expected
+    assert states.shape == (len(expected), 3, 4) and header["problems"] == len(expected)
+
+    _fake_label_folder(tmp_path / "c", second, LabelConfig(n_max=4, temperature=0.9))
+    with pytest.raises(ValueError, match="sampling config"):
+        load_label_sets([tmp_path / "a", tmp_path / "c"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from server.cli import build_parser, settings_from_args
+from server.config import ParallelismSettings
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +113,9 @@ def test_serve_command_end_to_end(model_dir):
         t2 = reply.json()["t2"]
         # No --estimator-head: the head shipped for the embedded model is loaded and picks N.
         assert t2["estimator"] == "t2" and t2["prediction"] is not None
-        assert t2["n_used"] == max(1, min(round(t2["n_max"] * t2["prediction"]), t2["max_parallelism"]))
+        margin = ParallelismSettings().estimator_margin  # the CLI's default
+        n_wanted = round(t2["n_max"] * t2["prediction"] * margin)
+        assert t2["n_used"] == max(1, min(n_wanted, t2["max_parallelism"]))
         fixed = httpx.post(
             f"{url}/v1/chat/completions",
             json={
@@ -123,6 +127,30 @@ def test_serve_command_end_to_end(model_dir):
             timeout=120,
         )
         assert fixed.json()["t2"]["n_used"] == 2 and fixed.json()["t2"]["mode"] == "fixed"
+
+        # Graceful shutdown: a request in flight when SIGTERM arrives still gets its answer.
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        draining = pool.submit(
+            httpx.post,
+            f"{url}/v1/chat/completions",
+            json={
+                "model": name,
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 40,
+                "ignore_eos": True,
+                "parallelism": 2,
+            },
+            timeout=120,
+        )
+        deadline = time.monotonic() + 30
+        while "t2serve_samples_in_flight 2.0" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.05)
+        proc.terminate()
+        drained = draining.result(timeout=60)
+        pool.shutdown()
+        assert drained.status_code == 200, drained.text
+        assert drained.json()["usage"]["completion_tokens"] == 80  # both samples ran to the end
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,506 @@
+"""Load test: throughput, latency, samples and accuracy of request variants under load.
+
+Sends graded problems with gold answers (the `test` split of estimator/problems.py, or your
+own JSONL) to any OpenAI-compatible server as chat completions, and compares request
+*variants* — extra body fields merged into every request — at each load level:
+
+  - closed loop (`--concurrency 1,8`): C clients, each sends its next request when the
+    previous one returns;
+  - open loop (`--rate 0.5,1`): requests arrive as a Poisson process (exponential gaps,
+    fixed seed) whether or not earlier ones have finished.
+
+Each run is bounded by `--requests` and `--duration` (no new request after that many
+seconds; those in flight finish). At every load level each variant runs once, in an order
+that rotates from level to level, so the variants share the machine's conditions.
+
+Variants: `--modes auto,fixed` are shorthands for `parallelism: "auto"` and
+`parallelism: N_max` (N_max from the server's first reply, `t2.n_max`, or `--n-max`);
+`--variant NAME='{"parallelism": 4}'` adds any other body (a later stopping policy is one
+more `--variant`, no code change). Without `--url` the harness starts `t2serve serve` on the
+embedded model with the shipped T2 head, whose labels were sampled at temperature 0.3 with
+48 tokens from these very prompts, hence the defaults below.
+
+    .venv/bin/python benchmarks/loadtest.py --concurrency 1,8 --rate 1 --requests 32
+    .venv/bin/python benchmarks/loadtest.py --url http://host:8000 --modes auto \\
+        --variant fixed4='{"parallelism": 4}' --rate 0.5,1,2
+
+Per run: requests/s, generated tokens/s (usage.completion_tokens: every sample's tokens),
+latency p50/p90/p99, errors by HTTP status (and transport errors), samples dispatched per
+request (`t2.samples`) vs the fixed-N baseline (`t2.n_max` per choice) and vote accuracy
+against the gold answers. Writes benchmarks/results/loadtest.{json,png} (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS  # noqa: E402
+from estimator.problems import Problem, generate, load_jsonl  # noqa: E402
+from server.voting import extract_answer, normalize_answer  # noqa: E402
+
+# ---- pure helpers ----
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
+    """Arrival times (s from the start) of `count` requests of a Poisson process at `rate`/s:
+    cumulative sums of exponential gaps, deterministic by seed."""
+    r = random.Random(seed)
+    now, out = 0.0, []
+    for _ in range(count):
+        now += r.expovariate(rate)
+        out.append(now)
+    return out
+
+
+@dataclass(frozen=True)
+class Load:
+    kind: str  # "concurrency" (closed loop) or "rate" (open loop, requests/s)
+    value: float
+
+    @property
+    def label(self) -> str:
+        return f"C={self.value:g}" if self.kind == "concurrency" else f"{self.value:g}/s"
+
+
+@dataclass
+class RequestRecord:
+    status: str  # HTTP status ("200", "400", ...) or "transport:<exception>"
+    latency_s: float
+    completion_tokens: int = 0
+    samples: int = 0  # samples the server dispatched for this request
+    baseline: int = 0  # samples a fixed-N_max deployment would have dispatched
+    correct: bool | None = None  # voted answer == gold (None: no gold)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`NAME={json object}` → (NAME, body fields)."""
+    name, sep, body = spec.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--variant wants NAME='{{json}}', got {spec!r}")
+    fields = json.loads(body)
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"--variant {name}: the body must be a JSON object")
+    return name, fields
+
+
+def record_from_reply(status: int, reply: dict, latency_s: float, gold: str | None) -> RequestRecord:
+    """What one reply contributes. Servers without t2serve's `t2` object count one sample per
+    choice and are scored on the answer extracted from the first choice's text."""
+    if status != 200:
+        return RequestRecord(str(status), latency_s)
+    choices = reply.get("choices") or []
+    t2 = reply.get("t2")
+    if t2:
+        samples, baseline, answer = t2["samples"], t2["n_max"] * max(1, len(choices)), t2.get("answer")
+    else:
+        first = choices[0] if choices else {}
+        text = (first.get("message") or {}).get("content") or first.get("text") or ""
+        extracted = extract_answer(text)
+        samples = baseline = len(choices)
+        answer = normalize_answer(extracted) if extracted else None
+    usage = reply.get("usage") or {}
+    return RequestRecord(
+        "200",
+        latency_s,
+        completion_tokens=usage.get("completion_tokens", 0),
+        samples=samples,
+        baseline=baseline,
+        correct=None if gold is None else answer == gold,
+    )
+
+
+def summarize(records: list[RequestRecord], wall_s: float) -> dict:
+    ok = [r for r in records if r.status == "200"]
+    latencies = [r.latency_s for r in ok]
+    graded = [r.correct for r in ok if r.correct is not None]
+    samples, baseline = sum(r.samples for r in ok), sum(r.baseline for r in ok)
+    return {
+        "sent": len(records),
+        "ok": len(ok),
+        "errors": dict(Counter(r.status for r in records if r.status != "200")),
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "tokens_per_s": sum(r.completion_tokens for r in ok) / wall_s if wall_s > 0 else 0.0,
+        "generated_tokens": sum(r.completion_tokens for r in ok),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p90_s": percentile(latencies, 90),
+        "latency_p99_s": percentile(latencies, 99),
+        "samples": samples,
+        "baseline_samples": baseline,
+        "samples_per_request": samples / len(ok) if ok else None,
+        "samples_histogram": dict(sorted(Counter(r.samples for r in ok).items())),
+        "baseline_per_request": baseline / len(ok) if ok else None,
+        "saved_fraction": 1 - samples / baseline if baseline else None,
+        "accuracy": sum(graded) / len(graded) if graded else None,
+        "graded": len(graded),
+    }
+
+
+# ---- driving load ----
+
+
+async def closed_loop(send: Callable[[int], Awaitable[None]], count: int, concurrency: int, deadline: float):
+    """`concurrency` clients, each sending its next request when the previous one returned."""
+    next_index = 0
+
+    async def user() -> None:
+        nonlocal next_index
+        while next_index < count and time.monotonic() < deadline:
+            index, next_index = next_index, next_index + 1
+            await send(index)
+
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+
+
+async def open_loop(send: Callable[[int], Awaitable[None]], arrivals: list[float], deadline: float):
+    """One request per arrival time, regardless of how many are still in flight."""
+    start = time.monotonic()
+    in_flight = []
+    for index, at in enumerate(arrivals):
+        if start + at >= deadline:
+            break
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        in_flight.append(asyncio.create_task(send(index)))
+    await asyncio.gather(*in_flight)
+
+
+async def run_load(
+    http,
+    model: str,
+    problems: list[Problem],
+    body: dict,
+    load: Load,
+    *,
+    requests: int,
+    duration_s: float,
+    temperature: float,
+    max_tokens: int,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[list[RequestRecord], float]:
+    """One run: up to `requests` chat completions (cycling over `problems`) at `load`, each
+    with `body` merged in. Returns every request's record and the wall time (first send →
+    last reply)."""
+    import httpx
+    from tqdm import tqdm
+
+    records: list[RequestRecord] = []
+    bar = tqdm(total=requests, desc=desc or load.label, unit="req", disable=not progress, leave=False)
+
+    async def send(index: int) -> None:
+        problem = problems[index % len(problems)]
+        payload = {
+            "model": model,
+            "messages": [{"role": "user", "content": problem.question}],
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            **body,
+        }
+        sent = time.monotonic()
+        try:
+            reply = await http.post("/v1/chat/completions", json=payload)
+            latency = time.monotonic() - sent
+            parsed = reply.json() if reply.status_code == 200 else {}
+            records.append(record_from_reply(reply.status_code, parsed, latency, problem.answer))
+        except httpx.TransportError as exc:
+            records.append(RequestRecord(f"transport:{type(exc).__name__}", time.monotonic() - sent))
+        bar.update()
+
+    started = time.monotonic()
+    deadline = started + duration_s
+    if load.kind == "concurrency":
+        await closed_loop(send, requests, int(load.value), deadline)
+    else:
+        await open_loop(send, poisson_arrivals(load.value, requests, seed), deadline)
+    wall = time.monotonic() - started
+    bar.close()
+    return records, wall
+
+
+def load_problems(count: int, seed: int, data: str) -> list[Problem]:
+    """`count` problems with gold answers: the built-in generator's test split (the shipped
+    head never saw them), or the rows of a JSONL file."""
+    if data != "builtin":
+        rows = list(load_jsonl(data))
+        return rows[:count] if count else rows
+    pool = [p for p in generate(max(600, 10 * count), seed) if p.split == "test"]
+    if len(pool) < count:
+        raise SystemExit(f"only {len(pool)} test-split problems; ask for fewer --prompts")
+    return pool[:count]
+
+
+# ---- the command ----
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="base URL of an OpenAI-compatible server (default: start t2serve here)")
+    p.add_argument("--api-key", help="sent as a Bearer token")
+    p.add_argument("--model-name", help="model to ask for (default: the server's first /v1/models entry)")
+    p.add_argument("--concurrency", default="", help="closed-loop levels, e.g. 1,8")
+    p.add_argument("--rate", default="", help="open-loop Poisson arrival rates (requests/s), e.g. 0.5,1")
+    p.add_argument("--requests", type=int, default=32, help="requests per run (at most)")
+    p.add_argument("--duration", type=float, default=300, help="seconds per run (at most) to send requests")
+    p.add_argument(
+        "--modes", default="auto,fixed", help="built-in variants: auto, fixed (N_max); '' for none"
+    )
+    p.add_argument("--variant", action="append", default=[], type=parse_variant, help="NAME='{json body}'")
+    p.add_argument("--n-max", type=int, help="N for the fixed mode (default: the server's t2.n_max)")
+    p.add_argument("--prompts", type=int, default=32, help="distinct prompts (the runs cycle over them)")
+    p.add_argument(
+        "--data", default="builtin", help="'builtin' (test split) or a JSONL of {question, answer}"
+    )
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0, help="problem set and arrival times")
+    p.add_argument("--timeout", type=float, default=600, help="per-request timeout (s)")
+    p.add_argument("--model", help="without --url: model folder (default: the embedded model)")
+    p.add_argument("--server-args", default="", help="without --url: extra `t2serve serve` arguments")
+    p.add_argument("--out", type=Path, default=RESULTS / "loadtest", help="report path (.json/.png)")
+    args = p.parse_args(argv)
+    args.loads = [Load("concurrency", float(c)) for c in args.concurrency.split(",") if c] + [
+        Load("rate", float(r)) for r in args.rate.split(",") if r
+    ]
+    if not args.loads:
+        args.loads = [Load("concurrency", 1.0), Load("concurrency", 8.0)]
+    return args
+
+
+async def benchmark(args: argparse.Namespace, url: str) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    problems = load_problems(args.prompts, args.seed, args.data)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=httpx.Timeout(args.timeout), limits=limits
+    ) as http:
+        model = args.model_name or (await http.get("/v1/models")).json()["data"][0]["id"]
+        # Warm-up (first request pays one-off costs) and N_max for the fixed mode.
+        warm = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": problems[0].question}],
+                "temperature": args.temperature,
+                "max_tokens": args.max_tokens,
+            },
+        )
+        warm.raise_for_status()
+        n_max = args.n_max or (warm.json().get("t2") or {}).get("n_max")
+        estimator = await estimator_info(http)
+        variants: dict[str, dict] = {}
+        for mode in filter(None, args.modes.split(",")):
+            if mode == "auto":
+                variants["auto"] = {"parallelism": "auto"}
+            elif mode == "fixed":
+                if not n_max:
+                    raise SystemExit("the server reports no t2.n_max: pass --n-max for the fixed mode")
+                variants[f"fixed N={n_max}"] = {"parallelism": n_max}
+            else:
+                raise SystemExit(f"unknown mode {mode!r} (auto, fixed; use --variant for others)")
+        variants.update(dict(args.variant))
+        if not variants:
+            raise SystemExit("nothing to compare: give --modes and/or --variant")
+
+        runs = []
+        names = list(variants)
+        for level, load in enumerate(args.loads):
+            # Rotate the order per level so no variant always runs first (warmer caches).
+            for name in names[level % len(names) :] + names[: level % len(names)]:
+                records, wall = await run_load(
+                    http,
+                    model,
+                    problems,
+                    variants[name],
+                    load,
+                    requests=args.requests,
+                    duration_s=args.duration,
+                    temperature=args.temperature,
+                    max_tokens=args.max_tokens,
+                    seed=args.seed,
+                    desc=f"{load.label} {name}",
+                )
+                runs.append(
+                    {
+                        "variant": name,
+                        "load": asdict(load),
+                        "label": load.label,
+                        **summarize(records, wall),
+                        "records": [asdict(r) for r in records],
+                    }
+                )
+                print(f"  {load.label:>7} {name}: {format_row(runs[-1])}", flush=True)
+    return {
+        "url": url,
+        "model": model,
+        "n_max": n_max,
+        "estimator": estimator,
+        "variants": variants,
+        "runs": runs,
+    }
+
+
+async def estimator_info(http) -> dict | None:
+    """The head a t2serve server runs (`t2serve_estimator_info` on /metrics), so a result
+    names the head it measured; None for other servers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        reply = await http.get("/metrics")
+        for family in text_string_to_metric_families(reply.text if reply.status_code == 200 else ""):
+            if family.name == "t2serve_estimator":
+                return dict(family.samples[0].labels)
+    except Exception:  # noqa: BLE001 - optional: any failure just means "unknown"
+        return None
+    return None
+
+
+def format_row(run: dict) -> str:
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    errors = ",".join(f"{k}:{v}" for k, v in run["errors"].items()) or "0"
+    return (
+        f"{run['ok']}/{run['sent']} ok, err {errors}, {run['requests_per_s']:.2f} req/s, "
+        f"{run['tokens_per_s']:.0f} tok/s, p50/p90/p99 {num(run['latency_p50_s'], '.2f')}/"
+        f"{num(run['latency_p90_s'], '.2f')}/{num(run['latency_p99_s'], '.2f')} s, "
+        f"samples {num(run['samples_per_request'], '.2f')}/{num(run['baseline_per_request'], '.0f')}, "
+        f"acc {num(run['accuracy'], '.3f')}"
+    )
+
+
+def print_table(result: dict) -> None:
+    header = (
+        f"{'load':>7} {'variant':<14} {'ok/sent':>8} {'err':>5} {'req/s':>6} {'tok/s':>6} "
+        f"{'p50 s':>6} {'p90 s':>6} {'p99 s':>6} {'samples':>8} {'base':>5} {'saved':>6} {'acc':>6}"
+    )
+    print()
+    print(header)
+    for r in result["runs"]:
+
+        def num(value, fmt: str, width: int) -> str:
+            return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+        print(
+            f"{r['label']:>7} {r['variant']:<14} {str(r['ok']) + '/' + str(r['sent']):>8} "
+            f"{sum(r['errors'].values()):>5} {r['requests_per_s']:>6.2f} {r['tokens_per_s']:>6.0f} "
+            f"{num(r['latency_p50_s'], '.2f', 6)} {num(r['latency_p90_s'], '.2f', 6)} "
+            f"{num(r['latency_p99_s'], '.2f', 6)} {num(r['samples_per_request'], '.2f', 8)} "
+            f"{num(r['baseline_per_request'], '.0f', 5)} {num(r['saved_fraction'], '.0%', 6)} "
+            f"{num(r['accuracy'], '.3f', 6)}"
+        )
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+    x = {label: i for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    (lat, samp), (acc, thr) = axes
+    thr_tokens = thr.twinx()
+    width = 0.8 / len(result["variants"])
+    for i, name in enumerate(result["variants"]):
+        runs = [r for r in result["runs"] if r["variant"] == name and r["ok"]]
+        xs = [x[r["label"]] for r in runs]
+        color = f"C{i}"
+        lat.plot(xs, [r["latency_p50_s"] for r in runs], "o-", color=color, label=f"{name} p50")
+        lat.plot(xs, [r["latency_p99_s"] for r in runs], "o--", color=color, label=f"{name} p99")
+        samp.plot(xs, [r["samples_per_request"] for r in runs], "o-", color=color, label=name)
+        acc.bar(
+            [v + (i - (len(result["variants"]) - 1) / 2) * width for v in xs],
+            [r["accuracy"] or 0 for r in runs],
+            width,
+            color=color,
+            label=name,
+        )
+        thr.plot(xs, [r["requests_per_s"] for r in runs], "o-", color=color, label=f"{name} req/s")
+        thr_tokens.plot(xs, [r["tokens_per_s"] for r in runs], "s:", color=color, label=f"{name} tok/s")
+    baseline = [r for r in result["runs"] if r["baseline_per_request"]]
+    if baseline:
+        samp.axhline(max(r["baseline_per_request"] for r in baseline), color="grey", ls=":", label="baseline")
+    for ax, ylabel in (
+        (lat, "latency (s)"),
+        (samp, "samples per request"),
+        (acc, "vote accuracy vs gold answers"),
+        (thr, "completed requests/s (solid)"),
+    ):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("load (C = clients in a closed loop, /s = Poisson arrivals)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    thr_tokens.set_ylabel("generated tokens/s (dotted)")
+    thr_tokens.legend(fontsize=7, loc="lower right")
+    acc.set_ylim(0, 1)
+    fig.suptitle(
+        f"load test: model {result['model']}, N_max {result['n_max']}, "
+        f"{result['config']['requests']} requests per run"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    server = None
+    loop = asyncio.new_event_loop()
+    try:
+        url = args.url
+        if url is None:
+            from benchmarks.common import ServerProcess
+            from server.model_store import prepare_embedded_model
+
+            model_dir = Path(args.model) if args.model else prepare_embedded_model()
+            RESULTS.mkdir(exist_ok=True)
+            # The shipped head is the server's default estimator: `auto` uses T2.
+            server = ServerProcess(
+                SimpleNamespace(n=args.n_max or 16, server_args=args.server_args), model_dir, "loadtest"
+            )
+            loop.run_until_complete(server.wait_ready())
+            url = server.url
+        url = url.rstrip("/").removesuffix("/v1")
+        result = loop.run_until_complete(benchmark(args, url))
+    finally:
+        if server is not None:
+            server.stop()
+        loop.close()
+
+    config = {k: v for k, v in vars(args).items() if k not in ("loads", "variant", "out", "api_key")}
+    result["config"] = {**config, "loads": [asdict(load) for load in args.loads], "out": str(args.out)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""Policies at equal accuracy: knob sweeps replayed on the same pools, knobs chosen on the
+validation split, reported on the test split (`t2serve evaluate`, policies.json/.png).
+
+Question answered: at accuracy within TOLERANCE (1 point) of fixed N_max, which policy
+family launches the fewest samples? Per family, the selected knob is the one with the fewest
+mean launched samples among the knobs whose *validation* accuracy is >= validation
+accuracy of fixed N_max - TOLERANCE; its test numbers are reported. The oracle reference is
+the per-question fixed-N frontier (estimator.replay.oracle_frontier) at the test target, and
+"gap closed" = (T2 samples - composition samples) / (T2 samples - oracle samples).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from estimator.head import T2Head
+from estimator.labels import TYPES, sample_type
+from estimator.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
+from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, Policy
+
+TOLERANCE = 0.01
+BOOTSTRAP = 200  # question resamples for the noise intervals
+MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+WINDOWS = (2, 3, 4, 5, 6, 8)
+CONFIDENCES = (0.8, 0.9, 0.95, 0.99)
+# ESC and Adaptive-Consistency have a budget of their own (the papers' max samples); None = N_max.
+MAX_SAMPLES = (4, 8, None)
+COMPOSITION_MARGINS = (0.5, 0.75, 1.0, 1.5)
+MAX_FACTORS = (1.5, 2.0, 3.0, None)  # composition: extend up to this multiple of the estimate
+FAMILIES = ("fixed", "T2", "ESC", "AC-beta", "AC-dirichlet", "T2+beta", "T2+dirichlet")
+
+
+def policy_grid(n_max: int, families: tuple[str, ...] = FAMILIES) -> list[Policy]:
+    grid: list[Policy] = [Fixed(n) for n in range(1, n_max + 1)]
+    grid += [T2(m) for m in MARGINS]
+    grid += [ESC(w, mx) for w in WINDOWS for mx in MAX_SAMPLES if mx is None or w <= mx < n_max]
+    grid += [
+        AdaptiveConsistency(k, c, max_samples=mx)
+        for k in ("beta", "dirichlet")
+        for c in CONFIDENCES
+        for mx in MAX_SAMPLES
+        if mx is None or mx < n_max
+    ]
+    grid += [
+        Composition(k, c, m, max_factor=f)
+        for k in ("beta", "dirichlet")
+        for c in CONFIDENCES
+        for m in COMPOSITION_MARGINS
+        for f in MAX_FACTORS
+    ]
+    # Fixed N_max is the reference, so it is always in.
+    return [p for p in grid if p.family in families or p == Fixed(n_max)]
+
+
+def pools(records: list[dict], predictions: np.ndarray) -> list[Pool]:
+    return [
+        Pool(r["answers"], r["tokens"], r["answer"], float(p))
+        for r, p in zip(records, predictions, strict=True)
+    ]
+
+
+def _cheapest(rows: list[dict], target: float) -> dict | None:
+    ok = [r for r in rows if r["accuracy"] >= target - 1e-12]
+    return min(ok, key=lambda r: (r["launched"], r["tokens"])) if ok else None
+
+
+def samples_at(points: list[dict], target: float) -> float | None:
+    """Mean launched samples needed for `target` accuracy on the Pareto front of `points`,
+    linear between neighbouring knobs (a random mix of the two knobs per request gets there)."""
+    front = pareto(points)
+    for i, p in enumerate(front):
+        if p["accuracy"] >= target - 1e-12:
+            if i == 0:
+                return p["launched"]
+            q = front[i - 1]
+            return q["launched"] + (p["launched"] - q["launched"]) * (target - q["accuracy"]) / (
+                p["accuracy"] - q["accuracy"]
+            )
+    return None
+
+
+def pareto(rows: list[dict], x: str = "launched") -> list[dict]:
+    """Points no other point beats in both accuracy and cost, cheapest first."""
+    best: list[dict] = []
+    for r in sorted(rows, key=lambda r: (r[x], -r["accuracy"])):
+        if not best or r["accuracy"] > best[-1]["accuracy"]:
+            best.append(r)
+    return best
+
+
+def compare_policies(
+    head: T2Head,
+    validation: list[dict],
+    validation_states: np.ndarray,
+    test: list[dict],
+    test_states: np.ndarray,
+    *,
+    orderings: int = 200,
+    seed: int = 0,
+    families: tuple[str, ...] = FAMILIES,
+) -> dict:
+    n_max = len(test[0]["answers"])
+    grid = policy_grid(n_max, families)
+    splits = {}
+    matrices = {}
+    test_predictions = head.predict_batch(test_states)
+    for name, records, states in (("validation", validation, validation_states), ("test", test, test_states)):
+        matrix = replay_matrix(
+            pools(records, test_predictions if name == "test" else head.predict_batch(states)),
+            grid,
+            orderings=orderings,
+            seed=seed,
+            default=n_max,
+            desc=f"replay {name}",
+        )
+        matrices[name] = matrix
+        rows = summarise(grid, matrix)
+        accuracy = np.array([r["accuracy"] for r in records])
+        frontier = oracle_frontier(accuracy)
+        n_star = np.array([r["n_star"] for r in records])
+        oracle = {
+            "accuracy": float(accuracy[np.arange(len(records)), n_star - 1].mean()),
+            "launched": float(n_star.mean()),
+        }
+        reference = next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={n_max}")
+        splits[name] = {
+            "questions": len(records),
+            "rows": rows,
+            "oracle_n_star": oracle,
+            "oracle_frontier": frontier,
+            "fixed_n_max": reference,
+            "target": reference["accuracy"] - TOLERANCE,
+        }
+    val, tst = splits["validation"], splits["test"]
+    selected = {}
+    for family in dict.fromkeys(r["family"] for r in tst["rows"]):
+        pick = _cheapest([r for r in val["rows"] if r["family"] == family], val["target"])
+        if pick is None:  # nothing reaches the target on validation: the most accurate knob
+            pick = max((r for r in val["rows"] if r["family"] == family), key=lambda r: r["accuracy"])
+        on_test = next(r for r in tst["rows"] if r["family"] == family and r["knob"] == pick["knob"])
+        selected[family] = {
+            **on_test,
+            "validation_accuracy": pick["accuracy"],
+            "validation_launched": pick["launched"],
+            "meets_target_on_validation": pick["accuracy"] >= val["target"] - 1e-12,
+            "meets_target_on_test": on_test["accuracy"] >= tst["target"] - 1e-12,
+        }
+    oracle_at_target = samples_at(tst["oracle_frontier"], tst["target"])
+    # Selection-free view: each family's Pareto front, interpolated at the target, per split.
+    at_target = {
+        name: {
+            "target": split["target"],
+            "oracle": samples_at(split["oracle_frontier"], split["target"]),
+            **{
+                family: samples_at([r for r in split["rows"] if r["family"] == family], split["target"])
+                for family in selected
+            },
+        }
+        for name, split in splits.items()
+    }
+    result = {
+        "n_max": n_max,
+        "orderings": orderings,
+        "seed": seed,
+        "tolerance": TOLERANCE,
+        "head": head.identity,
+        "splits": splits,
+        "selected": selected,
+        "oracle_launched_at_target": oracle_at_target,
+        "front_at_target": at_target,
+    }
+    compositions = [f for f in selected if f.startswith("T2+")]
+    if "T2" in selected and compositions and oracle_at_target is not None:
+        # The composition's criterion is a knob too: the one cheaper on validation.
+        comp = min(compositions, key=lambda f: selected[f]["validation_launched"])
+        t2_n, comp_n = selected["T2"]["launched"], selected[comp]["launched"]
+        gap = t2_n - oracle_at_target
+        result["composition"] = comp
+        result["gap_closed"] = (t2_n - comp_n) / gap if gap > 0 else None
+        front = at_target["test"]
+        if front["T2"] is not None and front[comp] is not None and front["oracle"] is not None:
+            front_gap = front["T2"] - front["oracle"]
+            result["gap_closed_front"] = (front["T2"] - front[comp]) / front_gap if front_gap > 0 else None
+    result["by_type"] = by_type(grid, matrices["test"], test, test_predictions, selected)
+    if "composition" in result:
+        result["bootstrap"] = bootstrap_fronts(
+            grid, matrices["test"], [r["accuracy"] for r in test], result["composition"], seed=seed
+        )
+    ranked = sorted(selected, key=lambda f: selected[f]["launched"])
+    result["fewest_samples"] = next((f for f in ranked if selected[f]["meets_target_on_test"]), None)
+    return result
+
+
+def by_type(
+    grid: list[Policy], matrix: np.ndarray, records: list[dict], predictions: np.ndarray, selected: dict
+) -> dict:
+    """Where the samples go (test split): per sample type, T2's mean estimate N*/N_max * N_max,
+    the oracle's N*, and each selected policy's mean launched samples and accuracy."""
+    n_max = len(records[0]["answers"])
+    types = np.array([sample_type(np.array(r["accuracy"])) for r in records])
+    a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
+    column = {(p.family, p.knob): i for i, p in enumerate(grid)}
+    out = {}
+    for t, name in TYPES.items():
+        rows = types == t
+        if not rows.any():
+            continue
+        entry = {
+            "share": float(rows.mean()),
+            "t2_estimate": float(predictions[rows].mean() * n_max),
+            "oracle_n_star": float(
+                np.mean([r["n_star"] for r, keep in zip(records, rows, strict=True) if keep])
+            ),
+        }
+        for family, pick in selected.items():
+            i = column[(family, pick["knob"])]
+            entry[family] = {
+                "launched": float(matrix[rows, i, n].mean()),
+                "accuracy": float(matrix[rows, i, a].mean()),
+            }
+        out[name] = entry
+    return out
+
+
+def bootstrap_fronts(
+    grid: list[Policy],
+    matrix: np.ndarray,
+    accuracy: list[list[float]],
+    composition: str,
+    *,
+    resamples: int = BOOTSTRAP,
+    seed: int = 0,
+) -> dict:
+    """How much of the front comparison is question sampling noise: resample the test
+    questions with replacement, recompute every family's samples at the target (and the
+    oracle's), and report 95% intervals of the composition's difference to each family."""
+    rng = np.random.default_rng(seed)
+    acc = np.asarray(accuracy)
+    families = list(dict.fromkeys(p.family for p in grid))
+    reference = next(i for i, p in enumerate(grid) if p.family == "fixed" and p.knob == f"N={acc.shape[1]}")
+    a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
+    draws: dict[str, list[float]] = {f: [] for f in [*families, "oracle"]}
+    for _ in range(resamples):
+        pick = rng.integers(0, len(matrix), size=len(matrix))
+        means = matrix[pick].mean(axis=0)
+        target = means[reference, a] - TOLERANCE
+        rows = [
+            {"family": p.family, "accuracy": m[a], "launched": m[n]} for p, m in zip(grid, means, strict=True)
+        ]
+        for f in families:
+            value = samples_at([r for r in rows if r["family"] == f], target)
+            draws[f].append(np.nan if value is None else value)
+        draws["oracle"].append(samples_at(oracle_frontier(acc[pick]), target) or np.nan)
+    comp = np.array(draws[composition])
+    out = {}
+    for f, values in draws.items():
+        if f == composition:
+            continue
+        diff = comp - np.array(values)
+        ok = diff[~np.isnan(diff)]
+        out[f] = {
+            "difference_median": float(np.median(ok)) if len(ok) else None,
+            "difference_95": [float(v) for v in np.percentile(ok, [2.5, 97.5])] if len(ok) else None,
+            "composition_cheaper_share": float(np.mean(ok < 0)) if len(ok) else None,
+        }
+    t2, oracle = np.array(draws["T2"]), np.array(draws["oracle"])
+    closed = (t2 - comp) / (t2 - oracle)
+    closed = closed[np.isfinite(closed)]
+    out["gap_closed_95"] = [float(v) for v in np.percentile(closed, [2.5, 97.5])] if len(closed) else None
+    return {"resamples": resamples, "composition": composition, "versus": out}
+
+
+def report_table(result: dict) -> str:
+    tst = result["splits"]["test"]
+    lines = [
+        f"policies replayed on the same pools: {result['orderings']} orderings per question, seed "
+        f"{result['seed']}; knobs chosen on validation ({result['splits']['validation']['questions']} q), "
+        f"reported on test ({tst['questions']} q)",
+        f"target: accuracy >= fixed N_max - {result['tolerance']:g} = {tst['target']:.3f} on test "
+        f"({result['splits']['validation']['target']:.3f} on validation)",
+        f"{'family':<13} {'knob':<28} {'acc':>6} {'launched':>8} {'finished':>8} {'rounds':>6} "
+        f"{'tokens':>6} {'tok_up':>6}  target",
+    ]
+    for family, s in result["selected"].items():
+        mark = "yes" if s["meets_target_on_test"] else "no"
+        if not s["meets_target_on_validation"]:
+            mark += " (none on val)"
+        lines.append(
+            f"{family:<13} {s['knob']:<28} {s['accuracy']:6.3f} {s['launched']:8.2f} {s['finished']:8.2f} "
+            f"{s['rounds']:6.2f} {s['tokens']:6.3f} {s['tokens_upper']:6.3f}  {mark}"
+        )
+    oracle = tst["oracle_n_star"]
+    lines.append(f"{'oracle N*':<13} {'':<28} {oracle['accuracy']:6.3f} {oracle['launched']:8.2f}")
+    at = result["oracle_launched_at_target"]
+    lines.append(
+        "oracle frontier (per-question fixed N) at the target: "
+        + (f"{at:.2f} samples" if at is not None else "not reached")
+    )
+    if result.get("gap_closed") is not None:
+        lines.append(
+            f"{result['composition']} closes {result['gap_closed']:.0%} of T2's gap to the oracle frontier "
+            "(mean launched samples)"
+        )
+    lines.append(
+        f"fewest samples within {result['tolerance']:g} of fixed N_max on test (knobs chosen on validation): "
+        f"{result['fewest_samples']}"
+    )
+    lines.append("mean launched samples at the target on each family's Pareto front (no knob choice):")
+    for name, front in result["front_at_target"].items():
+        lines.append(
+            f"  {name:<10} "
+            + "  ".join(
+                f"{f} {v:.2f}" if v is not None else f"{f} -" for f, v in front.items() if f != "target"
+            )
+        )
+    if result.get("gap_closed_front") is not None:
+        lines.append(
+            f"  on the test fronts {result['composition']} closes {result['gap_closed_front']:.0%} of T2's gap "
+            "to the oracle"
+        )
+    lines.append("launched samples per sample type (test), knobs as above:")
+    families = list(result["selected"])
+    lines.append(
+        f"  {'type':<13} {'share':>5} {'T2 est':>6} {'N*':>5} " + " ".join(f"{f:>12}" for f in families)
+    )
+    for name, e in result["by_type"].items():
+        lines.append(
+            f"  {name:<13} {e['share']:5.0%} {e['t2_estimate']:6.2f} {e['oracle_n_star']:5.2f} "
+            + " ".join(f"{e[f]['launched']:12.2f}" for f in families)
+        )
+    if "bootstrap" in result:
+        b = result["bootstrap"]
+        lines.append(
+            f"  {b['composition']} minus each family at the target, test fronts, 95% interval over "
+            f"{b['resamples']} question resamples:"
+        )
+        for f, v in b["versus"].items():
+            if f != "gap_closed_95" and v["difference_95"] is not None:
+                lo, hi = v["difference_95"]
+                lines.append(
+                    f"    {f:<13} {v['difference_median']:+.2f} [{lo:+.2f}, {hi:+.2f}]  "
+                    f"cheaper in {v['composition_cheaper_share']:.0%}"
+                )
+        if b["versus"]["gap_closed_95"] is not None:
+            lo, hi = b["versus"]["gap_closed_95"]
+            lines.append(f"    gap to the oracle closed: [{lo:.0%}, {hi:.0%}]")
+    return "\n".join(lines)
+
+
+COLORS = {
+    "fixed": "#999999",
+    "T2": "#3b7dd8",
+    "ESC": "#e08a1e",
+    "AC-beta": "#2a9d4b",
+    "AC-dirichlet": "#8cc63f",
+    "T2+beta": "#c0392b",
+    "T2+dirichlet": "#8e44ad",
+}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tst = result["splits"]["test"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for ax, x, label in zip(
+        axes,
+        ("launched", "tokens", "rounds"),
+        ("mean samples launched", "generated tokens / those of N_max", "latency (rounds of one sample)"),
+        strict=True,
+    ):
+        for family in result["selected"]:
+            rows = [r for r in tst["rows"] if r["family"] == family]
+            # Fixed N is the reference curve: drawn whole, not only its Pareto front.
+            front = rows if family == "fixed" else pareto(rows, x)
+            color = COLORS.get(family, "#333333")
+            ax.scatter([r[x] for r in rows], [r["accuracy"] for r in rows], s=8, color=color, alpha=0.35)
+            ax.plot([r[x] for r in front], [r["accuracy"] for r in front], "-", color=color, label=family)
+            s = result["selected"][family]
+            ax.plot(s[x], s["accuracy"], "o", color=color, markersize=9, markeredgecolor="black")
+        if x == "launched":
+            front = sorted(tst["oracle_frontier"], key=lambda p: p["launched"])
+            ax.plot(
+                [p["launched"] for p in front],
+                [p["accuracy"] for p in front],
+                "--",
+                color="black",
+                label="oracle (per-question fixed N)",
+            )
+            oracle = tst["oracle_n_star"]
+            ax.plot(
+                oracle["launched"], oracle["accuracy"], "*", color="black", markersize=14, label="oracle N*"
+            )
+        reference = tst["fixed_n_max"]
+        ax.plot(reference[x], reference["accuracy"], "s", color="#666666", markersize=8, label="fixed N_max")
+        ax.axhline(tst["target"], color="#bbbbbb", linestyle=":", label="fixed N_max - 1 point")
+        ax.set_xlabel(label)
+        ax.set_ylabel("majority-vote accuracy (test)")
+    axes[0].set_title(f"test split, {tst['questions']} questions x {result['orderings']} orderings")
+    axes[1].set_title("aborted samples: tokens until the stop")
+    axes[2].set_title("big markers: knob chosen on validation")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))

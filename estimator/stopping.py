@@ -1,0 +1,320 @@
+"""Sampling policies: how many samples to launch, and when to stop, for one vote.
+
+One interface for every policy, before and while decoding. A policy is a frozen dataclass
+holding only its knobs; everything about the request lives in a `Budget` (what is known
+before decoding) and a `Tally` (the answers of the samples that have finished so far), so
+one policy object serves every request and sweeps are just lists of policies.
+
+How the server drives a policy (one vote = one choice of one request):
+
+    budget = Budget(prediction, n_max=head N_max, default=default N, cap=max_parallelism)
+    launched = policy.first_launch(budget)      # >= 1 and <= cap; counts sample 0, the
+                                                # sample whose prefill carried the capture
+    tally = Tally()
+    each time one of the launched samples finishes (in finishing order):
+        tally.add(sample.answer)
+        decision = policy.on_result(tally, launched, budget)
+        decision.stop:     abort the samples still running, vote over tally.answers
+                           (finishing order: the offline replay breaks ties by first seen
+                           in this order)
+        decision.launch:   launch that many more (launched + k never exceeds budget.cap)
+        else:              wait for the next sample to finish
+
+A policy never waits with nothing in flight: once every launched sample has finished it
+either launches more or stops. `cap` is an input on every call, so the server may lower it
+under load (estimator.policy.load_scaled_cap) and the policy follows; a policy never
+launches above the cap it is given, but samples already running are not taken back.
+Policies with `adapts = False` (Fixed, T2) decide everything before decoding: the server
+may launch `first_launch` samples and vote when all have finished, without consulting them.
+
+Policies
+- Fixed(n): standard parallel thinking, n samples.
+- T2(margin): the pre-decoding estimate N = clamp(round(N_max * prediction * margin), 1, cap)
+  (estimator.policy.choose_parallelism).
+- ESC(window, max_samples) (Li et al. 2024, Early-Stopping Self-Consistency): sample windows
+  of w; stop when every answer of the latest window is the same answer, or at max_samples.
+- AdaptiveConsistency(criterion, confidence, batch, max_samples) (Aggarwal et al. 2023): keep
+  `batch` samples in flight (1 = one at a time); stop as soon as the criterion says the
+  current leader stays the majority with probability >= confidence, or at max_samples.
+- Composition(criterion, confidence, margin, extend, max_factor): launch the T2 estimate N
+  at once; stop before N when the criterion says the vote is decided (running samples are
+  aborted); when all have finished and the vote is still undecided, launch `extend` more at
+  a time, up to max_factor * N (None: up to cap). The estimate bounds the extension because
+  the votes that stay undecided longest are mostly questions the model cannot solve
+  (scattered wrong answers): unbounded, they run to the cap.
+
+Stopping criteria, over the answer counts of the finished samples (abstentions do not vote,
+and a vote nobody has cast is never decided):
+- "beta": the two leading counts v1 >= v2; p1 = the leader's share of the two, with the
+  uniform prior p1 ~ Beta(v1 + 1, v2 + 1). Confidence = P(p1 > 1/2), in closed form for
+  integer parameters: P(Binomial(v1 + v2 + 1, 1/2) <= v1).
+- "dirichlet": every observed answer plus one pseudo-class for "an answer not seen yet"
+  (count 0), shares p ~ Dirichlet(counts + 1). Confidence = P(the leader's share is the
+  largest), estimated by Monte Carlo with DIRICHLET_DRAWS draws from a fixed seed
+  (deterministic, standard error <= 0.008 at DIRICHLET_DRAWS = 4096) and cached per count
+  vector. The unseen pseudo-class keeps a unanimous tally from counting as certain after
+  one sample; with one observed answer it equals the beta criterion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+from estimator.policy import choose_parallelism
+
+Criterion = Literal["beta", "dirichlet"]
+DIRICHLET_DRAWS = 4096
+DIRICHLET_SEED = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What is known about a vote before decoding."""
+
+    prediction: float | None  # the T2 head's N*/N_max; None without an estimator
+    n_max: int  # the N_max the prediction is relative to (the head's)
+    default: int  # samples when there is no prediction
+    cap: int  # most samples this vote may launch (max_parallelism, lowered under load)
+
+    def __post_init__(self) -> None:
+        if self.cap < 1 or self.n_max < 1 or self.default < 1:
+            raise ValueError("cap, n_max and default must be >= 1")
+
+
+@dataclass
+class Tally:
+    """Answers of the finished samples, in finishing order, with running counts."""
+
+    answers: list[str | None] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, answer: str | None) -> None:
+        self.answers.append(answer)
+        if answer is not None:
+            self.counts[answer] = self.counts.get(answer, 0) + 1
+
+    @property
+    def finished(self) -> int:
+        return len(self.answers)
+
+    def sorted_counts(self) -> tuple[int, ...]:
+        return tuple(sorted(self.counts.values(), reverse=True))
+
+
+@dataclass(frozen=True)
+class Decision:
+    launch: int = 0  # samples to launch now
+    stop: bool = False  # vote now; samples still running are aborted
+
+
+STOP = Decision(stop=True)
+WAIT = Decision()
+
+
+def beta_confidence(v1: int, v2: int) -> float:
+    """P(p1 > 1/2) for p1 ~ Beta(v1 + 1, v2 + 1)."""
+    return _beta_confidence(int(v1), int(v2))
+
+
+@lru_cache(maxsize=4096)
+def _beta_confidence(v1: int, v2: int) -> float:
+    # I_{1/2}(a, b) = P(Binomial(a + b - 1, 1/2) >= a), so P(p1 > 1/2) = P(Bin(n, 1/2) <= v1).
+    n = v1 + v2 + 1
+    return sum(math.comb(n, j) for j in range(v1 + 1)) / 2**n
+
+
+@lru_cache(maxsize=8192)
+def dirichlet_confidence(counts: tuple[int, ...]) -> float:
+    """P(the leader's share is the largest) under Dirichlet(counts + 1, 1) (the last class
+    stands for answers not seen yet); `counts` sorted, leader first."""
+    if not counts or counts[0] == 0:
+        return 0.0
+    alpha = np.array([*counts, 0], dtype=np.float64) + 1.0
+    rng = np.random.default_rng(DIRICHLET_SEED)
+    # Gamma draws normalised are Dirichlet draws; the argmax does not need the normalising.
+    draws = rng.gamma(alpha, size=(DIRICHLET_DRAWS, len(alpha)))
+    return float(np.mean(np.argmax(draws, axis=1) == 0))
+
+
+def confidence(criterion: Criterion, tally: Tally) -> float:
+    """How sure the criterion is that the current leader stays the majority."""
+    counts = tally.sorted_counts()
+    if not counts:
+        return 0.0
+    if criterion == "beta":
+        return beta_confidence(counts[0], counts[1] if len(counts) > 1 else 0)
+    if criterion == "dirichlet":
+        return dirichlet_confidence(counts)
+    raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def _limit(max_samples: int | None, cap: int) -> int:
+    return cap if max_samples is None else max(1, min(max_samples, cap))
+
+
+def _more(k: int, launched: int, tally: Tally, cap: int) -> Decision:
+    """Launch up to k more within the cap; with nothing left to launch and nothing running, stop."""
+    k = max(0, min(k, cap - launched))
+    if k > 0:
+        return Decision(launch=k)
+    return STOP if tally.finished >= launched else WAIT
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Standard parallel thinking: n samples, vote when all have finished."""
+
+    n: int
+    adapts = False
+
+    @property
+    def family(self) -> str:
+        return "fixed"
+
+    @property
+    def knob(self) -> str:
+        return f"N={self.n}"
+
+    def first_launch(self, budget: Budget) -> int:
+        return max(1, min(self.n, budget.cap))
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        return STOP if tally.finished >= launched else WAIT
+
+
+@dataclass(frozen=True)
+class T2:
+    """The T2 estimate decided before decoding: N = clamp(round(N_max * prediction * margin), 1, cap)."""
+
+    margin: float = 1.0
+    adapts = False
+
+    @property
+    def family(self) -> str:
+        return "T2"
+
+    @property
+    def knob(self) -> str:
+        return f"margin={self.margin:g}"
+
+    def first_launch(self, budget: Budget) -> int:
+        return choose_parallelism(
+            budget.prediction, n_max=budget.n_max, default=budget.default, cap=budget.cap, margin=self.margin
+        )
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        return STOP if tally.finished >= launched else WAIT
+
+
+@dataclass(frozen=True)
+class ESC:
+    """Early-Stopping Self-Consistency: windows of `window` samples; stop on a unanimous window."""
+
+    window: int = 4
+    max_samples: int | None = None  # the method's own budget (None: the cap)
+    adapts = True
+
+    @property
+    def family(self) -> str:
+        return "ESC"
+
+    @property
+    def knob(self) -> str:
+        return f"w={self.window}" + (f",max={self.max_samples}" if self.max_samples else "")
+
+    def first_launch(self, budget: Budget) -> int:
+        return max(1, min(self.window, _limit(self.max_samples, budget.cap)))
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        if tally.finished < launched:
+            return WAIT  # the window is judged whole
+        # Windows are launched whole and judged whole, so the latest one starts at a multiple
+        # of w (the last window may be cut short by the cap).
+        start = (tally.finished - 1) // self.window * self.window
+        window = tally.answers[start:]
+        if window[0] is not None and all(a == window[0] for a in window):
+            return STOP
+        return _more(self.window, launched, tally, _limit(self.max_samples, budget.cap))
+
+
+@dataclass(frozen=True)
+class AdaptiveConsistency:
+    """Adaptive-Consistency: `batch` samples in flight; stop once the leader is the majority
+    with probability >= confidence under the criterion."""
+
+    criterion: Criterion = "beta"
+    confidence: float = 0.95
+    batch: int = 1
+    max_samples: int | None = None  # the method's own budget (None: the cap)
+    adapts = True
+
+    @property
+    def family(self) -> str:
+        return f"AC-{self.criterion}"
+
+    @property
+    def knob(self) -> str:
+        return (
+            f"c={self.confidence:g}"
+            + (f",batch={self.batch}" if self.batch != 1 else "")
+            + (f",max={self.max_samples}" if self.max_samples else "")
+        )
+
+    def first_launch(self, budget: Budget) -> int:
+        return max(1, min(self.batch, _limit(self.max_samples, budget.cap)))
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        if confidence(self.criterion, tally) >= self.confidence:
+            return STOP
+        in_flight = launched - tally.finished
+        return _more(self.batch - in_flight, launched, tally, _limit(self.max_samples, budget.cap))
+
+
+@dataclass(frozen=True)
+class Composition:
+    """T2 first, a stopping criterion after: launch the T2 estimate at once, stop before it
+    when the vote is decided, extend past it `extend` at a time while undecided, up to
+    `max_factor` x the estimate (None: up to cap)."""
+
+    criterion: Criterion = "beta"
+    confidence: float = 0.95
+    margin: float = 1.0
+    extend: int = 1
+    max_factor: float | None = None
+    adapts = True
+
+    @property
+    def family(self) -> str:
+        return f"T2+{self.criterion}"
+
+    @property
+    def knob(self) -> str:
+        return (
+            f"c={self.confidence:g},margin={self.margin:g}"
+            + (f",extend={self.extend}" if self.extend != 1 else "")
+            + (f",max={self.max_factor:g}xN" if self.max_factor is not None else "")
+        )
+
+    def first_launch(self, budget: Budget) -> int:
+        return T2(self.margin).first_launch(budget)
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        if confidence(self.criterion, tally) >= self.confidence:
+            return STOP
+        if tally.finished < launched:
+            return WAIT  # the estimate's samples are still coming in
+        ceiling = budget.cap
+        if self.max_factor is not None:
+            # The estimate also bounds the extension: a question T2 expects little from
+            # (e.g. one the model cannot solve, whose answers never agree) stays cheap.
+            estimate = self.first_launch(budget)
+            ceiling = min(budget.cap, max(estimate, math.ceil(self.max_factor * estimate)))
+        return _more(self.extend, launched, tally, ceiling)
+
+
+Policy = Fixed | T2 | ESC | AdaptiveConsistency | Composition

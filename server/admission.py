@@ -1,0 +1,137 @@
+"""Admission control: how many requests (and samples) run at once, and who waits.
+
+A request is admitted when fewer than `max_concurrent_requests` run and its minimum sample
+count fits under `max_samples_in_flight` (a request that could never fit runs alone).
+Otherwise it waits, first come first served, in a queue of at most `max_queue` requests:
+a full queue answers 429 at once, a wait longer than `queue_timeout_s` answers 503; both
+carry `Retry-After`. Once the engine is dead every waiting and new request gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+
+from server import metrics
+from server.config import LimitSettings
+from server.errors import APIError
+from server.protocol import SamplingFields
+
+
+def minimum_samples(request: SamplingFields) -> int:
+    """Samples a request dispatches at least: n choices x prompts x (fixed N, or 1 for auto)."""
+    prompt = getattr(request, "prompt", None)
+    prompts = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+    per_choice = request.parallelism if isinstance(request.parallelism, int) else 1
+    return request.n * prompts * per_choice
+
+
+class Ticket:
+    """One admitted request's hold on the limits; `release()` is idempotent."""
+
+    def __init__(self, admission: Admission, samples: int):
+        self._admission, self.samples, self._held = admission, samples, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission._release(self.samples)
+
+
+class Admission:
+    def __init__(self, limits: LimitSettings):
+        self.limits = limits
+        self.active = 0  # admitted requests
+        self.reserved = 0  # their minimum samples
+        self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._closed: APIError | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _fits(self, samples: int) -> bool:
+        if self.active == 0:
+            return True
+        return (
+            self.active < self.limits.max_concurrent_requests
+            and self.reserved + samples <= self.limits.max_samples_in_flight
+        )
+
+    def _admit(self, samples: int) -> Ticket:
+        self.active += 1
+        self.reserved += samples
+        return Ticket(self, samples)
+
+    async def acquire(self, samples: int) -> Ticket:
+        if self._closed is not None:
+            raise self._closed
+        if not self._queue and self._fits(samples):
+            return self._admit(samples)
+        retry_after = {"Retry-After": str(max(1, math.ceil(self.limits.queue_timeout_s / 4)))}
+        if len(self._queue) >= self.limits.max_queue:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.active} requests running, {len(self._queue)} queued); "
+                "retry later",
+                code="queue_full",
+                headers=retry_after,
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (samples, waiter)
+        self._queue.append(entry)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+        try:
+            async with asyncio.timeout(self.limits.queue_timeout_s):
+                await waiter
+        except TimeoutError:
+            if not waiter.done() or waiter.cancelled():
+                self._leave(entry)
+                metrics.REJECTED.labels("queue_timeout").inc()
+                raise APIError(
+                    503,
+                    f"waited {self.limits.queue_timeout_s:g} s for capacity; retry later",
+                    code="queue_timeout",
+                    headers=retry_after,
+                ) from None
+        except asyncio.CancelledError:  # the client left while waiting
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(samples)  # admitted in the same instant: give it back
+            self._leave(entry)
+            raise
+        if waiter.exception() is not None:
+            raise waiter.exception()  # type: ignore[misc]
+        return Ticket(self, samples)
+
+    def _leave(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        if entry in self._queue:
+            self._queue.remove(entry)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+        self._grant()  # a head that left may unblock the next
+
+    def _release(self, samples: int) -> None:
+        self.active -= 1
+        self.reserved -= samples
+        self._grant()
+
+    def _grant(self) -> None:
+        # First come, first served: only the head of the queue may enter.
+        while self._queue and self._fits(self._queue[0][0]):
+            samples, waiter = self._queue.popleft()
+            if waiter.done():
+                continue
+            self.active += 1
+            self.reserved += samples
+            waiter.set_result(None)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+
+    def close(self, error: APIError) -> None:
+        """Fail every waiting and future request with `error` (the engine is gone)."""
+        self._closed = error
+        while self._queue:
+            _, waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+        metrics.QUEUE_DEPTH.set(0)

@@ -1,0 +1,222 @@
+"""Property tests of the protocol against the real server: whatever a client sends, the
+answer is a success or a well-formed OpenAI error with a 4xx (or the documented 503/504),
+never a 500 or a traceback.
+
+Two generators: hypothesis strategies that mix valid, out-of-range and wrongly typed values
+per field (plus raw bytes), and schemathesis cases drawn from the app's own OpenAPI schema.
+Generation cost is bounded (max_tokens <= 4, small n and N), the example counts are fixed
+and derandomized so CI runs are repeatable. The sync HTTP clients run in a thread: the
+server under test shares this event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import MODEL_NAME, wait_until
+
+ALLOWED = {200, 400, 404, 413, 503, 504}
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(),  # NaN and infinities included: Python's json writes and reads them
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+NOTHING = st.nothing()
+JSON = {"content-type": "application/json"}
+
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
+    optional={"content": st.text(max_size=40), "name": st.text(max_size=8)},
+)
+token_ids = st.lists(st.integers(0, 49_151), min_size=1, max_size=6)
+# field: (valid values, out-of-range values). Valid requests decode at most 4 tokens per
+# sample with n <= 2 and N <= 4, so generation stays cheap.
+SAMPLING = {
+    "n": (st.integers(1, 2), st.integers(max_value=0) | st.integers(min_value=129)),
+    "max_tokens": (st.integers(1, 4), st.integers(max_value=0) | st.integers(min_value=3000)),
+    "temperature": (st.floats(0, 2), st.floats(min_value=2.0001) | st.floats(max_value=-0.0001)),
+    "top_p": (st.floats(0.01, 1), st.floats(min_value=1.0001) | st.floats(max_value=0)),
+    "top_k": (st.integers(-1, 50), st.integers(max_value=-2)),
+    "seed": (st.integers(0, 2**62), st.integers(max_value=-1) | st.integers(min_value=2**62 + 1)),
+    "stop": (
+        st.lists(st.text(min_size=1, max_size=4), max_size=3) | st.text(min_size=1, max_size=4),
+        st.just([""]),
+    ),
+    "stream": (st.booleans(), NOTHING),
+    "ignore_eos": (st.booleans(), NOTHING),
+    "parallelism": (st.integers(1, 3) | st.just("auto"), st.integers(max_value=0) | st.integers(17)),
+    "max_parallelism": (st.integers(1, 4), st.integers(max_value=0)),
+    "timeout": (st.floats(0.05, 30), st.floats(max_value=0) | st.floats(min_value=86_401)),
+    "presence_penalty": (st.floats(-2, 2), st.floats(min_value=2.01)),
+    "model": (st.just(MODEL_NAME), st.just("no-such-model")),
+}
+CHAT = {
+    **SAMPLING,
+    "messages": (
+        st.lists(message, min_size=1, max_size=3),
+        st.just([]) | st.lists(st.just({"role": "wizard"})),
+    ),
+    "logprobs": (st.just(False), st.just(True)),
+    "top_logprobs": (st.just(0), st.integers(1, 30)),
+    "max_completion_tokens": SAMPLING["max_tokens"],
+    "tools": (st.just([]), st.just([{"type": "function", "function": {"name": "f"}}])),
+    "response_format": (st.just({"type": "text"}), st.just({"type": "json_object"})),
+}
+COMPLETION = {
+    **SAMPLING,
+    "prompt": (
+        st.text(min_size=1, max_size=40)
+        | st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=2)
+        | token_ids
+        | st.lists(token_ids, min_size=1, max_size=2),
+        st.just([]) | st.just([[]]) | st.lists(st.integers(49_152, 10**6), min_size=1, max_size=2),
+    ),
+    "echo": (st.just(False), st.just(True)),
+    "logprobs": (st.just(0), st.integers(1, 5)),
+}
+REQUIRED = ("model", "max_tokens")
+
+
+@st.composite
+def bodies(draw: Any, fields: dict, required: tuple[str, ...]) -> dict:
+    """A valid body, then 0-2 fields made out of range, wrongly typed or removed."""
+    body = {key: draw(fields[key][0]) for key in required}
+    for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True)):
+        body[key] = draw(fields[key][0])
+    for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)):
+        body[key] = draw(st.one_of(fields[key][1], JUNK))
+    if draw(st.booleans()) and draw(st.booleans()):
+        body.pop(draw(st.sampled_from(sorted(body))))
+    return body
+
+
+chat_bodies = bodies(CHAT, (*REQUIRED, "messages"))
+completion_bodies = bodies(COMPLETION, (*REQUIRED, "prompt"))
+STATUSES: collections.Counter[int] = collections.Counter()
+
+
+def check(response: Any, whole_stream: bool = True) -> None:
+    """A success, or a well-formed OpenAI error with an allowed status. (schemathesis stops
+    reading a stream after a few events: `whole_stream=False`.)"""
+    status = response.status_code
+    STATUSES[status] += 1
+    assert status in ALLOWED, (status, response.text[:500])
+    content_type = response.headers.get("content-type", "")
+    if isinstance(content_type, list):  # schemathesis' responses list each header's values
+        content_type = content_type[0]
+    if status == 200:
+        if content_type.startswith("text/event-stream"):
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" or not whole_stream
+            for event in events[:-1]:
+                payload = json.loads(event)
+                assert "error" not in payload or set(payload["error"]) == {"message", "type", "param", "code"}
+        else:
+            body = response.json()
+            assert body["choices"] and "t2" in body
+        return
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and isinstance(error["type"], str)
+
+
+async def test_fuzz_fields_and_raw_bodies(server_url, engine):
+    def run() -> None:
+        with httpx.Client(base_url=server_url, timeout=120) as http:
+
+            @FUZZ
+            @given(body=chat_bodies)
+            def chat(body: dict) -> None:
+                check(http.post("/v1/chat/completions", content=json.dumps(body), headers=JSON))
+
+            @FUZZ
+            @given(body=completion_bodies)
+            def completion(body: dict) -> None:
+                check(http.post("/v1/completions", content=json.dumps(body), headers=JSON))
+
+            @settings(FUZZ, max_examples=40)
+            @given(
+                raw=st.binary(max_size=300),
+                path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+                content_type=st.sampled_from(
+                    ["application/json", "text/plain", "application/x-www-form-urlencoded"]
+                ),
+            )
+            def raw_bytes(raw: bytes, path: str, content_type: str) -> None:
+                check(http.post(path, content=raw, headers={"content-type": content_type}))
+
+            chat()
+            completion()
+            raw_bytes()
+
+    STATUSES.clear()
+    await asyncio.wait_for(asyncio.to_thread(run), 600)
+    print(f"\nfuzz statuses: {dict(STATUSES)}")
+    assert STATUSES[200] >= 20 and STATUSES[400] >= 20  # both paths were exercised
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=10)
+
+
+def bounded(body: Any) -> Any:
+    """Keep schema-valid bodies cheap: at most 4 tokens, 2 choices, N <= 3 (pydantic also
+    takes 19.0 or "19" for an int, so any number-like value is capped)."""
+    if not isinstance(body, dict):
+        return body
+    body["model"] = MODEL_NAME  # otherwise nearly every case stops at 404
+    for key, top in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2), ("parallelism", 3)):
+        if (number_like(body.get(key)) or 0) > top:
+            body[key] = top
+    body.setdefault("max_tokens", 4)
+    return body
+
+
+def number_like(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+async def test_schemathesis_against_the_openapi_schema(server_url, server_settings, engine):
+    import schemathesis
+
+    from server.app import create_app
+
+    schema = schemathesis.openapi.from_dict(create_app(server_settings).openapi())
+
+    def run() -> None:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+
+            @settings(FUZZ, max_examples=40)
+            @given(case=schema[path]["POST"].as_strategy())
+            def call(case: Any) -> None:
+                case.body = bounded(case.body)
+                check(case.call(base_url=server_url, timeout=120), whole_stream=False)
+
+            call()
+
+    STATUSES.clear()
+    await asyncio.wait_for(asyncio.to_thread(run), 600)
+    print(f"\nschemathesis statuses: {dict(STATUSES)}")
+    assert STATUSES[200] >= 5  # schema-valid cases reach the engine
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=10)

@@ -1,0 +1,392 @@
+"""Hardening on the real engine: validation, body limits, auth, back-pressure, load,
+cancellation, timeouts, head fallback. Apps with other settings share the session's engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_NAME, free_port, wait_until
+from tests.server.test_api import QUESTION, scrape
+
+LONG = {"max_tokens": 1500, "ignore_eos": True}  # minutes of decoding: only ever cancelled
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@contextlib.asynccontextmanager
+async def serve(engine, settings) -> AsyncIterator[tuple[str, object]]:
+    """Another real uvicorn server with its own settings, on the session's engine."""
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings, engine=engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    assert await wait_until(lambda: server.started or task.done(), timeout=10) and server.started
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+def settings_with(server_settings, **limits):
+    from server.config import LimitSettings
+
+    api_keys = limits.pop("api_keys", [])
+    metrics_auth = limits.pop("metrics_auth", False)
+    parallelism = limits.pop("parallelism", server_settings.parallelism)
+    return server_settings.model_copy(
+        update={
+            "limits": LimitSettings(**limits),
+            "api_keys": api_keys,
+            "metrics_auth": metrics_auth,
+            "parallelism": parallelism,
+        }
+    )
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"),
+    [
+        ("chat", {"top_p": 0}, "top_p", "invalid_value"),
+        ("chat", {"top_p": 1.5}, "top_p", "invalid_value"),
+        ("chat", {"n": 1000}, "n", "invalid_value"),
+        ("chat", {"max_parallelism": 0}, "max_parallelism", "invalid_value"),
+        ("chat", {"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ("chat", {"max_tokens": "ten"}, "max_tokens", "invalid_value"),
+        ("chat", {"temperature": "hot"}, "temperature", "invalid_value"),
+        ("chat", {"logprobs": True}, "logprobs", "invalid_value"),
+        ("chat", {"top_logprobs": 50}, "top_logprobs", "invalid_value"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format", "invalid_value"),
+        ("chat", {"seed": -1}, "seed", "invalid_value"),
+        ("chat", {"timeout": 0}, "timeout", "invalid_value"),
+        ("chat", {"temperature": 0, "parallelism": 3}, "temperature", "invalid_value"),
+        ("chat", {"temperature": 0, "n": 2}, "temperature", "invalid_value"),
+        ("chat", {"messages": "hi"}, "messages", "invalid_value"),
+        ("chat", {"messages": [{}]}, "messages", "invalid_value"),
+        ("chat", {"model": None}, "model", "invalid_value"),
+        ("completions", {"prompt": []}, "prompt", "invalid_value"),
+        ("completions", {"prompt": [[]]}, "prompt", None),
+        ("completions", {"prompt": [10**9]}, "prompt", None),
+        ("completions", {"prompt": [1] * 3000}, "prompt", "context_length_exceeded"),
+        ("completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", "context_length_exceeded"),
+        ("completions", {"prompt": "hi", "echo": True}, "echo", "invalid_value"),
+        ("completions", {"prompt": "hi", "logprobs": 3}, "logprobs", "invalid_value"),
+        ("completions", {"prompt": "hi", "parallelism": 17}, "parallelism", "invalid_value"),
+    ],
+)
+async def test_out_of_range_requests_get_400(server_url, path, body, param, code):
+    base = {"model": MODEL_NAME, "max_tokens": 4}
+    base |= {"messages": QUESTION} if path == "chat" else {}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{server_url}/v1/{path.replace('chat', 'chat/completions')}", json=base | body
+        )
+    error = assert_openai_error(response, 400, code)
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"] or "").startswith(param)
+
+
+async def test_greedy_auto_runs_one_sample(server_url):
+    body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["t2"]["n_used"] == 1 and response.json()["t2"]["samples"] == 1
+
+
+async def test_body_over_the_limit_is_413_declared_or_streamed(server_url, server_settings):
+    limit = server_settings.limits.max_body_bytes
+    padding = {"model": MODEL_NAME, "messages": QUESTION, "user": "x" * limit}
+    blob = json.dumps(padding).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked transfer
+        for i in range(0, len(blob), 65536):
+            yield blob[i : i + 65536]
+
+    async with httpx.AsyncClient() as http:
+        declared = await http.post(f"{server_url}/v1/chat/completions", content=blob)
+        streamed = await http.post(f"{server_url}/v1/chat/completions", content=chunks())
+        ok = await http.get(f"{server_url}/health")
+    assert_openai_error(declared, 413, "body_too_large")
+    assert_openai_error(streamed, 413, "body_too_large")
+    assert ok.status_code == 200
+
+
+async def test_non_utf8_body_is_400(server_url):
+    body = json.dumps(
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "café"}]}, ensure_ascii=False
+    )
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{server_url}/v1/chat/completions",
+            content=body.encode("latin-1"),  # é as the single byte 0xE9: not UTF-8
+            headers={"content-type": "application/json"},
+        )
+    assert_openai_error(response, 400, "invalid_encoding")
+
+
+async def test_unknown_route_and_method_are_openai_errors(server_url):
+    async with httpx.AsyncClient() as http:
+        missing = await http.get(f"{server_url}/v1/nothing")
+        wrong_method = await http.get(f"{server_url}/v1/chat/completions")
+    assert_openai_error(missing, 404)
+    assert_openai_error(wrong_method, 405)
+
+
+# -- auth -------------------------------------------------------------------------------
+
+
+async def test_api_keys(engine, server_settings):
+    settings = settings_with(server_settings, api_keys=["key-one", "key-two"], metrics_auth=True)
+    async with serve(engine, settings) as (url, _), httpx.AsyncClient() as http:
+        anonymous = await http.get(f"{url}/v1/models")
+        wrong = await http.get(f"{url}/v1/models", headers={"authorization": "Bearer key-three"})
+        basic = await http.get(f"{url}/v1/models", headers={"authorization": "Basic key-one"})
+        first = await http.get(f"{url}/v1/models", headers={"authorization": "Bearer key-one"})
+        second = await http.post(
+            f"{url}/v1/chat/completions",
+            json={"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 2, "parallelism": 1},
+            headers={"authorization": "Bearer key-two"},
+        )
+        health = await http.get(f"{url}/health")
+        metrics_anonymous = await http.get(f"{url}/metrics")
+        metrics_with_key = await http.get(f"{url}/metrics", headers={"authorization": "Bearer key-one"})
+    for response in (anonymous, wrong, basic, metrics_anonymous):
+        assert_openai_error(response, 401, "invalid_api_key")
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert first.status_code == 200 and second.status_code == 200
+    assert health.status_code == 200 and metrics_with_key.status_code == 200
+
+
+def test_key_comparison_checks_every_key():
+    from server.auth import key_matches
+
+    assert key_matches("b", ["a", "b", "c"]) and not key_matches("", ["a"]) and not key_matches("ab", ["a"])
+
+
+# -- back-pressure ----------------------------------------------------------------------
+
+
+async def test_full_queue_is_429_and_long_wait_is_503_and_leavers_free_their_place(engine, server_settings):
+    settings = settings_with(server_settings, max_concurrent_requests=1, max_queue=2, queue_timeout_s=1.0)
+    running = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 2, **LONG}
+    quick = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 1, "max_tokens": 2}
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=120) as http:
+        admission = app.state.admission
+        holder = asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=running))
+        assert await wait_until(lambda: admission.active == 1)
+        waiting = [
+            asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=quick)) for _ in range(2)
+        ]
+        assert await wait_until(lambda: admission.queued == 2)
+        overflow = await asyncio.gather(
+            *(http.post(f"{url}/v1/chat/completions", json=quick) for _ in range(3))
+        )
+        timed_out = await asyncio.gather(*waiting)  # the holder runs for minutes: they give up
+        for response in overflow:
+            assert_openai_error(response, 429, "queue_full")
+            assert int(response.headers["retry-after"]) >= 1
+        for response in timed_out:
+            assert_openai_error(response, 503, "queue_timeout")
+            assert int(response.headers["retry-after"]) >= 1
+        # A client that leaves while queued gives its place back.
+        leaver = asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=quick))
+        assert await wait_until(lambda: admission.queued == 1)
+        leaver.cancel()
+        assert await wait_until(lambda: admission.queued == 0)
+        holder.cancel()
+        assert await wait_until(lambda: admission.active == 0 and engine.num_unfinished_requests() == 0)
+    assert admission.reserved == 0
+
+
+async def test_load_200_requests_at_concurrency_32(engine, server_settings):
+    """Every request answered (200, or a documented 429/503), none lost, the engine idle
+    afterwards; `auto` lowers N when the samples in flight approach the limit."""
+    limit = 16
+    settings = settings_with(
+        server_settings,
+        max_concurrent_requests=8,
+        max_samples_in_flight=limit,
+        max_queue=32,
+        queue_timeout_s=60,
+    )
+    reduced_before = metric("t2serve_load_reduced_requests_total")
+    statuses: Counter[int] = Counter()
+    t2s: list[dict] = []
+    peak = 0
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=120) as http:
+        thinker = app.state.serving.thinker
+        jobs: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(200):
+            jobs.put_nowait(i)
+
+        async def client() -> None:
+            while not jobs.empty():
+                i = jobs.get_nowait()
+                body = {
+                    "model": MODEL_NAME,
+                    "messages": [{"role": "user", "content": f"What is {i} + {i % 7}?"}],
+                    "max_tokens": 4,
+                    "temperature": 0.8,
+                    "parallelism": "auto" if i % 3 else 2,
+                }
+                response = await http.post(f"{url}/v1/chat/completions", json=body)
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    t2s.append(response.json()["t2"])
+                else:
+                    assert_openai_error(response, response.status_code)
+                    assert "retry-after" in response.headers
+
+        async def watch_peak() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, thinker.samples_in_flight)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.ensure_future(watch_peak())
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(32))), 300)
+        elapsed = asyncio.get_running_loop().time() - started
+        watcher.cancel()
+        assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+        assert thinker.samples_in_flight == 0 and app.state.admission.active == 0
+        after = await scrape(url)
+    assert sum(statuses.values()) == 200 and set(statuses) <= {200, 429, 503}, statuses
+    assert statuses[200] >= 190, statuses  # the queue holds all 32 clients: none should be refused
+    auto = [t for t in t2s if t["mode"] == "auto"]
+    assert all(1 <= t["n_used"] <= t["load_cap"] for t in auto)
+    # 8 auto requests at N=4 would want 32 > 16 samples: the load curve must have cut some.
+    assert min(t["n_used"] for t in auto) < server_settings.parallelism.default_parallelism
+    assert after["t2serve_load_reduced_requests_total{}"] > reduced_before
+    assert after["t2serve_samples_in_flight{}"] == 0 and after["t2serve_queue_depth{}"] == 0
+    # Admission bounds reserved samples; the load curve keeps `auto` within the room left.
+    assert peak <= limit + settings.limits.max_concurrent_requests, peak
+    reduced = sum(t["n_used"] < server_settings.parallelism.default_parallelism for t in auto)
+    print(
+        f"\nload: {dict(statuses)} in {elapsed:.1f} s; auto requests {len(auto)}, with N lowered by load "
+        f"{reduced}; peak samples in flight {peak} (limit {limit})"
+    )
+
+
+def metric(name: str, **labels: str) -> float:
+    """A t2serve metric's value in this process (the servers under test live here)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_many_clients_leaving_leave_nothing_running(server_url, engine):
+    body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, **LONG}
+    async with httpx.AsyncClient(timeout=120) as http:
+        requests = [
+            asyncio.ensure_future(http.post(f"{server_url}/v1/chat/completions", json=body)) for _ in range(6)
+        ]
+        assert await wait_until(lambda: engine.num_unfinished_requests() >= 18, timeout=20)
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=10)
+    assert (await scrape(server_url))["t2serve_samples_in_flight{}"] == 0
+
+
+# -- timeouts ---------------------------------------------------------------------------
+
+
+async def test_timeout_without_a_finished_sample_is_504(server_url, engine):
+    body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, "timeout": 1.0, **LONG}
+    async with httpx.AsyncClient(timeout=60) as http:
+        started = asyncio.get_running_loop().time()
+        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert_openai_error(response, 504, "request_timeout")
+    assert response.json()["error"]["type"] == "timeout_error"
+    assert elapsed < 10
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+
+
+async def test_timeout_votes_over_the_samples_that_finished(server_url, engine):
+    # On QUESTION at T=1 most samples stop within a few dozen tokens and some ramble for
+    # hundreds (2 of 15 went past 250 in a trial run): with 2 choices x 16 samples and a 6 s
+    # deadline, each choice has finished samples to vote over while others are still running.
+    body = {
+        "model": MODEL_NAME,
+        "messages": QUESTION,
+        "n": 2,
+        "parallelism": 16,
+        "temperature": 1.0,
+        "seed": 1,
+        "max_tokens": 1500,
+        "timeout": 6.0,
+    }
+    partial_before = metric("t2serve_request_timeouts_total", outcome="partial")
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    t2 = reply["t2"]
+    assert t2["timed_out"] is True and t2["n_used"] == 16
+    assert 2 <= t2["samples"] < 32  # only finished samples voted
+    assert all(c["finish_reason"] == "stop" for c in reply["choices"])
+    assert all(sum(v["votes"].values()) <= 16 for v in t2["choices"])
+    # usage counts the aborted samples' tokens too: they were paid for.
+    assert reply["usage"]["completion_tokens"] > t2["samples"]
+    assert metric("t2serve_request_timeouts_total", outcome="partial") == partial_before + 1
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+
+
+# -- estimator head fallback ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", ["other_model", "corrupt", "missing"])
+async def test_unusable_head_falls_back_to_default_n(engine, server_settings, tmp_path, broken):
+    from estimator.head import DEFAULT_HEAD
+
+    head = tmp_path / "head"
+    if broken != "missing":
+        meta = json.loads(DEFAULT_HEAD.with_suffix(".json").read_text())
+        if broken == "other_model":
+            meta["model_fingerprint"] = "0123456789abcdef"
+        head.with_suffix(".json").write_text(json.dumps(meta))
+        if broken == "corrupt":
+            head.with_suffix(".safetensors").write_bytes(b"not a tensor file")
+        else:
+            shutil.copy(DEFAULT_HEAD.with_suffix(".safetensors"), head.with_suffix(".safetensors"))
+    parallelism = server_settings.parallelism.model_copy(update={"estimator_head": str(head)})
+    settings = settings_with(server_settings, parallelism=parallelism)
+    before = metric("t2serve_estimator_fallbacks_total", reason="load")
+    async with serve(engine, settings) as (url, _), httpx.AsyncClient(timeout=120) as http:
+        health = await http.get(f"{url}/health")
+        response = await http.post(
+            f"{url}/v1/chat/completions", json={"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 3}
+        )
+    assert health.status_code == 200
+    assert response.status_code == 200, response.text
+    t2 = response.json()["t2"]
+    assert t2["estimator"] == "default" and t2["n_used"] == parallelism.default_parallelism
+    assert metric("t2serve_estimator_fallbacks_total", reason="load") == before + 1
