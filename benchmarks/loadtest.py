@@ -114,7 +114,9 @@ def record_from_reply(status: int, reply: dict, latency_s: float, gold: str | No
     choices = reply.get("choices") or []
     t2 = reply.get("t2")
     if t2:
-        samples, baseline, answer = t2["samples"], t2["n_max"] * max(1, len(choices)), t2.get("answer")
+        # `launched` counts aborted samples too (stopping policies); older replies lack it.
+        samples, baseline = t2.get("launched", t2["samples"]), t2["n_max"] * max(1, len(choices))
+        answer = t2.get("answer")
     else:
         first = choices[0] if choices else {}
         text = (first.get("message") or {}).get("content") or first.get("text") or ""
@@ -224,10 +226,15 @@ async def run_load(
         try:
             reply = await http.post("/v1/chat/completions", json=payload)
             latency = time.monotonic() - sent
-            parsed = reply.json() if reply.status_code == 200 else {}
-            records.append(record_from_reply(reply.status_code, parsed, latency, problem.answer))
         except httpx.TransportError as exc:
             records.append(RequestRecord(f"transport:{type(exc).__name__}", time.monotonic() - sent))
+        else:
+            try:
+                parsed = reply.json() if reply.status_code == 200 else {}
+            except ValueError:  # a 200 whose body is not JSON counts as an error, not a crash
+                records.append(RequestRecord("200:not-json", latency))
+            else:
+                records.append(record_from_reply(reply.status_code, parsed, latency, problem.answer))
         bar.update()
 
     started = time.monotonic()
@@ -372,12 +379,13 @@ async def estimator_info(http) -> dict | None:
 
     try:
         reply = await http.get("/metrics")
-        for family in text_string_to_metric_families(reply.text if reply.status_code == 200 else ""):
-            if family.name == "t2serve_estimator":
-                return dict(family.samples[0].labels)
     except Exception:  # noqa: BLE001 - optional: any failure just means "unknown"
         return None
-    return None
+    lines = [line for line in reply.text.splitlines() if line.startswith("t2serve_estimator_info{")]
+    if reply.status_code != 200 or not lines:
+        return None
+    [family] = text_string_to_metric_families(lines[0] + "\n")
+    return dict(family.samples[0].labels)
 
 
 def format_row(run: dict) -> str:

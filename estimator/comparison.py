@@ -30,6 +30,11 @@ CONFIDENCES = (0.8, 0.9, 0.95, 0.99)
 MAX_SAMPLES = (4, 8, None)
 COMPOSITION_MARGINS = (0.5, 0.75, 1.0, 1.5)
 MAX_FACTORS = (1.5, 2.0, 3.0, None)  # composition: extend up to this multiple of the estimate
+# Composition with the threshold set by the head's estimate (k = agreement x N_max x p votes):
+# it extends one at a time from a small first launch, so it pairs with the small margins.
+AGREEMENTS = (0.25, 0.3, 0.35, 0.4, 0.5)
+AGREEMENT_MARGINS = (0.25, 0.5)
+AGREEMENT_MAX_FACTORS = (3.0, 5.0, None)
 FAMILIES = ("fixed", "T2", "ESC", "AC-beta", "AC-dirichlet", "T2+beta", "T2+dirichlet")
 
 
@@ -50,6 +55,13 @@ def policy_grid(n_max: int, families: tuple[str, ...] = FAMILIES) -> list[Policy
         for c in CONFIDENCES
         for m in COMPOSITION_MARGINS
         for f in MAX_FACTORS
+    ]
+    grid += [
+        Composition(k, margin=m, max_factor=f, agreement=a)
+        for k in ("beta", "dirichlet")
+        for a in AGREEMENTS
+        for m in AGREEMENT_MARGINS
+        for f in AGREEMENT_MAX_FACTORS
     ]
     # Fixed N_max is the reference, so it is always in.
     return [p for p in grid if p.family in families or p == Fixed(n_max)]
@@ -281,7 +293,7 @@ def report_table(result: dict) -> str:
         f"reported on test ({tst['questions']} q)",
         f"target: accuracy >= fixed N_max - {result['tolerance']:g} = {tst['target']:.3f} on test "
         f"({result['splits']['validation']['target']:.3f} on validation)",
-        f"{'family':<13} {'knob':<28} {'acc':>6} {'launched':>8} {'finished':>8} {'rounds':>6} "
+        f"{'family':<13} {'knob':<34} {'acc':>6} {'launched':>8} {'finished':>8} {'rounds':>6} "
         f"{'tokens':>6} {'tok_up':>6}  target",
     ]
     for family, s in result["selected"].items():
@@ -289,11 +301,11 @@ def report_table(result: dict) -> str:
         if not s["meets_target_on_validation"]:
             mark += " (none on val)"
         lines.append(
-            f"{family:<13} {s['knob']:<28} {s['accuracy']:6.3f} {s['launched']:8.2f} {s['finished']:8.2f} "
+            f"{family:<13} {s['knob']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f} {s['finished']:8.2f} "
             f"{s['rounds']:6.2f} {s['tokens']:6.3f} {s['tokens_upper']:6.3f}  {mark}"
         )
     oracle = tst["oracle_n_star"]
-    lines.append(f"{'oracle N*':<13} {'':<28} {oracle['accuracy']:6.3f} {oracle['launched']:8.2f}")
+    lines.append(f"{'oracle N*':<13} {'':<34} {oracle['accuracy']:6.3f} {oracle['launched']:8.2f}")
     at = result["oracle_launched_at_target"]
     lines.append(
         "oracle frontier (per-question fixed N) at the target: "

@@ -36,12 +36,19 @@ Policies
 - AdaptiveConsistency(criterion, confidence, batch, max_samples) (Aggarwal et al. 2023): keep
   `batch` samples in flight (1 = one at a time); stop as soon as the criterion says the
   current leader stays the majority with probability >= confidence, or at max_samples.
-- Composition(criterion, confidence, margin, extend, max_factor): launch the T2 estimate N
-  at once; stop before N when the criterion says the vote is decided (running samples are
-  aborted); when all have finished and the vote is still undecided, launch `extend` more at
-  a time, up to max_factor * N (None: up to cap). The estimate bounds the extension because
-  the votes that stay undecided longest are mostly questions the model cannot solve
-  (scattered wrong answers): unbounded, they run to the cap.
+- Composition(criterion, confidence, margin, extend, max_factor, agreement): launch the T2
+  estimate N at once; stop before N when the criterion says the vote is decided (running
+  samples are aborted); when all have finished and the vote is still undecided, launch
+  `extend` more at a time, up to max_factor * N (None: up to cap). The estimate bounds the
+  extension because the votes that stay undecided longest are mostly questions more samples
+  do not fix: unbounded, they run to the cap. With `agreement` set, the head's estimate
+  also sets how sure "decided" must be (instead of the fixed `confidence`): as sure as k
+  unanimous votes, k = max(1, agreement * N_max * prediction), i.e. the threshold
+  1 - 2^-(k + 1) (the beta criterion at k votes to 0; the dirichlet one up to its Monte
+  Carlo error). Why: votes cannot tell a consistent wrong answer from a right one, but the
+  head ranks the questions where more samples raise accuracy above those where they do
+  not; so a question the head expects little from stops at its first agreeing votes
+  (k = 1: after one sample) and one it expects much from waits for a larger majority.
 
 Stopping criteria, over the answer counts of the finished samples (abstentions do not vote,
 and a vote nobody has cast is never decided):
@@ -279,13 +286,15 @@ class AdaptiveConsistency:
 class Composition:
     """T2 first, a stopping criterion after: launch the T2 estimate at once, stop before it
     when the vote is decided, extend past it `extend` at a time while undecided, up to
-    `max_factor` x the estimate (None: up to cap)."""
+    `max_factor` x the estimate (None: up to cap). `agreement` (None: the fixed `confidence`)
+    makes the confidence threshold grow with the head's estimate."""
 
     criterion: Criterion = "beta"
     confidence: float = 0.95
     margin: float = 1.0
     extend: int = 1
     max_factor: float | None = None
+    agreement: float | None = None
     adapts = True
 
     @property
@@ -294,8 +303,9 @@ class Composition:
 
     @property
     def knob(self) -> str:
+        decided = f"c={self.confidence:g}" if self.agreement is None else f"agree={self.agreement:g}xN*"
         return (
-            f"c={self.confidence:g},margin={self.margin:g}"
+            f"{decided},margin={self.margin:g}"
             + (f",extend={self.extend}" if self.extend != 1 else "")
             + (f",max={self.max_factor:g}xN" if self.max_factor is not None else "")
         )
@@ -303,15 +313,25 @@ class Composition:
     def first_launch(self, budget: Budget) -> int:
         return T2(self.margin).first_launch(budget)
 
+    def threshold(self, budget: Budget) -> float:
+        """The confidence at which the vote counts as decided."""
+        if self.agreement is None:
+            return self.confidence
+        # The head's estimate of N* (before the margin; without a prediction, the default N).
+        estimate = budget.default if budget.prediction is None else budget.n_max * budget.prediction
+        votes = max(1.0, self.agreement * estimate)
+        return 1.0 - 2.0 ** -(votes + 1.0)
+
     def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
-        if confidence(self.criterion, tally) >= self.confidence:
+        # The small tolerance keeps k unanimous votes decided at exactly their own threshold.
+        if confidence(self.criterion, tally) >= self.threshold(budget) - 1e-12:
             return STOP
         if tally.finished < launched:
             return WAIT  # the estimate's samples are still coming in
         ceiling = budget.cap
         if self.max_factor is not None:
             # The estimate also bounds the extension: a question T2 expects little from
-            # (e.g. one the model cannot solve, whose answers never agree) stays cheap.
+            # (e.g. one whose answers never agree) stays cheap.
             estimate = self.first_launch(budget)
             ceiling = min(budget.cap, max(estimate, math.ceil(self.max_factor * estimate)))
         return _more(self.extend, launched, tally, ceiling)

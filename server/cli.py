@@ -60,6 +60,12 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         help="N = round(N_max * prediction * margin) (default 1.5: matches fixed N_max on validation, README)",
     )
     g.add_argument(
+        "--policy",
+        default="t2",
+        help="sampling policy for 'auto' when a request names none, e.g. t2, t2:margin=1.5, "
+        "esc:window=4,max=8, ac-beta:c=0.95,max=8, t2+beta:c=0.8,max=3 (README 'Early stopping')",
+    )
+    g.add_argument(
         "--tie-break",
         choices=["logprob", "order"],
         default="order",
@@ -199,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from estimator.policy_spec import parse_policy
+
+    try:  # the defaults it fills in do not matter here, only whether the spec is valid
+        parse_policy(args.policy, fixed_n=1, margin=1.0)
+    except ValueError as exc:
+        raise SystemExit(f"t2serve: --policy: {exc}") from None
     if args.model:
         model = Path(args.model).expanduser()
         if not (model / "config.json").is_file():
@@ -235,6 +247,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             tie_break=args.tie_break,
             estimator_head=None if args.estimator_head == "none" else args.estimator_head,
             estimator_margin=args.estimator_margin,
+            policy=args.policy,
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,

@@ -51,6 +51,8 @@ class ParallelismSettings(BaseModel):
     estimator_head: str | None = "default"
     # Safety margin: N = round(N_max * prediction * margin).
     estimator_margin: float = Field(default=1.5, gt=0)
+    # Sampling policy for `auto` when a request names none (estimator/policy_spec.py).
+    policy: str = "t2"
 
 
 class LimitSettings(BaseModel):

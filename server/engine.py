@@ -159,6 +159,10 @@ class Engine:
         cpu = on_cpu()
         if cpu:
             apply_cpu_environment(settings)
+        # On GPU vLLM's Model Runner V2 is the default for dense models, and the capture's
+        # forward hooks need the V1 runner (CPU uses V1 anyway). Spawned engine processes
+        # inherit the environment; a value the user exported wins.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         if settings.pipeline_parallel_size != 1:
             raise ValueError("hidden-state capture needs --pipeline-parallel-size 1")
         block_size = settings.block_size or (CPU_BLOCK_SIZE if cpu else None)

@@ -14,6 +14,15 @@ REQUESTS = Counter(
     ["endpoint", "mode", "outcome"],
 )
 SAMPLES = Counter("t2serve_samples_dispatched", "Samples sent to the engine.")
+SAMPLES_ABORTED = Counter(
+    "t2serve_samples_aborted",
+    "Samples aborted before they finished: a stopping policy decided the vote, or the deadline hit.",
+)
+POLICY_REQUESTS = Counter(
+    "t2serve_policy_requests",
+    "Prompts served, by the sampling policy's family (fixed, T2, ESC, ...).",
+    ["policy"],
+)
 BASELINE_SAMPLES = Counter(
     "t2serve_samples_baseline",
     "Samples a fixed-N deployment (N_max per choice: the head's, else the default N) would have sent; "

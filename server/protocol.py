@@ -4,6 +4,7 @@ Kept free of serving logic (like vLLM's `entrypoints/openai/protocol.py`). Exten
 arrive in the body (the official SDK's `extra_body`):
   parallelism:      int N (samples per choice) or "auto" (the estimator picks N)
   max_parallelism:  upper bound for N under "auto"
+  policy:           sampling policy for "auto", e.g. "esc:window=4,max=8" (default: --policy)
 and come back in the response's `t2` object.
 """
 
@@ -63,6 +64,7 @@ class SamplingFields(OpenAIModel):
     # t2serve extensions
     parallelism: int | Literal["auto"] | None = None
     max_parallelism: int | None = Field(default=None, ge=1)
+    policy: str | None = Field(default=None, max_length=200)
     # seconds; the server's --request-timeout bounds it (README "Operating t2serve")
     timeout: float | None = Field(default=None, gt=0, le=86_400)
 
@@ -194,6 +196,10 @@ class T2Info(BaseModel):
     capture_ms: float | None = None  # prefill hidden-state capture latency
     load_cap: int | None = None  # auto: per-choice cap on N after the load curve
     timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
+    policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
+    launched: int  # samples sent to the engine (all prompts and choices)
+    finished: int  # of those, samples that finished and voted
+    aborted: int  # of those, samples aborted (early stop or deadline); their tokens count in usage
     answer: str | None
     votes: dict[str, int]
     agreement: float

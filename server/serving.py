@@ -139,6 +139,11 @@ class OpenAIServing:
             self.thinker.resolve_budget(request.parallelism, request.max_parallelism)
         except ValueError as exc:
             raise APIError(400, str(exc), param="parallelism", code="invalid_value") from exc
+        if request.policy is not None:
+            try:
+                self.thinker.parse_policy(request.policy)
+            except ValueError as exc:
+                raise APIError(400, f"invalid policy: {exc}", param="policy", code="invalid_value") from exc
         fixed_n = request.parallelism if isinstance(request.parallelism, int) else 1
         if is_greedy(request.temperature) and request.n * fixed_n > 1:
             # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
@@ -170,6 +175,7 @@ class OpenAIServing:
                     n_choices=request.n,
                     parallelism=request.parallelism,
                     max_parallelism=request.max_parallelism,
+                    policy=request.policy,
                     request_id=f"{base_id}-p{i}",
                     timeout_s=timeout_s,
                 )
@@ -360,6 +366,10 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         capture_ms=first.capture_ms,
         load_cap=first.load_cap,
         timed_out=any(r.timed_out for r in results),
+        policy=first.policy,
+        launched=sum(r.launched for r in results),
+        finished=sum(r.launched - r.aborted for r in results),
+        aborted=sum(r.aborted for r in results),
         answer=votes[0].answer,
         votes=votes[0].votes,
         agreement=votes[0].agreement,
@@ -370,7 +380,9 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
 
 
 def record_result(result: ThinkingResult) -> None:
-    metrics.SAMPLES.inc(result.samples)
+    metrics.SAMPLES.inc(result.launched)
+    metrics.SAMPLES_ABORTED.inc(result.aborted)
+    metrics.POLICY_REQUESTS.labels(result.policy.partition(":")[0]).inc()
     metrics.BASELINE_SAMPLES.inc(result.n_max * len(result.choices))
     metrics.GENERATED_TOKENS.inc(result.completion_tokens)
     metrics.CHOSEN_N.observe(result.n_used)

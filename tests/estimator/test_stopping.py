@@ -45,6 +45,8 @@ ALL_POLICIES = [
     Composition("beta", 0.95, 1.0),
     Composition("dirichlet", 0.9, 0.5, extend=2),
     Composition("beta", 0.8, 0.5, max_factor=2.0),
+    Composition("beta", margin=0.25, max_factor=5.0, agreement=0.35),
+    Composition("dirichlet", margin=0.5, agreement=0.5),
     ESC(3, max_samples=4),
     AdaptiveConsistency("beta", 0.9, max_samples=8),
 ]
@@ -154,6 +156,28 @@ def test_composition_extension_is_bounded_by_a_multiple_of_the_estimate():
     assert comp.on_result(tally("1", "2", "1", "2", "3", "4"), 6, BUDGET) == STOP
     one = Budget(0.0, n_max=16, default=8, cap=16)  # estimate 1: a hopeless question stays at 2
     assert Composition("beta", 0.95, max_factor=2.0).on_result(tally("1", "2"), 2, one) == STOP
+
+
+def test_composition_agreement_sets_the_threshold_from_the_estimate():
+    comp = Composition("beta", margin=1.0, agreement=0.5)
+    # Estimate 1 (N_max * p): k = max(1, 0.5) = 1 vote, so the first answer decides.
+    low = Budget(1 / 16, n_max=16, default=8, cap=16)
+    assert comp.threshold(low) == 0.75
+    assert comp.first_launch(low) == 1
+    assert comp.on_result(tally("7"), 1, low) == STOP
+    # Estimate 8: k = 4 unanimous votes (1 - 2^-5); 3 of them, or 6 to 1, are not enough.
+    high = Budget(0.5, n_max=16, default=8, cap=16)
+    assert comp.threshold(high) == 1 - 2**-5
+    assert comp.on_result(tally("3", "3", "3"), 8, high) == WAIT
+    assert comp.on_result(tally("3", "3", "3", "3"), 8, high) == STOP
+    assert comp.on_result(tally(*"3313333"), 8, high) == WAIT  # 6 to 1: 0.965 < 0.969
+    assert comp.on_result(tally(*"33133333"), 8, high) == STOP  # 7 to 1: 0.98
+    # Without a prediction the default N stands in for the estimate: k = 0.5 * 8 = 4.
+    assert comp.threshold(Budget(None, n_max=16, default=8, cap=16)) == 1 - 2**-5
+    # The fixed confidence is not used once the estimate sets the threshold.
+    assert Composition("beta", 0.99, agreement=0.5).threshold(low) == 0.75
+    assert comp.knob == "agree=0.5xN*,margin=1"
+    assert Composition("beta", 0.9, 0.5, max_factor=3.0).knob == "c=0.9,margin=0.5,max=3xN"
 
 
 def test_esc_and_adaptive_consistency_stop_at_their_own_budget():

@@ -1,0 +1,109 @@
+"""Stopping policies online: the real server and engine, the official OpenAI SDK, the
+request's `policy` extension field. After each request no sample may be left in the engine."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.conftest import MODEL_NAME, wait_until
+
+QUESTION = [{"role": "user", "content": "What is 2 + 3? Reply with just the number."}]
+
+
+async def ask(client, policy: str | None, **fields):
+    fields = {"max_tokens": 8, "temperature": 1.0, "seed": 5, **fields}
+    extra = {"policy": policy} if policy is not None else {}
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, extra_body=extra, **fields
+    )
+    return response, response.model_extra["t2"]
+
+
+async def assert_engine_idle(engine) -> None:
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=10)
+
+
+def assert_counts(t2: dict, cap: int) -> None:
+    assert t2["launched"] == t2["finished"] + t2["aborted"]
+    assert 1 <= t2["finished"] <= t2["launched"] <= cap
+    assert t2["samples"] == t2["finished"]
+
+
+async def test_default_policy_is_t2_and_runs_everything(client, engine, server_settings):
+    _, t2 = await ask(client, None)
+    default_n = server_settings.parallelism.default_parallelism
+    assert t2["policy"] == "T2:margin=1.5"  # no head here: T2 falls back to the default N
+    assert t2["launched"] == t2["finished"] == default_n and t2["aborted"] == 0
+    await assert_engine_idle(engine)
+
+
+async def test_esc_launches_whole_windows_per_choice(client, engine):
+    response, t2 = await ask(client, "esc:window=2,max=6", n=2)
+    assert t2["policy"] == "ESC:w=2,max=6" and t2["mode"] == "auto"
+    assert_counts(t2, cap=2 * 6)
+    assert t2["launched"] % 2 == 0 and len(t2["choices"]) == len(response.choices) == 2
+    # Every voted sample's tokens are paid for, and at most max_tokens each.
+    assert t2["finished"] <= response.usage.completion_tokens <= 8 * t2["launched"]
+    await assert_engine_idle(engine)
+
+
+async def test_adaptive_consistency_stops_when_the_answers_agree(client, engine):
+    # Nearly greedy: the samples give the same answer, so AC-beta at c=0.9 stops at 3
+    # unanimous votes (P(Bin(4, 1/2) <= 3) = 15/16), long before its max of 8.
+    _, t2 = await ask(client, "ac-beta:c=0.9,max=8", temperature=0.01, max_tokens=6)
+    assert t2["policy"] == "AC-beta:c=0.9,max=8"
+    assert_counts(t2, cap=8)
+    assert t2["answer"] is not None and t2["agreement"] == 1.0
+    assert t2["launched"] == t2["finished"] == 3 and t2["aborted"] == 0
+    await assert_engine_idle(engine)
+
+
+async def test_composition_aborts_running_samples_once_decided(client, engine, server_settings):
+    # The composition launches the T2 estimate (the default N, no head here) at once; at
+    # c=0.7 the first sample with an answer decides the vote (P(Bin(2, 1/2) <= 1) = 3/4), so
+    # the others are aborted in the engine, and their tokens still count in usage.
+    response, t2 = await ask(client, "t2+beta:c=0.7", temperature=0.01, max_tokens=12)
+    default_n = server_settings.parallelism.default_parallelism
+    assert t2["policy"].startswith("T2+beta:c=0.7")
+    assert_counts(t2, cap=default_n)
+    assert t2["launched"] == default_n and t2["finished"] == 1 and t2["aborted"] == default_n - 1
+    assert response.usage.completion_tokens >= t2["finished"]
+    await assert_engine_idle(engine)
+
+
+async def test_integer_parallelism_overrides_the_policy(client, engine):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=QUESTION,
+        max_tokens=6,
+        temperature=1.0,
+        extra_body={"parallelism": 3, "policy": "esc:window=2"},
+    )
+    t2 = response.model_extra["t2"]
+    assert t2["mode"] == "fixed" and t2["policy"] == "fixed:N=3" and t2["launched"] == 3
+    await assert_engine_idle(engine)
+
+
+@pytest.mark.parametrize("spec", ["greedy", "esc:window=0", "ac:c=2"])
+async def test_bad_policy_is_a_400(client, spec):
+    with pytest.raises(openai.BadRequestError) as err:
+        await ask(client, spec)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == "policy" and err.value.body["code"] == "invalid_value"
+
+
+async def test_deadline_aborts_an_adaptive_policys_samples(client, engine):
+    # Samples that cannot finish in time: the vote is over what finished, or a 504.
+    body = {"policy": "esc:window=2,max=4", "ignore_eos": True, "timeout": 1.0}
+    try:
+        response = await client.chat.completions.create(
+            model=MODEL_NAME, messages=QUESTION, max_tokens=400, temperature=1.0, extra_body=body
+        )
+    except openai.APIStatusError as err:
+        assert err.status_code == 504 and err.body["code"] == "request_timeout"
+    else:
+        t2 = response.model_extra["t2"]
+        assert t2["timed_out"] is True and t2["aborted"] >= 1
+        assert_counts(t2, cap=4)
+    await assert_engine_idle(engine)
