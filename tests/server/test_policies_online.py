@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.conftest import MODEL_NAME, wait_until
+from tests.server.test_api import scrape
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Reply with just the number."}]
 
@@ -59,16 +60,26 @@ async def test_adaptive_consistency_stops_when_the_answers_agree(client, engine)
     await assert_engine_idle(engine)
 
 
-async def test_composition_aborts_running_samples_once_decided(client, engine, server_settings):
+async def test_composition_aborts_running_samples_once_decided(client, engine, server_url, server_settings):
     # The composition launches the T2 estimate (the default N, no head here) at once; at
     # c=0.7 the first sample with an answer decides the vote (P(Bin(2, 1/2) <= 1) = 3/4), so
     # the others are aborted in the engine, and their tokens still count in usage.
+    before = await scrape(server_url)
     response, t2 = await ask(client, "t2+beta:c=0.7", temperature=0.01, max_tokens=12)
+    after = await scrape(server_url)
     default_n = server_settings.parallelism.default_parallelism
     assert t2["policy"].startswith("T2+beta:c=0.7")
     assert_counts(t2, cap=default_n)
     assert t2["launched"] == default_n and t2["finished"] == 1 and t2["aborted"] == default_n - 1
     assert response.usage.completion_tokens >= t2["finished"]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("t2serve_samples_aborted_total{}") == t2["aborted"]
+    assert delta("t2serve_samples_dispatched_total{}") == t2["launched"]
+    assert delta("t2serve_policy_requests_total{policy=T2+beta}") == 1
+    assert delta("t2serve_generated_tokens_total{}") == response.usage.completion_tokens
     await assert_engine_idle(engine)
 
 
