@@ -16,13 +16,12 @@ import math
 from server import metrics
 from server.config import LimitSettings
 from server.errors import APIError
-from server.protocol import SamplingFields
+from server.protocol import CompletionRequest, SamplingFields
 
 
 def minimum_samples(request: SamplingFields) -> int:
     """Samples a request dispatches at least: n choices x prompts x (fixed N, or 1 for auto)."""
-    prompt = getattr(request, "prompt", None)
-    prompts = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+    prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
     per_choice = request.parallelism if isinstance(request.parallelism, int) else 1
     return request.n * prompts * per_choice
 

@@ -161,6 +161,13 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"{info.field_name} is not supported by t2serve")
         return value
 
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts one at a time: a string or one token list is a single prompt."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
 
 # -- responses -------------------------------------------------------------------------
 

@@ -66,16 +66,9 @@ class OpenAIServing:
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
-        prompt = request.prompt
         vocab = len(self.engine.tokenizer)
-        if isinstance(prompt, str):
-            prompts: list[Any] = [prompt]
-        elif all(isinstance(p, int) for p in prompt):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
         token_lists = []
-        for p in prompts:
+        for p in request.prompts():
             if isinstance(p, str):
                 ids = list(self.engine.tokenizer.encode(p))
             else:
