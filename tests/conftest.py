@@ -11,15 +11,20 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL_NAME = "smol-test"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -31,6 +36,46 @@ async def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -
             return False
         await asyncio.sleep(interval)
     return True
+
+
+def start_server(port: int, *extra: str) -> subprocess.Popen:
+    """`t2serve serve` as a subprocess on the embedded model (small context and KV cache)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+            "--cpu-kvcache-space",
+            "1",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    """Wait for a subprocess server's /health to answer 200; fail if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(1)
 
 
 def free_port() -> int:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from server.cli import build_parser, settings_from_args
 from server.config import ParallelismSettings
-from tests.conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, free_port, start_server, wait_healthy
 
 
 def test_parser_defaults_and_engine_args(model_dir):
@@ -65,42 +61,10 @@ def test_prepare_model_command(model_dir):
 
 def test_serve_command_end_to_end(model_dir):
     port = free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "1024",
-            "--default-parallelism",
-            "2",
-            "--cpu-kvcache-space",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_server(port, "--default-parallelism", "2")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(1)
+        wait_healthy(proc, url)
         models = httpx.get(f"{url}/v1/models").json()
         name = models["data"][0]["id"]
         assert name == model_dir.name  # no --model: the embedded model, named after its folder

@@ -6,64 +6,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 
 from server.cli import ENGINE_DEAD_EXIT_CODE
-from tests.conftest import free_port
+from tests.conftest import free_port, start_server, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[2]
 CHAT = {
     "messages": [{"role": "user", "content": "Count to a thousand."}],
     "max_tokens": 900,
     "ignore_eos": True,
 }
-
-
-def start_server(port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "1024",
-            "--cpu-kvcache-space",
-            "1",
-            "--estimator-head",
-            "none",
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        cwd=ROOT,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(1)
 
 
 def samples_in_flight(url: str) -> float:
@@ -78,7 +33,7 @@ def samples_in_flight(url: str) -> float:
 def test_killing_the_engine_core_fails_requests_with_503_and_exits_non_zero():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(port, "--default-parallelism", "2")
+    proc = start_server(port, "--estimator-head", "none", "--default-parallelism", "2")
     pool = concurrent.futures.ThreadPoolExecutor(8)
     engine_processes: list[psutil.Process] = []
     try:
