@@ -172,20 +172,6 @@ def summarise(policies: list[Policy], matrix: np.ndarray) -> list[dict]:
     ]
 
 
-def replay_policies(
-    pools: list[Pool],
-    policies: list[Policy],
-    *,
-    orderings: int,
-    seed: int,
-    default: int,
-    desc: str = "replay",
-) -> list[dict]:
-    """Per policy: family, knob and the question-mean of every outcome."""
-    matrix = replay_matrix(pools, policies, orderings=orderings, seed=seed, default=default, desc=desc)
-    return summarise(policies, matrix)
-
-
 def oracle_frontier(accuracy: np.ndarray, lambdas: np.ndarray | None = None) -> list[dict]:
     """Best accuracy per mean samples of any per-question fixed N (knowing every A_x(N)):
     N_x(lambda) = the smallest argmax_N A_x(N) - lambda * N. lambda = 0 gives N*_x."""

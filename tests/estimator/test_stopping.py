@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from estimator.labels import expected_accuracy
-from estimator.replay import Pool, PoolReplay, drive, oracle_frontier, orderings_for, replay_policies
+from estimator.replay import (
+    Pool,
+    PoolReplay,
+    drive,
+    oracle_frontier,
+    orderings_for,
+    replay_matrix,
+    summarise,
+)
 from estimator.stopping import (
     ESC,
     STOP,
@@ -235,13 +243,14 @@ def test_replay_costs_of_aborted_samples():
     assert (sequential["launched"], sequential["finished"], sequential["rounds"]) == (3, 3, 3)
 
 
-def test_replay_policies_gives_every_policy_the_same_samples():
+def test_replay_gives_every_policy_the_same_samples():
     pools = [
         Pool(["0"] * 5 + ["1"] * 3, [5, 9, 7, 3, 8, 6, 4, 2], "0", 0.5),
         Pool(["2"] * 4 + [None] * 4, [5] * 8, "0", 0.1),
         Pool(["0", "1", "1", "2", "0", "0", "1", "0"], [1, 2, 3, 4, 5, 6, 7, 8], "0", 1.0),
     ]
-    rows = replay_policies(pools, [Fixed(8), ESC(3), Fixed(8)], orderings=20, seed=0, default=8)
+    policies = [Fixed(8), ESC(3), Fixed(8)]
+    rows = summarise(policies, replay_matrix(pools, policies, orderings=20, seed=0, default=8))
     assert rows[0] == rows[2]
     # No ties among all 8 samples, so the full vote does not depend on the order: 2 of 3 right.
     assert rows[0]["accuracy"] == pytest.approx(2 / 3)
