@@ -18,8 +18,9 @@ import numpy as np
 
 from estimator.head import T2Head
 from estimator.labels import TYPES, sample_type
+from estimator.learned_stopping import StoppingTable
 from estimator.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
-from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, Policy
+from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
 
 TOLERANCE = 0.01
 BOOTSTRAP = 200  # question resamples for the noise intervals
@@ -35,10 +36,15 @@ MAX_FACTORS = (1.5, 2.0, 3.0, None)  # composition: extend up to this multiple o
 AGREEMENTS = (0.25, 0.3, 0.35, 0.4, 0.5)
 AGREEMENT_MARGINS = (0.25, 0.5)
 AGREEMENT_MAX_FACTORS = (3.0, 5.0, None)
-FAMILIES = ("fixed", "T2", "ESC", "AC-beta", "AC-dirichlet", "T2+beta", "T2+dirichlet")
+# The learned stopping rule (from the head's table): cost per sample x first-launch margin.
+COSTS = (0.002, 0.003, 0.005, 0.007, 0.009, 0.011, 0.013, 0.016, 0.02, 0.03)
+LEARNED_MARGINS = (0.25, 0.5, 1.0)
+FAMILIES = ("fixed", "T2", "ESC", "AC-beta", "AC-dirichlet", "T2+beta", "T2+dirichlet", "T2+learned")
 
 
-def policy_grid(n_max: int, families: tuple[str, ...] = FAMILIES) -> list[Policy]:
+def policy_grid(
+    n_max: int, families: tuple[str, ...] = FAMILIES, stopping: StoppingTable | None = None
+) -> list[Policy]:
     grid: list[Policy] = [Fixed(n) for n in range(1, n_max + 1)]
     grid += [T2(m) for m in MARGINS]
     grid += [ESC(w, mx) for w in WINDOWS for mx in MAX_SAMPLES if mx is None or w <= mx < n_max]
@@ -63,6 +69,8 @@ def policy_grid(n_max: int, families: tuple[str, ...] = FAMILIES) -> list[Policy
         for m in AGREEMENT_MARGINS
         for f in AGREEMENT_MAX_FACTORS
     ]
+    if stopping is not None:  # a head without a table has no T2+learned family
+        grid += [LearnedStop(stopping, cost=c, margin=m) for c in COSTS for m in LEARNED_MARGINS]
     # Fixed N_max is the reference, so it is always in.
     return [p for p in grid if p.family in families or p == Fixed(n_max)]
 
@@ -115,7 +123,7 @@ def compare_policies(
     families: tuple[str, ...] = FAMILIES,
 ) -> dict:
     n_max = len(test[0]["answers"])
-    grid = policy_grid(n_max, families)
+    grid = policy_grid(n_max, families, getattr(head, "stopping", None))
     splits = {}
     matrices = {}
     test_predictions = head.predict_batch(test_states)
@@ -370,6 +378,7 @@ COLORS = {
     "AC-dirichlet": "#8cc63f",
     "T2+beta": "#c0392b",
     "T2+dirichlet": "#8e44ad",
+    "T2+learned": "#d81b60",
 }
 
 

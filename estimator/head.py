@@ -14,6 +14,9 @@ harmonic mean of the layer MSEs).
 
 Saved as `<name>.safetensors` (tensors) + `<name>.json` (model identity, N_max, layer MSEs,
 chosen layers, training config). `T2Head.load` refuses a head whose model does not match.
+A head may carry a learned stopping table, `<name>.stopping.safetensors`
+(estimator.learned_stopping), fitted for it by `t2serve train`; saving a head removes a
+table left beside an earlier head, since the table is only valid for the head it was fitted with.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from estimator.learned_stopping import StoppingTable, table_path
 
 
 @dataclass
@@ -75,6 +80,7 @@ class T2Head:
         self.meta = meta
         self._layers = torch.tensor(meta.layers, dtype=torch.long)
         self._weights = torch.tensor(meta.weights, dtype=torch.float32)
+        self.stopping: StoppingTable | None = None  # for the t2+learned policy
 
     @property
     def identity(self) -> str:
@@ -125,6 +131,7 @@ class T2Head:
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.probes.state_dict().items()}
         save_file(tensors, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(asdict(self.meta), indent=2))
+        table_path(path).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> T2Head:
@@ -135,7 +142,13 @@ class T2Head:
         probes = LayerProbes(meta.num_layers, meta.hidden_size, meta.ratio)
         tensors = load_file(str(path.with_suffix(".safetensors")))
         probes.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-        return cls(probes, meta)
+        head = cls(probes, meta)
+        head.stopping = StoppingTable.load(path)
+        if head.stopping is not None and head.stopping.n_max != meta.n_max:
+            raise ValueError(
+                f"{table_path(path)} is for N_max={head.stopping.n_max}, the head for {meta.n_max}"
+            )
+        return head
 
 
 DEFAULT_HEAD = Path(__file__).resolve().parent / "heads" / "smollm2-135m-instruct"

@@ -10,8 +10,12 @@
     ac-beta, ac-dirichlet   ac with that criterion
     t2+beta, t2+dirichlet   c=0.95, margin (default: --estimator-margin), extend=1,
                             max (x the T2 estimate), agree      Composition
+    t2+learned       cost=0.01, margin=0.25, extend=1           LearnedStop (needs the head's
+                                                                stopping table)
 
-e.g. `esc:window=4,max=8`, `ac-beta:c=0.9,max=8`, `t2+beta:c=0.8,margin=0.75,max=3`.
+e.g. `esc:window=4,max=8`, `ac-beta:c=0.9,max=8`, `t2+beta:c=0.8,margin=0.75,max=3`,
+`t2+learned:cost=0.005`. t2+learned keeps its own margin default (a small first launch: the
+learned rule decides how far to go), not the server's T2 margin.
 Names and knobs are case-insensitive; unknown names or knobs and bad values raise
 ValueError with a message meant for the client. `describe` gives the name a response reports.
 """
@@ -19,9 +23,12 @@ ValueError with a message meant for the client. `describe` gives the name a resp
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, Policy
+from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
+
+if TYPE_CHECKING:
+    from estimator.learned_stopping import StoppingTable
 
 CRITERIA = ("beta", "dirichlet")
 
@@ -77,21 +84,29 @@ KNOBS: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "max": ("max_factor", _positive_float("max")),
         "agree": ("agreement", _positive_float("agree")),
     },
+    "t2+learned": {
+        "cost": ("cost", _positive_float("cost")),
+        "margin": ("margin", _positive_float("margin")),
+        "extend": ("extend", _positive_int("extend")),
+    },
 }
 
 
-def parse_policy(spec: str, *, fixed_n: int, margin: float) -> Policy:
+def parse_policy(spec: str, *, fixed_n: int, margin: float, stopping: StoppingTable | None = None) -> Policy:
     """The policy a spec names. `fixed_n` and `margin` are the server's defaults for
-    `fixed` and for the T2-based policies."""
+    `fixed` and for the T2-based policies; `stopping` is the head's learned stopping table
+    (None: t2+learned is refused)."""
     name, _, rest = spec.strip().lower().partition(":")
     name = name.strip()
     family, preset = name, {}
     if name.startswith("ac-"):
         family, preset = "ac", {"criterion": name[3:]}
-    elif name.startswith("t2+"):
+    elif name.startswith("t2+") and name != "t2+learned":
         family, preset = "t2+", {"criterion": name[3:]}
     if family not in KNOBS:
-        raise ValueError(f"unknown policy {name!r}: use fixed, t2, esc, ac, ac-beta, ac-dirichlet or t2+beta")
+        raise ValueError(
+            f"unknown policy {name!r}: use fixed, t2, esc, ac, ac-beta, ac-dirichlet, t2+beta or t2+learned"
+        )
     kwargs: dict[str, Any] = {}
     for key, value in preset.items():
         kwargs[key] = _criterion(value)
@@ -114,6 +129,13 @@ def parse_policy(spec: str, *, fixed_n: int, margin: float) -> Policy:
         return ESC(**kwargs)
     if family == "ac":
         return AdaptiveConsistency(**kwargs)
+    if family == "t2+learned":
+        if stopping is None:
+            raise ValueError(
+                "policy 't2+learned' needs a stopping table beside the estimator head (`t2serve train` "
+                "fits one); this server's head has none"
+            )
+        return LearnedStop(stopping, **kwargs)
     return Composition(**{"margin": margin, **kwargs})
 
 

@@ -49,6 +49,11 @@ Policies
   head ranks the questions where more samples raise accuracy above those where they do
   not; so a question the head expects little from stops at its first agreeing votes
   (k = 1: after one sample) and one it expects much from waits for a larger majority.
+- LearnedStop(cost, margin, extend): the composition with a learned stopping rule instead
+  of a confidence threshold: launch the T2 estimate at `margin`, stop as soon as the head's
+  stopping table (estimator.learned_stopping) says that going on buys less accuracy than
+  `cost` per sample, given the estimate and the votes so far; while it says go on and
+  nothing is running, launch `extend` more.
 
 Stopping criteria, over the answer counts of the finished samples (abstentions do not vote,
 and a vote nobody has cast is never decided):
@@ -68,11 +73,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from estimator.policy import choose_parallelism
+
+if TYPE_CHECKING:
+    from estimator.learned_stopping import StoppingTable
 
 Criterion = Literal["beta", "dirichlet"]
 DIRICHLET_DRAWS = 4096
@@ -337,4 +345,40 @@ class Composition:
         return _more(self.extend, launched, tally, ceiling)
 
 
-Policy = Fixed | T2 | ESC | AdaptiveConsistency | Composition
+@dataclass(frozen=True)
+class LearnedStop:
+    """T2 first, the head's learned stopping rule after: launch the T2 estimate at `margin`,
+    stop once going on buys less than `cost` accuracy per sample (the table's judgement at
+    this estimate and these votes), else keep `extend` samples coming."""
+
+    table: StoppingTable = field(compare=False, repr=False)
+    cost: float = 0.01
+    margin: float = 0.25
+    extend: int = 1
+    adapts = True
+
+    @property
+    def family(self) -> str:
+        return "T2+learned"
+
+    @property
+    def knob(self) -> str:
+        return f"cost={self.cost:g},margin={self.margin:g}" + (
+            f",extend={self.extend}" if self.extend != 1 else ""
+        )
+
+    def first_launch(self, budget: Budget) -> int:
+        return T2(self.margin).first_launch(budget)
+
+    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
+        counts = tally.sorted_counts()
+        state = (tally.finished, counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
+        prediction = budget.default / budget.n_max if budget.prediction is None else budget.prediction
+        if self.table.should_stop(budget.n_max * prediction, state, self.cost):
+            return STOP
+        if tally.finished < launched:
+            return WAIT
+        return _more(self.extend, launched, tally, budget.cap)
+
+
+Policy = Fixed | T2 | ESC | AdaptiveConsistency | Composition | LearnedStop

@@ -160,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--stopping-folds",
+        type=int,
+        default=5,
+        help="cross-fitting folds for the learned stopping table (<head>.stopping.safetensors, policy "
+        "t2+learned); 0: no table",
+    )
+    train.add_argument(
+        "--stopping-bandwidth",
+        type=float,
+        default=1.0,
+        help="stopping table: kernel width over the head's estimate, in samples",
+    )
 
     evaluate = sub.add_parser(
         "evaluate", help="compare fixed N, N_D, T2, early-stopping policies and the oracle on the test split"
@@ -382,6 +395,24 @@ def train(args: argparse.Namespace) -> None:
     )
     head.meta.model_fingerprint = header["model"].get("fingerprint", "")
     head.save(args.out)
+    if args.stopping_folds > 1:
+        from estimator.learned_stopping import fit_stopping
+        from estimator.training import cross_fitted_predictions
+
+        predictions = cross_fitted_predictions(
+            train_states,
+            targets(train_records),
+            val_states,
+            targets(val_records),
+            folds=args.stopping_folds,
+            config=config,
+        )
+        table = fit_stopping(train_records, predictions, bandwidth=args.stopping_bandwidth, seed=args.seed)
+        table.save(args.out)
+        print(
+            f"stopping table: {len(table.states)} vote states x {len(table.grid)} estimates, from "
+            f"{args.stopping_folds}-fold cross-fitted predictions on {len(train_records)} train questions"
+        )
     mse = head.meta.layer_val_mse
     order = sorted(range(len(mse)), key=mse.__getitem__)
     print(f"train {len(train_records)}  validation {len(val_records)}  N_max {head.meta.n_max}")

@@ -156,7 +156,12 @@ class ParallelThinker:
 
     def parse_policy(self, spec: str) -> Policy:
         """A policy spec with the server's defaults (`fixed`: N_max; T2's margin); ValueError if bad."""
-        return parse_policy(spec, fixed_n=self.n_max, margin=self.settings.estimator_margin)
+        return parse_policy(
+            spec,
+            fixed_n=self.n_max,
+            margin=self.settings.estimator_margin,
+            stopping=getattr(self.estimator, "stopping", None),
+        )
 
     def resolve_budget(
         self, parallelism: int | str | None, max_parallelism: int | None

@@ -73,3 +73,20 @@ def test_single_prediction_in_range(trained):
     values = [head.predict(vx[i]) for i in range(20)]
     assert all(0.0 <= v <= 1.0 for v in values)
     np.testing.assert_allclose(values, head.predict_batch(vx[:20]), rtol=1e-5)
+
+
+def test_cross_fitted_predictions_are_out_of_fold_and_track_the_target():
+    from estimator.training import cross_fitted_predictions
+
+    x, y = synthetic(300)
+    vx, vy = synthetic(100, seed=1)
+    config = TrainConfig(epochs=20)
+    out = cross_fitted_predictions(x, y, vx, vy, folds=3, config=config, progress=False)
+    assert out.shape == (300,) and np.all((out > 0) & (out < 1))
+    assert np.corrcoef(out, y)[0, 1] > 0.8
+    # Out of fold: changing one question's target does not change its own prediction.
+    y2 = y.copy()
+    y2[0] = 1.0 - y2[0]
+    again = cross_fitted_predictions(x, y2, vx, vy, folds=3, config=config, progress=False)
+    assert again[0] == pytest.approx(out[0], abs=1e-6)
+    assert not np.allclose(again[1:], out[1:])  # the other folds' heads did see it

@@ -96,12 +96,65 @@ async def test_integer_parallelism_overrides_the_policy(client, engine):
     await assert_engine_idle(engine)
 
 
-@pytest.mark.parametrize("spec", ["greedy", "esc:window=0", "ac:c=2"])
-async def test_bad_policy_is_a_400(client, spec):
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("greedy", "unknown policy"),
+        ("esc:window=0", "window must be >= 1"),
+        ("ac:c=2", "c must lie in (0, 1)"),
+        ("t2+learned", "needs a stopping table"),  # this server runs without a head
+    ],
+)
+async def test_bad_policy_is_a_400(client, spec, message):
     with pytest.raises(openai.BadRequestError) as err:
         await ask(client, spec)
     assert err.value.status_code == 400
     assert err.value.body["param"] == "policy" and err.value.body["code"] == "invalid_value"
+    assert message in err.value.body["message"]
+
+
+async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settings):
+    """t2+learned on the real engine with the head shipped for the embedded model, whose
+    stopping table `t2serve train` fitted: a hopeless-looking vote may stop at one sample, an
+    undecided one goes on one at a time; never past the cap, nothing left in the engine."""
+    import uuid
+
+    from vllm import SamplingParams
+
+    from estimator.head import DEFAULT_HEAD, T2Head
+    from server.parallel import ParallelThinker
+    from server.serving import render_chat
+
+    head = T2Head.load(DEFAULT_HEAD)
+    assert head.stopping is not None and head.stopping.n_max == head.meta.n_max
+    thinker = ParallelThinker(engine, server_settings.parallelism, estimator=head)
+    ids = render_chat(engine.tokenizer, QUESTION)
+    result = await thinker.run(
+        ids,
+        SamplingParams(max_tokens=8, temperature=1.0, seed=5),
+        n_choices=1,
+        parallelism="auto",
+        max_parallelism=None,
+        request_id=uuid.uuid4().hex,
+        policy="t2+learned:cost=0.001,margin=0.5",
+    )
+    assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.prediction is not None
+    assert 1 <= result.samples <= result.launched <= result.max_parallelism
+    assert result.launched == result.samples + result.aborted
+    # What the table said at the end: stop (or nothing left to launch under the cap).
+    choice = result.choices[0]
+    counts = sorted(
+        (
+            sum(1 for s in choice.samples if s.answer == a)
+            for a in {s.answer for s in choice.samples} - {None}
+        ),
+        reverse=True,
+    )
+    state = (len(choice.samples), counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
+    assert head.stopping.should_stop(head.meta.n_max * result.prediction, state, 0.001) or (
+        result.launched == result.max_parallelism
+    )
+    await assert_engine_idle(engine)
 
 
 async def test_deadline_aborts_an_adaptive_policys_samples(client, engine):

@@ -1,0 +1,209 @@
+"""Learned stopping: is one more sample worth its cost, given the head's estimate and the
+votes so far? A table fitted on the labelled train pools, shipped beside the head.
+
+The state of a vote after k finished samples is s = (k, v1, v2): the leader's and the
+runner-up's counts (abstentions count in k, not in the votes). For a question whose head
+estimate is e = N_max * prediction, the labelled train questions with estimates near e are
+the prior: replaying random orderings of their pools gives, per state, how often the vote
+there names the gold answer, C(s), and where the next sample leads, P(s' | s). Questions
+weigh in by a Gaussian kernel of their estimate's distance to e (bandwidth in samples), so
+the table is tabulated on a grid of e and smooth in it. For a cost lambda (accuracy one
+sample must buy), backward induction from k = N_max gives the stopping rule
+
+    V(s) = max( C(s),  -lambda + sum_s' P(s' | s) V(s') ),   stop where C(s) is the larger.
+
+Why this beats a fixed confidence threshold: the vote alone cannot tell a question whose
+answers never settle because it is hopeless (stop: more samples buy nothing) from one that
+needs more samples to settle (go on). The head's estimate can, and the table learns how much
+each kind of question gains from continuing, from the pools themselves.
+
+The predictions used for fitting must be out-of-sample (a head predicts its own train split
+too well): `t2serve train` cross-fits them (estimator.training.cross_fitted_predictions).
+A state the table never saw (e.g. k > N_max under a larger cap) counts as "stop".
+Saved as `<head>.stopping.safetensors` (float32 tensors + metadata).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from estimator.replay import Pool, PoolReplay, orderings_for
+
+State = tuple[int, int, int]  # (finished samples, leader's votes, runner-up's votes)
+SUFFIX = ".stopping.safetensors"
+
+
+def vote_states(answers: tuple[str | None, ...]) -> list[State]:
+    """The state after each prefix of `answers` (finishing order)."""
+    counts: dict[str, int] = {}
+    out = []
+    for k, answer in enumerate(answers, 1):
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+        top = sorted(counts.values(), reverse=True)
+        out.append((k, top[0] if top else 0, top[1] if len(top) > 1 else 0))
+    return out
+
+
+@dataclass
+class StoppingTable:
+    n_max: int
+    bandwidth: float  # kernel width, in samples of the head's estimate N_max * prediction
+    grid: np.ndarray  # [G] estimates the table is tabulated at
+    states: list[State]
+    visits: np.ndarray  # [G, S] kernel-weighted visits of each state
+    correct: np.ndarray  # [G, S] ... of which the vote named the gold answer
+    edges: np.ndarray  # [E, 2] (state, next state) index pairs
+    moves: np.ndarray  # [G, E] kernel-weighted transitions along each edge
+    info: dict[str, str] = field(default_factory=dict)
+    _index: dict[State, int] = field(init=False, repr=False)
+    _rules: dict[float, np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {s: i for i, s in enumerate(self.states)}
+        self._rules = {}
+
+    def rule(self, cost: float) -> np.ndarray:
+        """[G, S] bool: stop in that state at that estimate, for this cost per sample."""
+        if cost not in self._rules:
+            if len(self._rules) >= 64:  # costs come from requests: keep the cache bounded
+                self._rules.clear()
+            self._rules[cost] = self._solve(cost)
+        return self._rules[cost]
+
+    def _solve(self, cost: float) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accuracy = np.where(self.visits > 0, self.correct / self.visits, 0.0)
+        value = accuracy.copy()
+        stop = np.ones_like(self.visits, dtype=bool)
+        by_source: dict[int, list[int]] = {}
+        for e, (source, _) in enumerate(self.edges):
+            by_source.setdefault(int(source), []).append(e)
+        # Later states first: every successor's value is known when a state is solved.
+        for i in sorted(by_source, key=lambda i: -self.states[i][0]):
+            out = by_source[i]
+            weight = self.moves[:, out]  # [G, out]
+            total = weight.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                go_on = (weight * value[:, self.edges[out, 1]]).sum(axis=1) / total - cost
+            go = (total > 0) & (self.visits[:, i] > 0) & (go_on > accuracy[:, i])
+            value[:, i] = np.where(go, go_on, accuracy[:, i])
+            stop[:, i] = ~go
+        return stop
+
+    def should_stop(self, estimate: float, state: State, cost: float) -> bool:
+        """Stop a vote in `state` whose head estimate (N_max * prediction) is `estimate`?"""
+        i = self._index.get(state)
+        if i is None:
+            return True
+        g = int(np.argmin(np.abs(self.grid - estimate)))
+        return bool(self.rule(cost)[g, i])
+
+    def save(self, head_path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {
+            "grid": self.grid.astype(np.float32),
+            "states": np.asarray(self.states, dtype=np.int32),
+            "visits": self.visits.astype(np.float32),
+            "correct": self.correct.astype(np.float32),
+            "edges": self.edges.astype(np.int32),
+            "moves": self.moves.astype(np.float32),
+        }
+        meta = {**self.info, "n_max": str(self.n_max), "bandwidth": repr(self.bandwidth)}
+        save_file(tensors, str(table_path(head_path)), metadata=meta)
+
+    @classmethod
+    def load(cls, head_path: str | Path) -> StoppingTable | None:
+        """The table beside a head, or None when the head has none."""
+        from safetensors import safe_open
+
+        path = table_path(head_path)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="numpy") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            meta = dict(f.metadata() or {})
+        n_max, bandwidth = int(meta.pop("n_max")), float(meta.pop("bandwidth"))
+        return cls(
+            n_max=n_max,
+            bandwidth=bandwidth,
+            grid=t["grid"].astype(np.float64),
+            states=[(int(k), int(a), int(b)) for k, a, b in t["states"]],
+            visits=t["visits"].astype(np.float64),
+            correct=t["correct"].astype(np.float64),
+            edges=t["edges"].astype(np.int64),
+            moves=t["moves"].astype(np.float64),
+            info=meta,
+        )
+
+
+def table_path(head_path: str | Path) -> Path:
+    path = Path(head_path)
+    path = path.with_suffix("") if path.suffix in {".json", ".safetensors"} else path
+    return path.with_name(path.name + SUFFIX)
+
+
+def fit_stopping(
+    records: list[dict],
+    predictions: np.ndarray,
+    *,
+    bandwidth: float = 1.0,
+    step: float = 0.25,
+    orderings: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> StoppingTable:
+    """Fit the table on labelled questions (`answers`, `answer`) and their out-of-sample
+    head predictions (N*/N_max)."""
+    from tqdm import tqdm
+
+    n_max = len(records[0]["answers"])
+    estimates = np.asarray(predictions, dtype=np.float64) * n_max
+    index: dict[State, int] = {}
+    edge_index: dict[tuple[int, int], int] = {}
+    per_question = []
+    orders = orderings_for(len(records), n_max, orderings, seed)
+    rows = tqdm(
+        list(zip(records, orders, strict=True)), desc="stopping table", unit="q", disable=not progress
+    )
+    for record, order in rows:
+        replay = PoolReplay(Pool(record["answers"], record["tokens"], record["answer"]), order, default=n_max)
+        visits: dict[int, int] = {}
+        correct: dict[int, float] = {}
+        moves: dict[int, int] = {}
+        for r, sequence in enumerate(replay.sequences):
+            path = [index.setdefault(s, len(index)) for s in vote_states(sequence)]
+            for k, i in enumerate(path):
+                visits[i] = visits.get(i, 0) + 1
+                correct[i] = correct.get(i, 0.0) + replay.correct[r, k + 1]
+            for i, j in zip(path, path[1:], strict=False):
+                e = edge_index.setdefault((i, j), len(edge_index))
+                moves[e] = moves.get(e, 0) + 1
+        per_question.append((visits, correct, moves))
+    counts = np.zeros((len(records), len(index)))
+    hits = np.zeros_like(counts)
+    steps = np.zeros((len(records), len(edge_index)))
+    for q, (visits, correct, moves) in enumerate(per_question):
+        counts[q, list(visits)] = list(visits.values())
+        hits[q, list(correct)] = list(correct.values())
+        steps[q, list(moves)] = list(moves.values())
+    grid = np.arange(np.floor(estimates.min() / step) * step, estimates.max() + step, step)
+    kernel = np.exp(-0.5 * ((grid[:, None] - estimates[None, :]) / bandwidth) ** 2)
+    # Rows normalised: every grid point's table is a weighted mean over questions, so values
+    # stay in range when stored as float32.
+    kernel /= kernel.sum(axis=1, keepdims=True)
+    return StoppingTable(
+        n_max=n_max,
+        bandwidth=bandwidth,
+        grid=grid,
+        states=list(index),
+        visits=kernel @ counts,
+        correct=kernel @ hits,
+        edges=np.array(list(edge_index), dtype=np.int64).reshape(-1, 2),
+        moves=kernel @ steps,
+        info={"questions": str(len(records)), "orderings": str(orderings), "seed": str(seed)},
+    )
