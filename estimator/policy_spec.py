@@ -10,7 +10,7 @@
     ac-beta, ac-dirichlet   ac with that criterion
     t2+beta, t2+dirichlet   c=0.95, margin (default: --estimator-margin), extend=1,
                             max (x the T2 estimate), agree      Composition
-    t2+learned       cost=0.01, margin=0.25, extend=1           LearnedStop (needs the head's
+    t2+learned       cost=0.009, margin=0.25, extend=1          LearnedStop (needs the head's
                                                                 stopping table)
 
 e.g. `esc:window=4,max=8`, `ac-beta:c=0.9,max=8`, `t2+beta:c=0.8,margin=0.75,max=3`,
