@@ -65,6 +65,7 @@ class Admission:
 
     async def acquire(self, samples: int) -> Ticket:
         if self._closed is not None:
+            metrics.REJECTED.labels("engine_dead").inc()
             raise self._closed
         if not self._queue and self._fits(samples):
             return self._admit(samples)
@@ -127,10 +128,13 @@ class Admission:
         metrics.QUEUE_DEPTH.set(len(self._queue))
 
     def close(self, error: APIError) -> None:
-        """Fail every waiting and future request with `error` (the engine is gone)."""
+        """Fail every waiting and future request with `error` (the engine is gone). Each one
+        counts in `t2serve_requests_rejected_total{reason="engine_dead"}`, as do the new
+        requests that server.app's `get_serving` turns away before they get here."""
         self._closed = error
         while self._queue:
             _, waiter = self._queue.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+                metrics.REJECTED.labels("engine_dead").inc()
         metrics.QUEUE_DEPTH.set(0)

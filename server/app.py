@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from estimator.head import load_head
 from server import metrics
 from server.admission import Admission, Ticket, minimum_samples
-from server.auth import require_api_key, require_metrics_key
+from server.auth import KeyBeforeBody, require_api_key, require_metrics_key
 from server.body_limit import BodyLimit
 from server.config import ServerSettings
 from server.engine import Engine, engine_dead_error
@@ -93,8 +93,10 @@ def create_app(
     app = FastAPI(title="t2serve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
-    # Runs before routing: bodies are bounded before anything reads them.
+    # Run before routing, the last added first: the API key is checked before the body is
+    # read, then bodies are bounded before anything parses them.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(KeyBeforeBody)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

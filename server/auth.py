@@ -2,16 +2,19 @@
 
 Keys come from `--api-key` (repeatable) and `T2SERVE_API_KEYS` (comma-separated). Without
 keys every request passes. `/health` is never checked; `/metrics` only with `--metrics-auth`.
+On /v1 the key is checked before the body is read (`KeyBeforeBody`), so a client without a
+valid key gets 401 whatever it sent.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from fastapi import Request
 
 from server import metrics
-from server.errors import APIError
+from server.errors import APIError, error_response
 
 
 def key_matches(token: str, keys: list[str]) -> bool:
@@ -42,3 +45,25 @@ def require_api_key(request: Request) -> None:
 def require_metrics_key(request: Request) -> None:
     if request.app.state.settings.metrics_auth:
         require_api_key(request)
+
+
+class KeyBeforeBody:
+    """Pure ASGI middleware: `require_api_key` on /v1 before anything reads the body.
+
+    FastAPI reads and parses a route's body before it runs the route's dependencies, and
+    server.body_limit runs before routing, so otherwise a body that is too large, not UTF-8,
+    not JSON or nested too deep would get 413/400 ahead of the 401. The router keeps its
+    `require_api_key` dependency too (it documents the 401 and costs next to nothing)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            try:
+                require_api_key(Request(scope))
+            except APIError as error:
+                response = error_response(error.status, error.message, error.param, error.code, error.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 
 from server.admission import Admission, minimum_samples
 from server.config import LimitSettings
@@ -71,13 +72,19 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_close_fails_the_rest():
     leaver.cancel()
     await asyncio.sleep(0.01)
     assert admission.queued == 1
+    rejected_before = engine_dead_rejections()
     admission.close(APIError(503, "engine died", code="engine_dead"))
     with pytest.raises(APIError, match="engine died"):
         await stayer
     with pytest.raises(APIError, match="engine died"):
         await admission.acquire(1)
+    assert engine_dead_rejections() - rejected_before == 2  # the queued one and the late one
     held.release()
     assert admission.active == 0 and admission.reserved == 0
+
+
+def engine_dead_rejections() -> float:
+    return REGISTRY.get_sample_value("t2serve_requests_rejected_total", {"reason": "engine_dead"}) or 0.0
 
 
 def test_minimum_samples():

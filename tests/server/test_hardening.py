@@ -82,6 +82,7 @@ def settings_with(server_settings, **limits):
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format", "invalid_value"),
         ("chat", {"seed": -1}, "seed", "invalid_value"),
+        ("chat", {"top_k": 2**70}, "top_k", "invalid_value"),  # was a 500: msgpack caps at 2**64
         ("chat", {"timeout": 0}, "timeout", "invalid_value"),
         ("chat", {"temperature": 0, "parallelism": 3}, "temperature", "invalid_value"),
         ("chat", {"temperature": 0, "n": 2}, "temperature", "invalid_value"),
@@ -181,6 +182,35 @@ async def test_api_keys(engine, server_settings):
         assert response.headers["www-authenticate"] == "Bearer"
     assert first.status_code == 200 and second.status_code == 200
     assert health.status_code == 200 and metrics_with_key.status_code == 200
+
+
+async def test_without_a_key_the_body_is_never_looked_at(engine, server_settings):
+    # FastAPI parses the body before the router's key check, so bad bodies used to get 400.
+    settings = settings_with(server_settings, api_keys=["key-one"])
+    key = {"authorization": "Bearer key-one"}
+    json_type = {"content-type": "application/json"}
+    chat = "/v1/chat/completions"
+    bad_bodies = {
+        "not JSON": b'{"model": ',
+        "nested too deep": b"[" * 100_000,
+        "not UTF-8": b'{"model": "caf\xe9"}',
+        "too large": b"{" + b" " * (settings.limits.max_body_bytes + 1) + b"}",
+    }
+    unauthorized_before = metric("t2serve_requests_rejected_total", reason="unauthorized")
+    async with serve(engine, settings) as (url, _), httpx.AsyncClient() as http:
+        anonymous = {
+            name: await http.post(f"{url}{chat}", content=body, headers=json_type)
+            for name, body in bad_bodies.items()
+        }
+        invalid = await http.post(f"{url}{chat}", json={"model": MODEL_NAME, "messages": "hi"})
+        with_key = await http.post(f"{url}{chat}", content=bad_bodies["not JSON"], headers=json_type | key)
+    for name, response in [*anonymous.items(), ("invalid", invalid)]:
+        assert response.status_code == 401, name
+        assert_openai_error(response, 401, "invalid_api_key")
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert_openai_error(with_key, 400, "invalid_json")
+    unauthorized = metric("t2serve_requests_rejected_total", reason="unauthorized") - unauthorized_before
+    assert unauthorized == len(bad_bodies) + 1
 
 
 def test_key_comparison_checks_every_key():
