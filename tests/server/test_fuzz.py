@@ -55,7 +55,7 @@ SAMPLING = {
     "max_tokens": (st.integers(1, 4), st.integers(max_value=0) | st.integers(min_value=3000)),
     "temperature": (st.floats(0, 2), st.floats(min_value=2.0001) | st.floats(max_value=-0.0001)),
     "top_p": (st.floats(0.01, 1), st.floats(min_value=1.0001) | st.floats(max_value=0)),
-    "top_k": (st.integers(-1, 50), st.integers(max_value=-2)),
+    "top_k": (st.integers(-1, 50), st.integers(max_value=-2) | st.integers(min_value=2**31)),
     "seed": (st.integers(0, 2**62), st.integers(max_value=-1) | st.integers(min_value=2**62 + 1)),
     "stop": (
         st.lists(st.text(min_size=1, max_size=4), max_size=3) | st.text(min_size=1, max_size=4),
