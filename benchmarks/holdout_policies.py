@@ -1,0 +1,105 @@
+"""Policies at equal accuracy on questions labelled after development: a fresh holdout.
+
+`t2serve evaluate` reports on the test split of the labels the head, the stopping table and
+their knobs were developed against. This replays the same policy grid (estimator.comparison)
+on the test-split questions of `--holdout` folders that none of the `--labels` folders hold,
+so nothing about them informed any choice. Per family: launched samples at the target
+(fixed N_max - 1 point) on the family's Pareto front, and the knob `evaluate` chose on
+validation (read from --policies) replayed here.
+
+    .venv/bin/t2serve label --count 2400 --seed 2 --split test --out labels/smollm2-s2-test
+    .venv/bin/python benchmarks/holdout_policies.py --labels labels/smollm2 --labels labels/smollm2-s1 \
+        --holdout labels/smollm2-s2-test
+Writes benchmarks/results/holdout_policies.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS  # noqa: E402
+from estimator import comparison  # noqa: E402
+from estimator.head import DEFAULT_HEAD, T2Head  # noqa: E402
+from estimator.labeling import load_label_sets  # noqa: E402
+from estimator.replay import oracle_frontier, replay_matrix, summarise  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--labels", type=Path, action="append", required=True, help="the development labels")
+    parser.add_argument("--holdout", type=Path, action="append", required=True, help="labels made after")
+    parser.add_argument("--head", type=Path, default=DEFAULT_HEAD)
+    parser.add_argument("--policies", type=Path, default=RESULTS / "policies.json", help="evaluate's report")
+    parser.add_argument("--orderings", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS / "holdout_policies.json")
+    args = parser.parse_args()
+
+    seen = {r["id"] for r in load_label_sets(args.labels)[0]}
+    records, states, _ = load_label_sets(args.holdout)
+    keep = [i for i, r in enumerate(records) if r["split"] == "test" and r["id"] not in seen]
+    if not keep:
+        raise SystemExit("no test-split questions in --holdout that --labels do not hold")
+    holdout = [records[i] for i in keep]
+    head = T2Head.load(args.head)
+    grid = comparison.policy_grid(len(holdout[0]["answers"]), stopping=head.stopping)
+    matrix = replay_matrix(
+        comparison.pools(holdout, head.predict_batch(states[keep])),
+        grid,
+        orderings=args.orderings,
+        seed=0,
+        default=head.meta.n_max,
+        desc="holdout",
+    )
+    rows = summarise(grid, matrix)
+    reference = next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={head.meta.n_max}")
+    target = reference["accuracy"] - comparison.TOLERANCE
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    front = {f: comparison.samples_at([r for r in rows if r["family"] == f], target) for f in families}
+    oracle = comparison.samples_at(oracle_frontier(np.array([r["accuracy"] for r in holdout])), target)
+    chosen = json.loads(args.policies.read_text())["selected"]
+    selected = {
+        f: next(r for r in rows if r["family"] == f and r["knob"] == pick["knob"])
+        for f, pick in chosen.items()
+        if f in families
+    }
+    print(
+        f"{len(holdout)} holdout questions; target {target:.3f} (fixed N_max {reference['accuracy']:.3f} - 0.01)"
+    )
+    print(
+        f"{'family':<13} {'front@target':>12}  {'knob chosen on validation':<34} {'acc':>6} {'launched':>8}"
+    )
+    for f in families:
+        s = selected.get(f)
+        at = f"{front[f]:.2f}" if front[f] is not None else "-"
+        pick = f"{s['knob']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f}" if s else ""
+        print(f"{f:<13} {at:>12}  {pick}")
+    print(f"{'oracle':<13} {oracle:>12.2f}" if oracle is not None else "oracle: target not reached")
+    gap = None
+    if oracle is not None and front.get("T2") and front.get("T2+learned"):
+        gap = (front["T2"] - front["T2+learned"]) / (front["T2"] - oracle)
+        print(f"T2+learned closes {gap:.0%} of T2's gap to the oracle frontier on the holdout fronts")
+    result = {
+        "questions": len(holdout),
+        "orderings": args.orderings,
+        "target": target,
+        "fixed_n_max": reference,
+        "front_at_target": {**front, "oracle": oracle},
+        "selected": selected,
+        "gap_closed_front": gap,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
