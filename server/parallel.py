@@ -237,7 +237,10 @@ class ParallelThinker:
         first_params = base.clone()
         first_params.n = 1
         first_id, rest_id = f"{request_id}-s0", f"{request_id}-s1"
-        states_future = self.engine.tag_for_capture(first_params, request_id)
+        # Capture only when someone reads the states: a fixed N (or a policy that ignores the
+        # head) has no use for them, and the copy and push cost the engine step time.
+        wants_capture = want_states or (mode == "auto" and needs_prediction(policy))
+        states_future = self.engine.tag_for_capture(first_params, request_id) if wants_capture else None
         started = time.monotonic()
         in_flight = 1
         self._count_in_flight(1)
@@ -256,7 +259,7 @@ class ParallelThinker:
             try:
                 async with asyncio.timeout(timeout_s):
                     if mode == "auto":
-                        if needs_prediction(policy):
+                        if states_future is not None:
                             states, capture_ms = await self._wait_states(states_future, first, started)
                             prediction, estimator_ms = await self._timed_predict(states)
                         load_cap = self._first_cap(base, cap, n_choices)
@@ -283,10 +286,11 @@ class ParallelThinker:
             except TimeoutError:
                 timed_out = True
                 first_out, rest_out = await self._abort_and_collect(first, rest, [first_id, rest_id])
-            if states is None and want_states and not states_future.done():
-                await asyncio.wait({states_future}, timeout=self.engine.settings.capture_timeout_s)
-            if states is None and states_future.done() and not states_future.cancelled():
-                states = states_future.result()
+            if states_future is not None and states is None:
+                if want_states and not states_future.done():
+                    await asyncio.wait({states_future}, timeout=self.engine.settings.capture_timeout_s)
+                if states_future.done() and not states_future.cancelled():
+                    states = states_future.result()
         except BaseException:
             for task in (first, rest):
                 if task is not None:
@@ -295,7 +299,8 @@ class ParallelThinker:
             raise
         finally:
             self._count_in_flight(-in_flight)
-            self.engine.forget_capture(request_id)
+            if states_future is not None:
+                self.engine.forget_capture(request_id)
 
         outputs = list(first_out.outputs) if first_out is not None else []
         if rest_out is not None:
