@@ -234,16 +234,19 @@ class ParallelThinker:
         want_states: bool,
         timeout_s: float | None,
     ) -> ThinkingResult:
-        first_params = base.clone()
-        first_params.n = 1
-        first_id, rest_id = f"{request_id}-s0", f"{request_id}-s1"
+        n = policy.first_launch(self._budget(None, cap)) if mode == "fixed" else 1  # auto: decided below
         # Capture only when someone reads the states: a fixed N (or a policy that ignores the
         # head) has no use for them, and the copy and push cost the engine step time.
         wants_capture = want_states or (mode == "auto" and needs_prediction(policy))
+        first_params = base.clone()
+        # Without a capture nothing waits on sample 0: a fixed N is one n=k request, as in
+        # vLLM's own API; with one, sample 0 carries it and the rest follow as one request.
+        first_params.n = n * n_choices if mode == "fixed" and not wants_capture else 1
+        first_id, rest_id = f"{request_id}-s0", f"{request_id}-s1"
         states_future = self.engine.tag_for_capture(first_params, request_id) if wants_capture else None
         started = time.monotonic()
-        in_flight = 1
-        self._count_in_flight(1)
+        in_flight = first_params.n
+        self._count_in_flight(in_flight)
         first = asyncio.ensure_future(
             _final_output(self.engine.generate(prompt_token_ids, first_params, first_id))
         )
@@ -254,7 +257,6 @@ class ParallelThinker:
         estimator_ms = None
         load_cap = None
         timed_out = False
-        n = policy.first_launch(self._budget(None, cap)) if mode == "fixed" else 1  # auto: decided below
         try:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -268,12 +270,12 @@ class ParallelThinker:
                         if reduced and n < policy.first_launch(self._budget(prediction, cap)):
                             metrics.LOAD_REDUCED.inc()
                     total = n * n_choices
-                    if total > 1:
+                    if total > first_params.n:
                         rest_params = base.clone()
-                        rest_params.n = total - 1
+                        rest_params.n = total - first_params.n
                         if rest_params.seed is not None:
                             # vLLM seeds child i of an n>1 request with seed + i: shift past sample 0.
-                            rest_params.seed += 1
+                            rest_params.seed += first_params.n
                         in_flight += rest_params.n
                         self._count_in_flight(rest_params.n)
                         rest = asyncio.ensure_future(
@@ -302,7 +304,7 @@ class ParallelThinker:
             if states_future is not None:
                 self.engine.forget_capture(request_id)
 
-        outputs = list(first_out.outputs) if first_out is not None else []
+        outputs = sorted(first_out.outputs, key=lambda o: o.index) if first_out is not None else []
         if rest_out is not None:
             outputs += sorted(rest_out.outputs, key=lambda o: o.index)
         samples = [_to_sample(o) for o in outputs]
