@@ -264,11 +264,8 @@ class ParallelThinker:
                         if states_future is not None:
                             states, capture_ms = await self._wait_states(states_future, first, started)
                             prediction, estimator_ms = await self._timed_predict(states)
-                        load_cap = self._first_cap(base, cap, n_choices)
+                        load_cap = self._first_cap(base, cap, n_choices, policy, prediction)
                         n = policy.first_launch(self._budget(prediction, load_cap))
-                        reduced = load_cap < cap and not is_greedy(base.temperature)
-                        if reduced and n < policy.first_launch(self._budget(prediction, cap)):
-                            metrics.LOAD_REDUCED.inc()
                     total = n * n_choices
                     if total > first_params.n:
                         rest_params = base.clone()
@@ -382,7 +379,10 @@ class ParallelThinker:
 
         first_params = base.clone()
         first_params.n = 1
-        states_future = self.engine.tag_for_capture(first_params, request_id)
+        # As in _run_at_once: capture only when the policy reads the prediction.
+        states_future = (
+            self.engine.tag_for_capture(first_params, request_id) if needs_prediction(policy) else None
+        )
         started = time.monotonic()
         first = start(0, first_params)
         prediction = states = capture_ms = estimator_ms = load_cap = None
@@ -390,17 +390,12 @@ class ParallelThinker:
         try:
             try:
                 async with asyncio.timeout(timeout_s):
-                    if needs_prediction(policy):
+                    if states_future is not None:
                         states, capture_ms = await self._wait_states(states_future, first, started)
                         prediction, estimator_ms = await self._timed_predict(states)
-                    load_cap = self._first_cap(base, cap, n_choices)
+                    load_cap = self._first_cap(base, cap, n_choices, policy, prediction)
                     for c, vote in enumerate(votes):
                         launch(c, policy.first_launch(own_budget(prediction)) - vote.launched)
-                    reduced = load_cap < cap and not is_greedy(base.temperature)
-                    if reduced and policy.first_launch(
-                        self._budget(prediction, load_cap)
-                    ) < policy.first_launch(self._budget(prediction, cap)):
-                        metrics.LOAD_REDUCED.inc()
                     while running and not all(v.stopped for v in votes):
                         done, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
@@ -436,7 +431,8 @@ class ParallelThinker:
             raise
         finally:
             self._count_in_flight(-len(running))
-            self.engine.forget_capture(request_id)
+            if states_future is not None:
+                self.engine.forget_capture(request_id)
 
         return ThinkingResult(
             choices=self._votes([v.samples for v in votes], timed_out, timeout_s),
@@ -505,11 +501,18 @@ class ParallelThinker:
             return cap
         return load_scaled_cap(cap, self.samples_in_flight - own, self.samples_limit, choices=n_choices)
 
-    def _first_cap(self, base: Any, cap: int, n_choices: int) -> int:
-        """The cap when a request first chooses N (its sample 0 is running), recorded in metrics."""
+    def _first_cap(
+        self, base: Any, cap: int, n_choices: int, policy: Policy, prediction: float | None
+    ) -> int:
+        """The cap when a request first chooses N (its sample 0 is running), recorded in
+        metrics, with the request counted as load-reduced when the cap lowers its first launch."""
         scaled = self._scaled_cap(base, cap, n_choices, own=1)
         if self.samples_limit is not None and not is_greedy(base.temperature):
             metrics.LOAD_CAP.observe(scaled)
+            if scaled < cap and policy.first_launch(self._budget(prediction, scaled)) < policy.first_launch(
+                self._budget(prediction, cap)
+            ):
+                metrics.LOAD_REDUCED.inc()
         return scaled
 
     async def _timed_predict(self, states: Any) -> tuple[float | None, float | None]:
