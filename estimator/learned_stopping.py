@@ -31,20 +31,19 @@ from pathlib import Path
 import numpy as np
 
 from estimator.replay import Pool, PoolReplay, orderings_for
+from estimator.stopping import Tally
 
 State = tuple[int, int, int]  # (finished samples, leader's votes, runner-up's votes)
 SUFFIX = ".stopping.safetensors"
 
 
 def vote_states(answers: tuple[str | None, ...]) -> list[State]:
-    """The state after each prefix of `answers` (finishing order)."""
-    counts: dict[str, int] = {}
+    """The state (Tally.state) after each prefix of `answers` (finishing order)."""
+    tally = Tally()
     out = []
-    for k, answer in enumerate(answers, 1):
-        if answer is not None:
-            counts[answer] = counts.get(answer, 0) + 1
-        top = sorted(counts.values(), reverse=True)
-        out.append((k, top[0] if top else 0, top[1] if len(top) > 1 else 0))
+    for answer in answers:
+        tally.add(answer)
+        out.append(tally.state())
     return out
 
 
@@ -61,10 +60,17 @@ class StoppingTable:
     info: dict[str, str] = field(default_factory=dict)
     _index: dict[State, int] = field(init=False, repr=False)
     _rules: dict[float, np.ndarray] = field(init=False, repr=False)
+    _backward: list[tuple[int, list[int]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {s: i for i, s in enumerate(self.states)}
         self._rules = {}
+        # Each state's outgoing edges, later states first: backward induction solves a state
+        # after all its successors.
+        by_source: dict[int, list[int]] = {}
+        for e, (source, _) in enumerate(self.edges):
+            by_source.setdefault(int(source), []).append(e)
+        self._backward = sorted(by_source.items(), key=lambda item: -self.states[item[0]][0])
 
     def rule(self, cost: float) -> np.ndarray:
         """[G, S] bool: stop in that state at that estimate, for this cost per sample."""
@@ -79,12 +85,7 @@ class StoppingTable:
             accuracy = np.where(self.visits > 0, self.correct / self.visits, 0.0)
         value = accuracy.copy()
         stop = np.ones_like(self.visits, dtype=bool)
-        by_source: dict[int, list[int]] = {}
-        for e, (source, _) in enumerate(self.edges):
-            by_source.setdefault(int(source), []).append(e)
-        # Later states first: every successor's value is known when a state is solved.
-        for i in sorted(by_source, key=lambda i: -self.states[i][0]):
-            out = by_source[i]
+        for i, out in self._backward:
             weight = self.moves[:, out]  # [G, out]
             total = weight.sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -120,6 +120,12 @@ class Tally:
     def sorted_counts(self) -> tuple[int, ...]:
         return tuple(sorted(self.counts.values(), reverse=True))
 
+    def state(self) -> tuple[int, int, int]:
+        """(finished, leader's votes, runner-up's votes): the vote as the learned stopping
+        table (estimator.learned_stopping) sees it."""
+        counts = self.sorted_counts()
+        return (self.finished, counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -371,10 +377,8 @@ class LearnedStop:
         return T2(self.margin).first_launch(budget)
 
     def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
-        counts = tally.sorted_counts()
-        state = (tally.finished, counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
         prediction = budget.default / budget.n_max if budget.prediction is None else budget.prediction
-        if self.table.should_stop(budget.n_max * prediction, state, self.cost):
+        if self.table.should_stop(budget.n_max * prediction, tally.state(), self.cost):
             return STOP
         if tally.finished < launched:
             return WAIT

@@ -122,6 +122,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     from vllm import SamplingParams
 
     from estimator.head import DEFAULT_HEAD, T2Head
+    from estimator.stopping import Tally
     from server.parallel import ParallelThinker
     from server.serving import render_chat
 
@@ -142,16 +143,10 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     assert 1 <= result.samples <= result.launched <= result.max_parallelism
     assert result.launched == result.samples + result.aborted
     # What the table said at the end: stop (or nothing left to launch under the cap).
-    choice = result.choices[0]
-    counts = sorted(
-        (
-            sum(1 for s in choice.samples if s.answer == a)
-            for a in {s.answer for s in choice.samples} - {None}
-        ),
-        reverse=True,
-    )
-    state = (len(choice.samples), counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
-    assert head.stopping.should_stop(head.meta.n_max * result.prediction, state, 0.001) or (
+    tally = Tally()
+    for sample in result.choices[0].samples:
+        tally.add(sample.answer)
+    assert head.stopping.should_stop(head.meta.n_max * result.prediction, tally.state(), 0.001) or (
         result.launched == result.max_parallelism
     )
     await assert_engine_idle(engine)
