@@ -45,25 +45,24 @@ def holdout_report(head, holdout: list[dict], states: np.ndarray, chosen: dict, 
         desc="holdout",
     )
     rows = summarise(grid, matrix)
-    reference = next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={n_max}")
+    reference = comparison.fixed_n_max_row(rows, n_max)
     target = reference["accuracy"] - comparison.TOLERANCE
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    front = {f: comparison.samples_at([r for r in rows if r["family"] == f], target) for f in families}
-    oracle = comparison.samples_at(oracle_frontier(np.array([r["accuracy"] for r in holdout])), target)
+    front = comparison.fronts_at(rows, oracle_frontier(np.array([r["accuracy"] for r in holdout])), target)
     selected = {
         f: next(r for r in rows if r["family"] == f and r["knob"] == pick["knob"])
         for f, pick in chosen.items()
-        if f in families
+        if f in front and f != "oracle"
     }
     gap = None
-    if oracle is not None and front.get("T2") is not None and front.get("T2+learned") is not None:
-        gap = (front["T2"] - front["T2+learned"]) / (front["T2"] - oracle) if front["T2"] > oracle else None
+    t2, learned, oracle = front["T2"], front.get("T2+learned"), front["oracle"]
+    if oracle is not None and t2 is not None and learned is not None and t2 > oracle:
+        gap = (t2 - learned) / (t2 - oracle)
     return {
         "questions": len(holdout),
         "orderings": orderings,
         "target": target,
         "fixed_n_max": reference,
-        "front_at_target": {**front, "oracle": oracle},
+        "front_at_target": front,
         "selected": selected,
         "gap_closed_front": gap,
     }

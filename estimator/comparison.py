@@ -102,6 +102,21 @@ def samples_at(points: list[dict], target: float) -> float | None:
     return None
 
 
+def fixed_n_max_row(rows: list[dict], n_max: int) -> dict:
+    """Fixed N_max's row: the reference the target is set from."""
+    return next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={n_max}")
+
+
+def fronts_at(rows: list[dict], frontier: list[dict], target: float) -> dict[str, float | None]:
+    """Mean launched samples the oracle frontier and each family's Pareto front need for
+    `target` (samples_at; None where a front never reaches it)."""
+    families = dict.fromkeys(r["family"] for r in rows)
+    return {
+        "oracle": samples_at(frontier, target),
+        **{f: samples_at([r for r in rows if r["family"] == f], target) for f in families},
+    }
+
+
 def pareto(rows: list[dict], x: str = "launched") -> list[dict]:
     """Points no other point beats in both accuracy and cost, cheapest first."""
     best: list[dict] = []
@@ -145,7 +160,7 @@ def compare_policies(
             "accuracy": float(accuracy[np.arange(len(records)), n_star - 1].mean()),
             "launched": float(n_star.mean()),
         }
-        reference = next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={n_max}")
+        reference = fixed_n_max_row(rows, n_max)
         splits[name] = {
             "questions": len(records),
             "rows": rows,
@@ -173,11 +188,7 @@ def compare_policies(
     at_target = {
         name: {
             "target": split["target"],
-            "oracle": samples_at(split["oracle_frontier"], split["target"]),
-            **{
-                family: samples_at([r for r in split["rows"] if r["family"] == family], split["target"])
-                for family in selected
-            },
+            **fronts_at(split["rows"], split["oracle_frontier"], split["target"]),
         }
         for name, split in splits.items()
     }
