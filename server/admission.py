@@ -58,17 +58,17 @@ class Admission:
             and self.reserved + samples <= self.limits.max_samples_in_flight
         )
 
-    def _admit(self, samples: int) -> Ticket:
+    def _hold(self, samples: int) -> None:
         self.active += 1
         self.reserved += samples
-        return Ticket(self, samples)
 
     async def acquire(self, samples: int) -> Ticket:
         if self._closed is not None:
             metrics.REJECTED.labels("engine_dead").inc()
             raise self._closed
         if not self._queue and self._fits(samples):
-            return self._admit(samples)
+            self._hold(samples)
+            return Ticket(self, samples)
         retry_after = {"Retry-After": str(max(1, math.ceil(self.limits.queue_timeout_s / 4)))}
         if len(self._queue) >= self.limits.max_queue:
             metrics.REJECTED.labels("queue_full").inc()
@@ -122,8 +122,7 @@ class Admission:
             samples, waiter = self._queue.popleft()
             if waiter.done():
                 continue
-            self.active += 1
-            self.reserved += samples
+            self._hold(samples)
             waiter.set_result(None)
         metrics.QUEUE_DEPTH.set(len(self._queue))
 
