@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install serve test lint bench prepare-model clean
+.PHONY: install serve test test-fast lint bench prepare-model clean
 
 install:
 	@scripts/install.sh
@@ -18,6 +18,10 @@ prepare-model: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The suite without the tests marked slow (CI runs everything through `make test`).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server estimator tests benchmarks

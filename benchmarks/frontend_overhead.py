@@ -1,7 +1,7 @@
 """Front-end overhead: t2serve at fixed N vs vLLM's own batch generation with n=N.
 
-Both sides use the same model, the same engine settings (eager, prefix caching, the CPU
-defaults t2serve applies) and the same prompts; samples run to a fixed length
+Both sides use the same model, the same engine settings (eager, prefix caching, the dtype
+and the CPU defaults t2serve applies) and the same prompts; samples run to a fixed length
 (`ignore_eos`) so both generate exactly the same number of tokens.
 
   1. t2serve: `t2serve serve` in a subprocess; all prompts sent at once over HTTP
@@ -40,7 +40,7 @@ class VLLMBatch:
         from vllm import LLM, SamplingParams
 
         from server.config import EngineSettings
-        from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu
+        from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
         cpu = on_cpu()
         if cpu:
@@ -49,6 +49,9 @@ class VLLMBatch:
             model=str(model_dir),
             max_model_len=2048,
             enforce_eager=True,
+            # The dtype t2serve's `--dtype auto` runs in here: the comparison is of front
+            # ends, so both engines run the same kernels.
+            dtype=resolve_dtype("auto", cpu),
             enable_prefix_caching=True,
             block_size=CPU_BLOCK_SIZE if cpu else None,
             seed=0,

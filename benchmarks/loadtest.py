@@ -1,6 +1,6 @@
 """Load test: throughput, latency, samples and accuracy of request variants under load.
 
-Sends graded problems with gold answers (the `test` split of estimator/problems.py, or your
+Sends graded problems with gold answers (the `test` split of estimator/offline/problems.py, or your
 own JSONL) to any OpenAI-compatible server as chat completions, and compares request
 *variants* — extra body fields merged into every request — at each load level:
 
@@ -47,7 +47,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
-from estimator.problems import Problem, generate, load_jsonl  # noqa: E402
+from estimator.offline.problems import Problem, generate, load_jsonl  # noqa: E402
 from server.voting import extract_answer, normalize_answer  # noqa: E402
 
 # ---- pure helpers ----

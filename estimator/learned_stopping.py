@@ -1,26 +1,25 @@
 """Learned stopping: is one more sample worth its cost, given the head's estimate and the
-votes so far? A table fitted on the labelled train pools, shipped beside the head.
+votes so far? The served side: a table shipped beside the head, read by `t2+learned`.
 
 The state of a vote after k finished samples is s = (k, v1, v2): the leader's and the
-runner-up's counts (abstentions count in k, not in the votes). For a question whose head
-estimate is e = N_max * prediction, the labelled train questions with estimates near e are
-the prior: replaying random orderings of their pools gives, per state, how often the vote
-there names the gold answer, C(s), and where the next sample leads, P(s' | s). Questions
-weigh in by a Gaussian kernel of their estimate's distance to e (bandwidth in samples), so
-the table is tabulated on a grid of e and smooth in it. For a cost lambda (accuracy one
+runner-up's counts (abstentions count in k, not in the votes). The table is tabulated on a
+grid of head estimates e = N_max * prediction; at each grid point it holds, per state, how
+often the vote there names the gold answer, C(s), and where the next sample leads,
+P(s' | s) (kernel-weighted visit and transition counts). For a cost lambda (accuracy one
 sample must buy), backward induction from k = N_max gives the stopping rule
 
     V(s) = max( C(s),  -lambda + sum_s' P(s' | s) V(s') ),   stop where C(s) is the larger.
 
-Why this beats a fixed confidence threshold: the vote alone cannot tell a question whose
-answers never settle because it is hopeless (stop: more samples buy nothing) from one that
-needs more samples to settle (go on). The head's estimate can, and the table learns how much
-each kind of question gains from continuing, from the pools themselves.
+A request uses the grid point nearest its estimate; rules are solved once per cost and
+cached. Why this beats a fixed confidence threshold: the vote alone cannot tell a question
+whose answers never settle because it is hopeless (stop: more samples buy nothing) from one
+that needs more samples to settle (go on). The head's estimate can, and the table learns
+how much each kind of question gains from continuing, from the pools themselves.
 
-The predictions used for fitting must be out-of-sample (a head predicts its own train split
-too well): `t2serve train` cross-fits them (estimator.training.cross_fitted_predictions).
 A state the table never saw (e.g. k > N_max under a larger cap) counts as "stop".
-Saved as `<head>.stopping.safetensors` (float32 tensors + metadata).
+Saved as `<head>.stopping.safetensors` (float32 tensors + metadata). Fitting it on labelled
+pools is offline work (`t2serve train`): estimator.offline.stopping_fit. This module is
+online: it imports nothing from estimator.offline or server.
 """
 
 from __future__ import annotations
@@ -30,21 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.replay import Pool, PoolReplay, orderings_for
-from estimator.stopping import Tally
-
 State = tuple[int, int, int]  # (finished samples, leader's votes, runner-up's votes)
 SUFFIX = ".stopping.safetensors"
-
-
-def vote_states(answers: tuple[str | None, ...]) -> list[State]:
-    """The state (Tally.state) after each prefix of `answers` (finishing order)."""
-    tally = Tally()
-    out = []
-    for answer in answers:
-        tally.add(answer)
-        out.append(tally.state())
-    return out
 
 
 @dataclass
@@ -146,65 +132,3 @@ def table_path(head_path: str | Path) -> Path:
     path = Path(head_path)
     path = path.with_suffix("") if path.suffix in {".json", ".safetensors"} else path
     return path.with_name(path.name + SUFFIX)
-
-
-def fit_stopping(
-    records: list[dict],
-    predictions: np.ndarray,
-    *,
-    bandwidth: float = 1.0,
-    step: float = 0.25,
-    orderings: int = 100,
-    seed: int = 0,
-    progress: bool = True,
-) -> StoppingTable:
-    """Fit the table on labelled questions (`answers`, `answer`) and their out-of-sample
-    head predictions (N*/N_max)."""
-    from tqdm import tqdm
-
-    n_max = len(records[0]["answers"])
-    estimates = np.asarray(predictions, dtype=np.float64) * n_max
-    index: dict[State, int] = {}
-    edge_index: dict[tuple[int, int], int] = {}
-    per_question = []
-    orders = orderings_for(len(records), n_max, orderings, seed)
-    rows = tqdm(
-        list(zip(records, orders, strict=True)), desc="stopping table", unit="q", disable=not progress
-    )
-    for record, order in rows:
-        replay = PoolReplay(Pool(record["answers"], record["tokens"], record["answer"]), order, default=n_max)
-        visits: dict[int, int] = {}
-        correct: dict[int, float] = {}
-        moves: dict[int, int] = {}
-        for r, sequence in enumerate(replay.sequences):
-            path = [index.setdefault(s, len(index)) for s in vote_states(sequence)]
-            for k, i in enumerate(path):
-                visits[i] = visits.get(i, 0) + 1
-                correct[i] = correct.get(i, 0.0) + replay.correct[r, k + 1]
-            for i, j in zip(path, path[1:], strict=False):
-                e = edge_index.setdefault((i, j), len(edge_index))
-                moves[e] = moves.get(e, 0) + 1
-        per_question.append((visits, correct, moves))
-    counts = np.zeros((len(records), len(index)))
-    hits = np.zeros_like(counts)
-    steps = np.zeros((len(records), len(edge_index)))
-    for q, (visits, correct, moves) in enumerate(per_question):
-        counts[q, list(visits)] = list(visits.values())
-        hits[q, list(correct)] = list(correct.values())
-        steps[q, list(moves)] = list(moves.values())
-    grid = np.arange(np.floor(estimates.min() / step) * step, estimates.max() + step, step)
-    kernel = np.exp(-0.5 * ((grid[:, None] - estimates[None, :]) / bandwidth) ** 2)
-    # Rows normalised: every grid point's table is a weighted mean over questions, so values
-    # stay in range when stored as float32.
-    kernel /= kernel.sum(axis=1, keepdims=True)
-    return StoppingTable(
-        n_max=n_max,
-        bandwidth=bandwidth,
-        grid=grid,
-        states=list(index),
-        visits=kernel @ counts,
-        correct=kernel @ hits,
-        edges=np.array(list(edge_index), dtype=np.int64).reshape(-1, 2),
-        moves=kernel @ steps,
-        info={"questions": str(len(records)), "orderings": str(orderings), "seed": str(seed)},
-    )

@@ -142,9 +142,3 @@ def parse_policy(spec: str, *, fixed_n: int, margin: float, stopping: StoppingTa
 def describe(policy: Policy) -> str:
     """The family and knobs of a policy, as a response reports it (e.g. "ESC:w=4,max=8")."""
     return f"{policy.family}:{policy.knob}"
-
-
-def needs_prediction(policy: Policy) -> bool:
-    """Whether the policy reads the T2 head's prediction (then the server waits for the
-    states before launching more than sample 0). Unknown policies are assumed to."""
-    return not isinstance(policy, Fixed | ESC | AdaptiveConsistency)

@@ -22,15 +22,18 @@ How the server drives a policy (one vote = one choice of one request):
 
 A policy never waits with nothing in flight: once every launched sample has finished it
 either launches more or stops. `cap` is an input on every call, so the server may lower it
-under load (estimator.policy.load_scaled_cap) and the policy follows; a policy never
+under load (load_scaled_cap, below) and the policy follows; a policy never
 launches above the cap it is given, but samples already running are not taken back.
 Policies with `adapts = False` (Fixed, T2) decide everything before decoding: the server
-may launch `first_launch` samples and vote when all have finished, without consulting them.
+launches `first_launch` samples as one engine request and they stop once all have
+finished; adaptive ones get one engine request per sample. `reads_prediction` says whether
+a policy reads the head's prediction (then the server captures sample 0's states and waits
+for them before the first launch).
 
 Policies
 - Fixed(n): standard parallel thinking, n samples.
 - T2(margin): the pre-decoding estimate N = clamp(round(N_max * prediction * margin), 1, cap)
-  (estimator.policy.choose_parallelism).
+  (choose_parallelism, below).
 - ESC(window, max_samples) (Li et al. 2024, Early-Stopping Self-Consistency): sample windows
   of w; stop when every answer of the latest window is the same answer, or at max_samples.
 - AdaptiveConsistency(criterion, confidence, batch, max_samples) (Aggarwal et al. 2023): keep
@@ -77,14 +80,60 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from estimator.policy import choose_parallelism
-
 if TYPE_CHECKING:
     from estimator.learned_stopping import StoppingTable
 
 Criterion = Literal["beta", "dirichlet"]
 DIRICHLET_DRAWS = 4096
 DIRICHLET_SEED = 0
+
+
+def choose_parallelism(
+    prediction: float | None,
+    *,
+    n_max: int,
+    default: int,
+    cap: int,
+    margin: float = 1.0,
+) -> int:
+    """Samples per choice for one request.
+
+    `prediction` is the estimator's N*/N_max in [0, 1] (None when no estimator ran); the
+    result is clamp(round(N_max * prediction * margin), 1, cap), or the configured default
+    when there is no prediction.
+    """
+    if cap < 1:
+        raise ValueError("cap must be >= 1")
+    if prediction is None:
+        return max(1, min(default, cap))
+    return max(1, min(round(n_max * prediction * margin), cap))
+
+
+# Load below this share of the samples limit leaves the cap alone (see load_scaled_cap).
+LOAD_KNEE = 0.5
+
+
+def load_scaled_cap(cap: int, samples_in_flight: int, limit: int, *, choices: int = 1) -> int:
+    """The per-choice cap on N once the server's load is taken into account.
+
+    `samples_in_flight` are the samples other requests have in the engine, `limit` the
+    server's --max-samples-in-flight, `choices` the samples per N (n choices x prompts).
+    With load u = samples_in_flight / limit the cap is scaled by
+
+        1                          for u <= 0.5
+        (1 - u) / (1 - 0.5)        for 0.5 < u < 1   (a linear ramp down to 0)
+        0                          for u >= 1
+
+    and bounded by the room left, (limit - samples_in_flight) // choices, so a request does
+    not push the total past the limit; the result is never below 1 (every request gets a
+    sample). Any policy that picks N (the T2 head, early stopping) applies the same curve.
+    """
+    if cap < 1 or limit < 1 or choices < 1:
+        raise ValueError("cap, limit and choices must be >= 1")
+    load = max(samples_in_flight, 0) / limit
+    factor = 1.0 if load <= LOAD_KNEE else max(0.0, (1.0 - load) / (1.0 - LOAD_KNEE))
+    room = (limit - samples_in_flight) // choices
+    return max(1, min(math.floor(cap * factor), room))
 
 
 @dataclass(frozen=True)
@@ -192,6 +241,7 @@ class Fixed:
 
     n: int
     adapts = False
+    reads_prediction = False
 
     @property
     def family(self) -> str:
@@ -214,6 +264,7 @@ class T2:
 
     margin: float = 1.0
     adapts = False
+    reads_prediction = True
 
     @property
     def family(self) -> str:
@@ -239,6 +290,7 @@ class ESC:
     window: int = 4
     max_samples: int | None = None  # the method's own budget (None: the cap)
     adapts = True
+    reads_prediction = False
 
     @property
     def family(self) -> str:
@@ -273,6 +325,7 @@ class AdaptiveConsistency:
     batch: int = 1
     max_samples: int | None = None  # the method's own budget (None: the cap)
     adapts = True
+    reads_prediction = False
 
     @property
     def family(self) -> str:
@@ -310,6 +363,7 @@ class Composition:
     max_factor: float | None = None
     agreement: float | None = None
     adapts = True
+    reads_prediction = True
 
     @property
     def family(self) -> str:
@@ -362,6 +416,7 @@ class LearnedStop:
     margin: float = 0.25
     extend: int = 1
     adapts = True
+    reads_prediction = True
 
     @property
     def family(self) -> str:

@@ -1,7 +1,7 @@
 """Admission control: how many requests (and samples) run at once, and who waits.
 
 A request is admitted when fewer than `max_concurrent_requests` run and its minimum sample
-count fits under `max_samples_in_flight` (a request that could never fit runs alone).
+count (server.parallel.Plan.minimum_samples) fits under `max_samples_in_flight` (a request that could never fit runs alone).
 Otherwise it waits, first come first served, in a queue of at most `max_queue` requests:
 a full queue answers 429 at once, a wait longer than `queue_timeout_s` answers 503; both
 carry `Retry-After`. Once the engine is dead every waiting and new request gets 503.
@@ -16,14 +16,6 @@ import math
 from server import metrics
 from server.config import LimitSettings
 from server.errors import APIError
-from server.protocol import CompletionRequest, SamplingFields
-
-
-def minimum_samples(request: SamplingFields) -> int:
-    """Samples a request dispatches at least: n choices x prompts x (fixed N, or 1 for auto)."""
-    prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
-    per_choice = request.parallelism if isinstance(request.parallelism, int) else 1
-    return request.n * prompts * per_choice
 
 
 class Ticket:

@@ -16,13 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from estimator.head import load_head
 from server import metrics
-from server.admission import Admission, Ticket, minimum_samples
+from server.admission import Admission, Ticket
 from server.auth import KeyBeforeBody, require_api_key, require_metrics_key
 from server.body_limit import BodyLimit
 from server.config import ServerSettings
 from server.engine import Engine, engine_dead_error
 from server.errors import APIError, error_response, install_error_handlers
-from server.parallel import ParallelThinker
+from server.parallel import ParallelThinker, Plan
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -65,6 +65,13 @@ def create_app(
         app.state.engine = live
         app.state.engine_failed = False
         metrics.ENGINE_HEALTHY.set(1)
+        metrics.ENGINE_INFO.info(
+            {
+                "device": live.info.device,
+                "dtype": live.info.dtype,
+                "mode": "eager" if live.settings.enforce_eager else "compiled",
+            }
+        )
         head = load_head_or_fallback(settings, live)
         thinker = ParallelThinker(
             live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
@@ -116,19 +123,23 @@ def create_app(
     @v1.get("/models", response_model=ModelList)
     async def models(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
         info = serving.engine.info
-        return ModelList(data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len)])
+        return ModelList(
+            data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len, dtype=info.dtype)]
+        )
 
     @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(request, "chat", body, lambda: serving.chat(body))
+        return await respond(request, "chat", body, serving, lambda plan: serving.chat(body, plan))
 
     @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(
         body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(request, "completion", body, lambda: serving.completion(body))
+        return await respond(
+            request, "completion", body, serving, lambda plan: serving.completion(body, plan)
+        )
 
     app.include_router(v1)
     return app
@@ -183,19 +194,26 @@ def get_serving(request: Request) -> OpenAIServing:
 
 
 async def respond(
-    request: Request, endpoint: str, body: SamplingFields, make_work: Callable[[], Awaitable[Any]]
+    request: Request,
+    endpoint: str,
+    body: SamplingFields,
+    serving: OpenAIServing,
+    make_work: Callable[[Plan], Awaitable[Any]],
 ) -> Response:
-    """Admit the request (server.admission), then run the endpoint's work, cancelling it (and
-    so its engine requests) if the client leaves, while queued or running.
+    """Resolve the request's plan (400/404 before it queues), admit it (server.admission) for
+    the plan's minimum samples, then run the endpoint's work, cancelling it (and so its
+    engine requests) if the client leaves, while queued or running.
 
     Non-streaming work is raced against the client's disconnect; a streaming body is
     cancelled by the server itself when the client goes away mid-stream."""
     admission: Admission = request.app.state.admission
-    request_metrics = RequestMetrics(endpoint, "fixed" if isinstance(body.parallelism, int) else "auto")
+    request_metrics = RequestMetrics(endpoint)
 
     async def admitted_work() -> Any:
-        request_metrics.ticket = await admission.acquire(minimum_samples(body))
-        return await make_work()
+        plan = serving.plan(body)
+        request_metrics.mode = plan.mode
+        request_metrics.ticket = await admission.acquire(plan.minimum_samples)
+        return await make_work(plan)
 
     try:
         result = await run_until_disconnect(request, admitted_work())
@@ -214,8 +232,9 @@ async def respond(
 class RequestMetrics:
     """In-flight gauge, outcome counter and latency of one request; releases its admission."""
 
-    def __init__(self, endpoint: str, mode: str):
-        self.endpoint, self.mode = endpoint, mode
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.mode = "invalid"  # until the request's plan is resolved
         self.started = time.monotonic()
         self.ticket: Ticket | None = None
         self.finished = False

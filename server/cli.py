@@ -18,7 +18,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--served-model-name", help="model name clients use (default: the folder's name)")
     g.add_argument("--tokenizer", help="tokenizer folder, if not the model's")
-    g.add_argument("--dtype", default="auto")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype (default auto: on x86 CPUs bfloat16 with native bf16 kernels (AVX-512-BF16/AMX), "
+        "else float32; elsewhere vLLM's rule)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -328,8 +333,8 @@ def serve(args: argparse.Namespace) -> None:
 def label(args: argparse.Namespace) -> None:
     import asyncio
 
-    from estimator.labeling import LabelConfig, run_labeling
-    from estimator.problems import generate, load_jsonl
+    from estimator.offline.labeling import LabelConfig, run_labeling
+    from estimator.offline.problems import generate, load_jsonl
     from server.engine import Engine
 
     settings = settings_from_args(args)
@@ -372,8 +377,8 @@ def _split(records: list[dict], states, split: str):
 
 def train(args: argparse.Namespace) -> None:
 
-    from estimator.labeling import load_label_sets
-    from estimator.training import TrainConfig, fit, targets
+    from estimator.offline.labeling import load_label_sets
+    from estimator.offline.training import TrainConfig, fit, targets
 
     records, states, header = load_label_sets(args.labels)
     train_records, train_states = _split(records, states, "train")
@@ -396,8 +401,8 @@ def train(args: argparse.Namespace) -> None:
     head.meta.model_fingerprint = header["model"].get("fingerprint", "")
     head.save(args.out)
     if args.stopping_folds > 1:
-        from estimator.learned_stopping import fit_stopping
-        from estimator.training import cross_fitted_predictions
+        from estimator.offline.stopping_fit import fit_stopping
+        from estimator.offline.training import cross_fitted_predictions
 
         predictions = cross_fitted_predictions(
             train_states,
@@ -424,10 +429,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from estimator.evaluation import evaluate as run_evaluation
-    from estimator.evaluation import report_table, write_report
     from estimator.head import T2Head
-    from estimator.labeling import load_label_sets
+    from estimator.offline.evaluation import evaluate as run_evaluation
+    from estimator.offline.evaluation import report_table, write_report
+    from estimator.offline.labeling import load_label_sets
 
     records, states, header = load_label_sets(args.labels)
     train_records, _ = _split(records, states, "train")
@@ -439,7 +444,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.server:
         import asyncio
 
-        from estimator.evaluation import replay_through_server
+        from estimator.offline.evaluation import replay_through_server
 
         config = header["config"]
         result["server"] = asyncio.run(
@@ -456,7 +461,7 @@ def evaluate(args: argparse.Namespace) -> None:
     write_report(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
     if args.orderings > 0:
-        from estimator import comparison
+        from estimator.offline import comparison
 
         val_records, val_states = _split(records, states, "validation")
         if not val_records:

@@ -62,7 +62,7 @@ class LimitSettings(BaseModel):
     max_concurrent_requests: int = Field(default=128, ge=1)
     # Samples the admitted requests may have in the engine. Admission counts each request's
     # minimum (fixed N: n*N per prompt; auto: n per prompt); `auto` grows N only as far as
-    # the load curve (estimator.policy.load_scaled_cap) allows.
+    # the load curve (estimator.stopping.load_scaled_cap) allows.
     max_samples_in_flight: int = Field(default=1024, ge=1)
     # Requests waiting for admission; one more gets 429.
     max_queue: int = Field(default=256, ge=0)

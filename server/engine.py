@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from server.capture import CAPTURE_KEY
 from server.config import EngineSettings
 from server.errors import APIError
 
@@ -45,6 +44,7 @@ class ModelInfo:
     max_model_len: int
     device: str
     fingerprint: str  # identifies the architecture + shape; estimator heads must match it
+    dtype: str = "auto"  # the dtype the engine runs in (after `--dtype auto` was resolved)
 
 
 def model_fingerprint(hf_config: Any) -> str:
@@ -70,6 +70,29 @@ def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (x86: AVX-512-BF16 or AMX tiles).
+
+    Without them oneDNN emulates bf16 and the engine runs ~4.5x slower than in float32
+    (measured on a 2-core EPYC without AVX-512, ../shared/NOTES.md)."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(requested: str, cpu: bool) -> str:
+    """The dtype to start the engine with. `auto` on CPU means the fast one for *this* CPU:
+    bfloat16 where it has native bf16 kernels, float32 otherwise (the checkpoint is upcast
+    at load). Elsewhere, or when the user named a dtype, vLLM's own rule stands."""
+    if requested != "auto" or not cpu:
+        return requested
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return requested  # vLLM's CPU platform picks by its own flags there (e.g. macOS FEAT_BF16)
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def apply_cpu_environment(settings: EngineSettings) -> None:
@@ -166,11 +189,18 @@ class Engine:
         if settings.pipeline_parallel_size != 1:
             raise ValueError("hidden-state capture needs --pipeline-parallel-size 1")
         block_size = settings.block_size or (CPU_BLOCK_SIZE if cpu else None)
+        dtype = resolve_dtype(settings.dtype, cpu)
+        if dtype != settings.dtype:
+            logger.info(
+                "dtype auto on this CPU: %s (native bf16 kernels: %s)",
+                dtype,
+                "yes" if dtype == "bfloat16" else "no",
+            )
         args = AsyncEngineArgs(
             model=settings.model,
             tokenizer=settings.tokenizer,
             served_model_name=settings.served_model_name,
-            dtype=settings.dtype,
+            dtype=dtype,
             seed=settings.seed,
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
@@ -203,6 +233,7 @@ class Engine:
                 max_model_len=int(config.max_model_len),
                 device="cpu" if cpu else "gpu",
                 fingerprint=model_fingerprint(config.hf_config),
+                dtype=str(config.dtype).removeprefix("torch."),
             )
         except BaseException:
             await receiver.close()
@@ -213,10 +244,9 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------
 
-    def tag_for_capture(self, params: Any, tag: str) -> asyncio.Future[np.ndarray]:
-        """Mark `params` so the engine captures this request's prefill states; returns the
-        future that the `[L, d]` float32 array arrives on."""
-        params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: tag}
+    def expect_capture(self, tag: str) -> asyncio.Future[np.ndarray]:
+        """The future that the `[L, d]` float32 states of the request tagged `tag`
+        (server.sampling.for_launch) arrive on; call before submitting it (no race)."""
         return self._receiver.expect(tag)
 
     def forget_capture(self, tag: str) -> None:

@@ -70,6 +70,9 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["endpoint"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
+ENGINE_INFO = Info(
+    "t2serve_engine", "The running engine: device, dtype (after --dtype auto) and eager or compiled mode."
+)
 ESTIMATOR_INFO = Info("t2serve_estimator", "The loaded estimator head (empty values: none loaded).")
 # -- hardening: back-pressure, load-aware N, faults (README "Operating t2serve") --
 QUEUE_DEPTH = Gauge("t2serve_queue_depth", "Requests waiting for admission.")

@@ -295,6 +295,7 @@ class ModelCard(BaseModel):
     owned_by: str = "t2serve"
     root: str | None = None
     max_model_len: int | None = None
+    dtype: str | None = None  # t2serve: the engine's dtype (`--dtype auto` resolved for this machine)
 
 
 class ModelList(BaseModel):

@@ -11,11 +11,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server import metrics
+from server import metrics, sampling
 from server.config import ServerSettings
 from server.engine import Engine
 from server.errors import APIError, error_event
-from server.parallel import ParallelThinker, ThinkingResult, is_greedy
+from server.parallel import Deadline, ParallelThinker, Plan, ThinkingResult
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -83,95 +83,48 @@ class OpenAIServing:
         return token_lists
 
     def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None) -> Any:
-        from vllm import SamplingParams
-
-        context = self.engine.info.max_model_len
-        room = context - prompt_len
-        if room <= 0:
-            raise APIError(
-                400,
-                f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
-                param="messages" if hasattr(request, "messages") else "prompt",
-                code="context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = min(self.settings.default_max_tokens, room)
-        elif max_tokens > room:
-            raise APIError(
-                400,
-                f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the context of {context} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        optional = {
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "min_p": request.min_p,
-            "presence_penalty": request.presence_penalty,
-            "frequency_penalty": request.frequency_penalty,
-            "seed": request.seed,
-            "stop": request.stop,
-        }
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                ignore_eos=request.ignore_eos,
-                **{k: v for k, v in optional.items() if v is not None},
-            )
-        except (ValueError, TypeError) as exc:  # vLLM's own checks on the combination
-            raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
+        return sampling.from_request(
+            request,
+            prompt_len,
+            max_tokens,
+            context=self.engine.info.max_model_len,
+            default_max_tokens=self.settings.default_max_tokens,
+        )
 
     def timeout_s(self, request: SamplingFields) -> float | None:
         """The request's deadline: its own `timeout`, bounded by --request-timeout."""
         limits = [t for t in (request.timeout, self.settings.limits.request_timeout_s) if t is not None]
         return min(limits) if limits else None
 
-    def check_budget(self, request: SamplingFields) -> None:
-        try:
-            self.thinker.resolve_budget(request.parallelism, request.max_parallelism)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="parallelism", code="invalid_value") from exc
-        if request.policy is not None:
-            try:
-                self.thinker.parse_policy(request.policy)
-            except ValueError as exc:
-                raise APIError(400, f"invalid policy: {exc}", param="policy", code="invalid_value") from exc
-        fixed_n = request.parallelism if isinstance(request.parallelism, int) else 1
-        if is_greedy(request.temperature) and request.n * fixed_n > 1:
-            # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
-            raise APIError(
-                400,
-                "temperature 0 (greedy) makes every sample the same: use n=1 with parallelism 'auto' or 1, "
-                "or a temperature > 0",
-                param="temperature",
-                code="invalid_value",
-            )
+    def plan(self, request: SamplingFields) -> Plan:
+        """How the request samples (server.parallel.Plan), resolved once, before admission;
+        404 for another model, 400 for what cannot run."""
+        self.check_model(request.model)
+        return self.thinker.plan(
+            request.parallelism,
+            max_parallelism=request.max_parallelism,
+            policy=request.policy,
+            n_choices=request.n,
+            prompts=len(request.prompts()) if isinstance(request, CompletionRequest) else 1,
+            temperature=request.temperature,
+        )
 
     # -- running ------------------------------------------------------------------------
 
     async def _think(
         self,
-        request: SamplingFields,
+        plan: Plan,
         prompts: list[list[int]],
         params: list[Any],
+        timeout_s: float | None,
         endpoint: str,
         started: float,
     ) -> list[ThinkingResult]:
         base_id = uuid.uuid4().hex
-        timeout_s = self.timeout_s(request)
+        deadline = Deadline(timeout_s)  # one for the whole request, all its prompts
         tasks = [
             asyncio.ensure_future(
-                self.thinker.run(
-                    p,
-                    sp,
-                    n_choices=request.n,
-                    parallelism=request.parallelism,
-                    max_parallelism=request.max_parallelism,
-                    policy=request.policy,
-                    request_id=f"{base_id}-p{i}",
-                    timeout_s=timeout_s,
-                )
+                self.thinker.run(p, sp, plan, request_id=f"{base_id}-p{i}", deadline=deadline)
             )
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
@@ -183,23 +136,25 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            deadline.cancel()
         # The voted text is the first content a client gets, streaming or not.
         metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(time.monotonic() - started)
         for result in results:
             record_result(result)
         return list(results)
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(
+        self, request: ChatCompletionRequest, plan: Plan
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
         started = time.monotonic()
-        self.check_model(request.model)
-        self.check_budget(request)
         prompt = self.chat_prompt(request)
         max_tokens = request.max_completion_tokens or request.max_tokens
         # Built (and so validated) before any streaming starts, so errors get a proper status.
         params = [self.sampling_params(request, len(prompt), max_tokens)]
         if request.stream:
-            return self._chat_stream(request, prompt, params, started)
-        (result,) = await self._think(request, [prompt], params, "chat", started)
+            return self._chat_stream(request, plan, prompt, params, started)
+        (result,) = await self._think(plan, [prompt], params, self.timeout_s(request), "chat", started)
         return ChatCompletionResponse(
             model=request.model,
             choices=[
@@ -215,7 +170,7 @@ class OpenAIServing:
         )
 
     async def _chat_stream(
-        self, request: ChatCompletionRequest, prompt: list[int], params: list[Any], started: float
+        self, request: ChatCompletionRequest, plan: Plan, prompt: list[int], params: list[Any], started: float
     ) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -233,7 +188,7 @@ class OpenAIServing:
             ]
         )
         try:
-            (result,) = await self._think(request, [prompt], params, "chat", started)
+            (result,) = await self._think(plan, [prompt], params, self.timeout_s(request), "chat", started)
         except Exception as exc:
             yield stream_error(exc)
             return
@@ -250,15 +205,15 @@ class OpenAIServing:
             yield chunk([], usage=usage([result]))
         yield "data: [DONE]\n\n"
 
-    async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def completion(
+        self, request: CompletionRequest, plan: Plan
+    ) -> CompletionResponse | AsyncIterator[str]:
         started = time.monotonic()
-        self.check_model(request.model)
-        self.check_budget(request)
         prompts = self.completion_prompts(request)
         params = [self.sampling_params(request, len(p), request.max_tokens) for p in prompts]
         if request.stream:
-            return self._completion_stream(request, prompts, params, started)
-        results = await self._think(request, prompts, params, "completion", started)
+            return self._completion_stream(request, plan, prompts, params, started)
+        results = await self._think(plan, prompts, params, self.timeout_s(request), "completion", started)
         return CompletionResponse(
             model=request.model,
             choices=completion_choices(results),
@@ -267,11 +222,16 @@ class OpenAIServing:
         )
 
     async def _completion_stream(
-        self, request: CompletionRequest, prompts: list[list[int]], params: list[Any], started: float
+        self,
+        request: CompletionRequest,
+        plan: Plan,
+        prompts: list[list[int]],
+        params: list[Any],
+        started: float,
     ) -> AsyncIterator[str]:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         try:
-            results = await self._think(request, prompts, params, "completion", started)
+            results = await self._think(plan, prompts, params, self.timeout_s(request), "completion", started)
         except Exception as exc:
             yield stream_error(exc)
             return

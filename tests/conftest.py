@@ -25,10 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL_NAME = "smol-test"
 ROOT = Path(__file__).resolve().parents[1]
+# What the suite costs on the engine, printed at the end (to size it for slower machines).
+SUITE_COST = {"in-process engine starts": 0, "subprocess servers started": 0}
 
 
-async def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    """Poll `condition()` until it holds or `timeout` passes; returns its last value."""
+async def wait_until(condition, timeout: float = 300.0, interval: float = 0.02) -> bool:
+    """Poll `condition()` until it holds; returns its last value. `timeout` only stops a
+    test that would otherwise hang: it is far above what any machine needs, so no verdict
+    depends on the machine's speed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
@@ -38,8 +42,20 @@ async def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -
     return True
 
 
+def poll_until(condition, timeout: float = 300.0, interval: float = 0.05) -> bool:
+    """`wait_until` for synchronous tests (subprocess servers): poll until `condition()`
+    holds; `timeout` only stops a hang, it is no verdict on the machine's speed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def start_server(port: int, *extra: str) -> subprocess.Popen:
     """`t2serve serve` as a subprocess on the embedded model (small context and KV cache)."""
+    SUITE_COST["subprocess servers started"] += 1
     return subprocess.Popen(
         [
             sys.executable,
@@ -108,6 +124,7 @@ def server_settings(model_dir: Path):
 async def engine(server_settings) -> AsyncIterator:
     from server.engine import Engine
 
+    SUITE_COST["in-process engine starts"] += 1
     live = await Engine.start(server_settings.engine)
     yield live
     await live.shutdown()
@@ -142,5 +159,18 @@ async def client(server_url: str) -> AsyncIterator:
     """The official OpenAI SDK, pointed at the test server."""
     from openai import AsyncOpenAI
 
-    async with AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    async with AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=3600) as c:
         yield c
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from prometheus_client import REGISTRY
+
+    tokens = sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == "vllm:generation_tokens_total"
+    )
+    parts = [f"{name}: {count}" for name, count in SUITE_COST.items()]
+    terminalreporter.write_line(f"engine cost: {', '.join(parts)}, tokens generated in-process: {tokens:.0f}")

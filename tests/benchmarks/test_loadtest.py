@@ -64,6 +64,7 @@ def test_builtin_problems_come_from_the_test_split_with_gold_answers():
 
 
 @pytest.mark.engine
+@pytest.mark.slow
 async def test_loadtest_core_against_the_real_server(server_url):
     problems = load_problems(4, seed=0, data="builtin")
     common = dict(temperature=0.3, max_tokens=6, progress=False)

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 import pytest_asyncio
 
 from tests.conftest import MODEL_NAME, free_port
@@ -97,6 +98,7 @@ async def query(http: httpx.AsyncClient, expr: str) -> list:
     return body["data"]["result"]
 
 
+@pytest.mark.slow
 async def test_dashboard_queries_against_real_prometheus(prometheus, client, server_url):
     async def scraped_up() -> bool:
         result = await query(prometheus, 'up{job="t2serve"}')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from estimator.policy_spec import describe, needs_prediction, parse_policy
+from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed
 
 
@@ -58,7 +58,7 @@ def test_describe_and_prediction_needs():
     assert describe(parse("esc:window=4,max=8")) == "ESC:w=4,max=8"
     assert describe(parse("t2")) == "T2:margin=1.5"
     assert describe(parse("ac-beta:c=0.9")) == "AC-beta:c=0.9"
-    assert [needs_prediction(parse(s)) for s in ("fixed", "t2", "esc", "ac", "t2+beta")] == [
+    assert [parse(s).reads_prediction for s in ("fixed", "t2", "esc", "ac", "t2+beta")] == [
         False,
         True,
         False,

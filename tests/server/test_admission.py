@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from server.admission import Admission, minimum_samples
+from server.admission import Admission
 from server.config import LimitSettings
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from tests.conftest import wait_until
 
 
 def limits(**kw) -> LimitSettings:
@@ -28,8 +28,8 @@ async def test_first_come_first_served_within_both_limits():
         ticket.release()
 
     waiters = [asyncio.ensure_future(wait("c", 1)), asyncio.ensure_future(wait("d", 1))]
-    await asyncio.sleep(0.01)
-    assert admission.queued == 2 and order == []
+    assert await wait_until(lambda: admission.queued == 2)
+    assert order == []
     a.release()
     a.release()  # idempotent
     await asyncio.gather(*waiters)
@@ -42,23 +42,33 @@ async def test_sample_limit_blocks_but_a_lone_request_always_runs():
     admission = Admission(limits())
     big = await admission.acquire(100)  # alone: admitted although it exceeds the limit
     queued = asyncio.ensure_future(admission.acquire(1))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: admission.queued == 1)
     assert not queued.done()
     big.release()
     (await queued).release()
 
 
-async def test_full_queue_is_429_and_a_long_wait_503():
-    admission = Admission(limits(max_concurrent_requests=1, max_queue=1, queue_timeout_s=0.2))
+async def test_full_queue_is_429():
+    admission = Admission(limits(max_concurrent_requests=1, max_queue=1, queue_timeout_s=3600))
     held = await admission.acquire(1)
     waiting = asyncio.ensure_future(admission.acquire(1))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: admission.queued == 1)
     with pytest.raises(APIError) as full:
         await admission.acquire(1)
-    assert full.value.status == 429 and full.value.headers["Retry-After"] == "1"
+    assert full.value.status == 429 and full.value.headers["Retry-After"] == "900"  # a quarter of the timeout
+    held.release()
+    (await waiting).release()
+    assert admission.active == 0 and admission.queued == 0
+
+
+async def test_a_long_wait_is_503():
+    # Nothing releases the holder: the waiter's only way out is its queue timeout.
+    admission = Admission(limits(max_concurrent_requests=1, max_queue=1, queue_timeout_s=0.05))
+    held = await admission.acquire(1)
     with pytest.raises(APIError) as slow:
-        await waiting
+        await admission.acquire(1)
     assert slow.value.status == 503 and slow.value.code == "queue_timeout"
+    assert slow.value.headers["Retry-After"] == "1"
     assert admission.queued == 0
     held.release()
 
@@ -68,10 +78,9 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_close_fails_the_rest():
     held = await admission.acquire(1)
     leaver = asyncio.ensure_future(admission.acquire(1))
     stayer = asyncio.ensure_future(admission.acquire(1))
-    await asyncio.sleep(0.01)
+    assert await wait_until(lambda: admission.queued == 2)
     leaver.cancel()
-    await asyncio.sleep(0.01)
-    assert admission.queued == 1
+    assert await wait_until(lambda: admission.queued == 1)
     rejected_before = engine_dead_rejections()
     admission.close(APIError(503, "engine died", code="engine_dead"))
     with pytest.raises(APIError, match="engine died"):
@@ -85,11 +94,3 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_close_fails_the_rest():
 
 def engine_dead_rejections() -> float:
     return REGISTRY.get_sample_value("t2serve_requests_rejected_total", {"reason": "engine_dead"}) or 0.0
-
-
-def test_minimum_samples():
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=3)
-    assert minimum_samples(chat) == 3
-    assert minimum_samples(chat.model_copy(update={"parallelism": 4})) == 12
-    assert minimum_samples(CompletionRequest(model="m", prompt=["a", "b"], parallelism=2)) == 4
-    assert minimum_samples(CompletionRequest(model="m", prompt=[1, 2, 3])) == 1

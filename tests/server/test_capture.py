@@ -43,9 +43,13 @@ def chat_ids(engine, text: str) -> list[int]:
 async def capture(engine, ids: list[int], max_tokens: int = 1) -> tuple[np.ndarray, object]:
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    from server import sampling
+
     tag = uuid.uuid4().hex
-    future = engine.tag_for_capture(params, tag)
+    params = sampling.for_launch(
+        SamplingParams(max_tokens=max_tokens, temperature=0.0), n=1, first=0, capture_tag=tag
+    )
+    future = engine.expect_capture(tag)
     final = None
     async for out in engine.generate(ids, params, f"test-{tag}"):
         final = out
@@ -130,9 +134,7 @@ async def test_fan_out_reads_prompt_from_prefix_cache(engine, server_settings):
     result = await thinker.run(
         ids,
         SamplingParams(max_tokens=8, temperature=0.8),
-        n_choices=1,
-        parallelism="auto",
-        max_parallelism=None,
+        thinker.plan("auto"),
         request_id=uuid.uuid4().hex,
     )
     assert result.mode == "auto" and result.n_used == server_settings.parallelism.default_parallelism
@@ -140,8 +142,9 @@ async def test_fan_out_reads_prompt_from_prefix_cache(engine, server_settings):
     assert result.samples == result.n_used
     # Every fan-out sample read all full blocks of the prompt from the cache.
     assert result.cached_tokens_per_sample == full_blocks
-    await asyncio.sleep(1.5)  # vLLM publishes engine stats about once a second
-    assert prefix_cache_hits() - hits_before >= full_blocks * (result.n_used - 1)
+    # vLLM publishes engine stats about once a second: poll for them.
+    wanted = full_blocks * (result.n_used - 1)
+    assert await wait_until(lambda: prefix_cache_hits() - hits_before >= wanted)
 
 
 async def test_fixed_mode_with_choices(engine, server_settings):
@@ -154,9 +157,7 @@ async def test_fixed_mode_with_choices(engine, server_settings):
     result = await thinker.run(
         ids,
         SamplingParams(max_tokens=6, temperature=1.0, seed=3),
-        n_choices=3,
-        parallelism=5,
-        max_parallelism=None,
+        thinker.plan(5, n_choices=3),
         request_id=uuid.uuid4().hex,
     )
     assert result.mode == "fixed" and result.n_used == 5
@@ -179,19 +180,16 @@ async def test_cancelled_run_aborts_its_engine_requests(engine, server_settings)
         thinker.run(
             ids,
             SamplingParams(max_tokens=1000, temperature=1.0, ignore_eos=True),
-            n_choices=1,
-            parallelism=6,
-            max_parallelism=None,
+            thinker.plan(6),
             request_id=uuid.uuid4().hex,
         )
     )
-    await wait_until(lambda: engine.num_unfinished_requests() >= 6, timeout=5)
-    assert engine.num_unfinished_requests() >= 6
+    assert await wait_until(lambda: engine.num_unfinished_requests() >= 6)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
-    assert engine.num_unfinished_requests() == 0
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
+    assert thinker.samples_in_flight == 0
 
 
 async def test_logprob_tie_break_gets_sample_logprobs(engine, server_settings):
@@ -201,23 +199,21 @@ async def test_logprob_tie_break_gets_sample_logprobs(engine, server_settings):
 
     settings = server_settings.parallelism.model_copy(update={"tie_break": "logprob"})
     ids = chat_ids(engine, "What is 5 + 5?")
-    result = await ParallelThinker(engine, settings).run(
+    thinker = ParallelThinker(engine, settings)
+    result = await thinker.run(
         ids,
         SamplingParams(max_tokens=6, temperature=1.0),
-        n_choices=1,
-        parallelism=3,
-        max_parallelism=None,
+        thinker.plan(3),
         request_id=uuid.uuid4().hex,
     )
     means = [s.mean_logprob for s in result.choices[0].samples]
     assert all(m is not None and m <= 0 for m in means)
     # Default ("order") does not ask the engine for log-probs at all.
-    plain = await ParallelThinker(engine, server_settings.parallelism).run(
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    plain = await thinker.run(
         ids,
         SamplingParams(max_tokens=6),
-        n_choices=1,
-        parallelism=2,
-        max_parallelism=None,
+        thinker.plan(2),
         request_id=uuid.uuid4().hex,
     )
     assert all(s.mean_logprob is None for s in plain.choices[0].samples)

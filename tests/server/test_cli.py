@@ -6,14 +6,13 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from server.cli import build_parser, settings_from_args
 from server.config import ParallelismSettings
-from tests.conftest import ROOT, free_port, start_server, wait_healthy
+from tests.conftest import ROOT, free_port, poll_until, start_server, wait_healthy
 
 
 def test_parser_defaults_and_engine_args(model_dir):
@@ -59,6 +58,7 @@ def test_prepare_model_command(model_dir):
     assert "verified" in out.stdout and str(model_dir) in out.stdout
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end(model_dir):
     port = free_port()
     proc = start_server(port, "--default-parallelism", "2")
@@ -71,7 +71,7 @@ def test_serve_command_end_to_end(model_dir):
         reply = httpx.post(
             f"{url}/v1/chat/completions",
             json={"model": name, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5},
-            timeout=120,
+            timeout=None,
         )
         assert reply.status_code == 200, reply.text
         t2 = reply.json()["t2"]
@@ -88,7 +88,7 @@ def test_serve_command_end_to_end(model_dir):
                 "max_tokens": 3,
                 "parallelism": 2,
             },
-            timeout=120,
+            timeout=None,
         )
         assert fixed.json()["t2"]["n_used"] == 2 and fixed.json()["t2"]["mode"] == "fixed"
 
@@ -104,14 +104,12 @@ def test_serve_command_end_to_end(model_dir):
                 "ignore_eos": True,
                 "parallelism": 2,
             },
-            timeout=120,
+            timeout=None,
         )
-        deadline = time.monotonic() + 30
-        while "t2serve_samples_in_flight 2.0" not in httpx.get(f"{url}/metrics").text:
-            assert time.monotonic() < deadline, "the request did not start"
-            time.sleep(0.05)
+        started = poll_until(lambda: "t2serve_samples_in_flight 2.0" in httpx.get(f"{url}/metrics").text)
+        assert started, "the request did not start"
         proc.terminate()
-        drained = draining.result(timeout=60)
+        drained = draining.result()
         pool.shutdown()
         assert drained.status_code == 200, drained.text
         assert drained.json()["usage"]["completion_tokens"] == 80  # both samples ran to the end

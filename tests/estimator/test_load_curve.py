@@ -1,6 +1,6 @@
 import pytest
 
-from estimator.policy import choose_parallelism, load_scaled_cap
+from estimator.stopping import choose_parallelism, load_scaled_cap
 
 
 def test_default_without_prediction():

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from estimator.head import T2Head
-from estimator.labels import TYPES, overscaling_index, sample_type, system_optimal_n
-from estimator.policy import choose_parallelism
+from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
+from estimator.stopping import choose_parallelism
 
 MARGINS = (1.25, 1.5, 2.0)
 

@@ -23,7 +23,7 @@ Both are reported relative to the tokens of all N_max samples.
 Simplification: finishing order is taken as random and equal to launch order; in a real
 engine shorter samples finish first, and any correlation of length with correctness is not
 modelled. Averaging `correct` over orderings converges to the exact A_x(N) of
-estimator.labels for Fixed(N) (tests/estimator/test_stopping.py checks it).
+estimator.offline.labels for Fixed(N) (tests/estimator/offline/test_replay.py checks it).
 """
 
 from __future__ import annotations

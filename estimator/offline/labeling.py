@@ -22,8 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.labels import TYPES, expected_accuracy, expected_accuracy_mc, sample_optimal_n, sample_type
-from estimator.problems import Problem
+from estimator.offline.labels import (
+    TYPES,
+    expected_accuracy,
+    expected_accuracy_mc,
+    sample_optimal_n,
+    sample_type,
+)
+from estimator.offline.problems import Problem
 
 LABELS_FILE = "labels.json"
 
@@ -80,19 +86,15 @@ async def label_shard(
 
     from server.serving import render_chat
 
+    plan = thinker.plan(config.n_max, max_parallelism=config.n_max)
+
     async def one(k: int, problem: Problem):
         ids = render_chat(engine.tokenizer, [{"role": "user", "content": problem.question}])
         params = SamplingParams(
             max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed * 1_000_003 + k
         )
         result = await thinker.run(
-            ids,
-            params,
-            n_choices=1,
-            parallelism=config.n_max,
-            max_parallelism=config.n_max,
-            request_id=f"label-{uuid.uuid4().hex}",
-            want_states=True,
+            ids, params, plan, request_id=f"label-{uuid.uuid4().hex}", want_states=True
         )
         if result.states is None:
             raise RuntimeError(f"no hidden states captured for {problem.id}")

@@ -3,7 +3,14 @@ from collections import Counter
 
 import pytest
 
-from estimator.problems import DEFAULT_FAMILIES, FAMILIES, PROMPT_SUFFIX, generate, load_jsonl, split_of
+from estimator.offline.problems import (
+    DEFAULT_FAMILIES,
+    FAMILIES,
+    PROMPT_SUFFIX,
+    generate,
+    load_jsonl,
+    split_of,
+)
 from server.voting import extract_answer
 
 

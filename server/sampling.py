@@ -1,0 +1,86 @@
+"""The one place that builds vLLM `SamplingParams`.
+
+Three steps, each a pure function of what it is given:
+  from_request   a request's sampling fields -> validated params (400 on a bad combination)
+  for_voting     params as every sample of a vote runs them (final outputs only; each token's
+                 log-prob when the tie rule reads it)
+  for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
+                 sample i of a request always gets seed + i, and the capture tag on sample 0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.capture import CAPTURE_KEY
+from server.errors import APIError
+from server.protocol import SamplingFields
+
+
+def from_request(
+    request: SamplingFields, prompt_len: int, max_tokens: int | None, *, context: int, default_max_tokens: int
+) -> Any:
+    """The request's sampling parameters, checked against the context left after the prompt."""
+    from vllm import SamplingParams
+
+    room = context - prompt_len
+    if room <= 0:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
+            param="messages" if hasattr(request, "messages") else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the context of {context} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    optional = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "min_p": request.min_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "seed": request.seed,
+        "stop": request.stop,
+    }
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+    except (ValueError, TypeError) as exc:  # vLLM's own checks on the combination
+        raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
+
+
+def for_voting(params: Any, *, token_logprobs: bool) -> Any:
+    """A copy that returns each engine request's outputs once, when it ends (the vote reads
+    whole samples), with the sampled token's log-prob when the tie rule needs it."""
+    from vllm.sampling_params import RequestOutputKind
+
+    voting = params.clone()
+    if token_logprobs:
+        voting.logprobs = 0
+    voting.output_kind = RequestOutputKind.FINAL_ONLY
+    return voting
+
+
+def for_launch(base: Any, *, n: int, first: int, capture_tag: str | None = None) -> Any:
+    """One engine request of samples `first .. first + n - 1`: vLLM seeds child i of an n>1
+    request with seed + i, so shifting the seed by `first` gives sample j the seed + j it
+    would have as child j of one request. A capture tag marks the request whose prefill the
+    worker captures (server.capture)."""
+    params = base.clone()
+    params.n = n
+    if params.seed is not None:
+        params.seed += first
+    if capture_tag is not None:
+        params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: capture_tag}
+    return params

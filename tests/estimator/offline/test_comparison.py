@@ -1,0 +1,94 @@
+"""The equal-accuracy policy comparison (estimator/offline/comparison.py) and the `evaluate`
+command's replay options, on synthetic records."""
+
+import json
+
+import numpy as np
+import pytest
+
+from estimator.offline.labels import expected_accuracy
+
+
+class ConstantHead:
+    """Stands in for T2Head: the same prediction for every question."""
+
+    identity = "constant"
+
+    def __init__(self, prediction: float):
+        self.prediction = prediction
+
+    def predict_batch(self, states):
+        return np.full(len(states), self.prediction)
+
+
+def synthetic_records(seed: int, count: int = 12) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(count):
+        answers = [str(a) if a < 4 else None for a in rng.choice(5, size=16, p=[0.5, 0.2, 0.1, 0.1, 0.1])]
+        accuracy = expected_accuracy(answers, "0")
+        records.append(
+            {
+                "answers": answers,
+                "tokens": [int(t) for t in rng.integers(5, 48, size=16)],
+                "answer": "0",
+                "accuracy": list(accuracy),
+                "n_star": int(np.argmax(accuracy >= accuracy.max() - 1e-9)) + 1,
+            }
+        )
+    return records
+
+
+def test_compare_policies_selects_on_validation_and_writes_the_report(tmp_path):
+    from estimator.offline import comparison
+
+    val, test = synthetic_records(0), synthetic_records(1)
+    result = comparison.compare_policies(
+        ConstantHead(0.25),
+        val,
+        np.zeros((len(val), 1, 1)),
+        test,
+        np.zeros((len(test), 1, 1)),
+        orderings=10,
+        families=("fixed", "T2", "ESC", "T2+beta"),
+    )
+    assert set(result["selected"]) == {"fixed", "T2", "ESC", "T2+beta"}
+    val_rows = result["splits"]["validation"]["rows"]
+    for family, pick in result["selected"].items():
+        # The selected knob is the cheapest on validation that reaches the validation target.
+        reaching = [
+            r
+            for r in val_rows
+            if r["family"] == family and r["accuracy"] >= result["splits"]["validation"]["target"] - 1e-12
+        ]
+        assert pick["validation_launched"] == min(r["launched"] for r in reaching)
+    assert result["selected"]["fixed"]["launched"] <= 16
+    table = comparison.report_table(result)
+    assert "T2+beta" in table and "fewest samples" in table
+    comparison.write_report(result, tmp_path / "policies")
+    assert (tmp_path / "policies.png").stat().st_size > 0
+    assert json.loads((tmp_path / "policies.json").read_text())["orderings"] == 10
+
+
+def test_samples_at_interpolates_on_the_pareto_front():
+    from estimator.offline.comparison import pareto, samples_at
+
+    points = [
+        {"launched": 1.0, "accuracy": 0.40},
+        {"launched": 3.0, "accuracy": 0.38},  # dominated: more samples, less accuracy
+        {"launched": 4.0, "accuracy": 0.50},
+        {"launched": 8.0, "accuracy": 0.55},
+    ]
+    assert [p["launched"] for p in pareto(points)] == [1.0, 4.0, 8.0]
+    assert samples_at(points, 0.45) == pytest.approx(2.5)
+    assert samples_at(points, 0.30) == 1.0
+    assert samples_at(points, 0.60) is None
+
+
+def test_evaluate_command_takes_the_replay_options():
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--policies", "T2,ESC"])
+    assert (args.orderings, args.replay_seed, args.policies) == (200, 0, "T2,ESC")
+    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--orderings", "0"])
+    assert args.orderings == 0 and str(args.policies_out) == "benchmarks/results/policies"
