@@ -74,9 +74,10 @@ and a vote nobody has cast is never decided):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -134,6 +135,93 @@ def load_scaled_cap(cap: int, samples_in_flight: int, limit: int, *, choices: in
     factor = 1.0 if load <= LOAD_KNEE else max(0.0, (1.0 - load) / (1.0 - LOAD_KNEE))
     room = (limit - samples_in_flight) // choices
     return max(1, min(math.floor(cap * factor), room))
+
+
+# -- the policy registry: spec name -> class, knobs and presets (estimator.policy_spec parses
+# the spec strings; a new policy is one class here plus its @register_policy line) --------
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a spec's defaults come from: the server's settings and the loaded head."""
+
+    fixed_n: int  # `fixed` without n: the server's N_max
+    margin: float  # T2's margin when a spec names none (--estimator-margin)
+    stopping: StoppingTable | None = None  # the head's learned stopping table, if any
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        number = int(value)
+        if number < 1:
+            raise ValueError(f"{name} must be >= 1")
+        return number
+
+    return convert
+
+
+def positive_float(name: str) -> Callable[[str], float]:
+    def convert(value: str) -> float:
+        number = float(value)
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0")
+        return number
+
+    return convert
+
+
+def probability(value: str) -> float:
+    number = float(value)
+    if not 0 < number < 1:
+        raise ValueError("c must lie in (0, 1)")
+    return number
+
+
+CRITERIA = ("beta", "dirichlet")
+
+
+def criterion(value: str) -> str:
+    if value not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Registration:
+    cls: type
+    knobs: dict[str, tuple[str, Callable[[str], Any]]]  # spec knob -> (constructor argument, converter)
+    preset: dict[str, Any]  # constructor arguments the name itself fixes (e.g. ac-beta's criterion)
+
+
+POLICIES: dict[str, Registration] = {}
+
+
+def register_policy(
+    name: str,
+    knobs: dict[str, tuple[str, Callable[[str], Any]]],
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> Callable[[type], type]:
+    """Register a policy class under a spec name (and each preset's name), e.g.
+    `@register_policy("ac", knobs={...}, presets={"ac-beta": {"criterion": "beta"}})`."""
+
+    def decorate(cls: type) -> type:
+        POLICIES[name] = Registration(cls, knobs, {})
+        for preset, arguments in (presets or {}).items():
+            POLICIES[preset] = Registration(cls, knobs, arguments)
+        return cls
+
+    return decorate
+
+
+def policy_names() -> list[str]:
+    return list(POLICIES)
+
+
+def get_policy(name: str) -> Registration:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}: use {', '.join(policy_names())}") from None
 
 
 @dataclass(frozen=True)
@@ -235,6 +323,7 @@ def _more(k: int, launched: int, tally: Tally, cap: int) -> Decision:
     return STOP if tally.finished >= launched else WAIT
 
 
+@register_policy("fixed", knobs={"n": ("n", positive_int("n"))})
 @dataclass(frozen=True)
 class Fixed:
     """Standard parallel thinking: n samples, vote when all have finished."""
@@ -242,6 +331,10 @@ class Fixed:
     n: int
     adapts = False
     reads_prediction = False
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> Fixed:
+        return cls(knobs.get("n", ctx.fixed_n))
 
     @property
     def family(self) -> str:
@@ -258,6 +351,7 @@ class Fixed:
         return STOP if tally.finished >= launched else WAIT
 
 
+@register_policy("t2", knobs={"margin": ("margin", positive_float("margin"))})
 @dataclass(frozen=True)
 class T2:
     """The T2 estimate decided before decoding: N = clamp(round(N_max * prediction * margin), 1, cap)."""
@@ -265,6 +359,10 @@ class T2:
     margin: float = 1.0
     adapts = False
     reads_prediction = True
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> T2:
+        return cls(knobs.get("margin", ctx.margin))
 
     @property
     def family(self) -> str:
@@ -283,6 +381,9 @@ class T2:
         return STOP if tally.finished >= launched else WAIT
 
 
+@register_policy(
+    "esc", knobs={"window": ("window", positive_int("window")), "max": ("max_samples", positive_int("max"))}
+)
 @dataclass(frozen=True)
 class ESC:
     """Early-Stopping Self-Consistency: windows of `window` samples; stop on a unanimous window."""
@@ -291,6 +392,10 @@ class ESC:
     max_samples: int | None = None  # the method's own budget (None: the cap)
     adapts = True
     reads_prediction = False
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> Any:
+        return cls(**knobs)
 
     @property
     def family(self) -> str:
@@ -315,6 +420,16 @@ class ESC:
         return _more(self.window, launched, tally, _limit(self.max_samples, budget.cap))
 
 
+@register_policy(
+    "ac",
+    knobs={
+        "criterion": ("criterion", criterion),
+        "c": ("confidence", probability),
+        "batch": ("batch", positive_int("batch")),
+        "max": ("max_samples", positive_int("max")),
+    },
+    presets={f"ac-{k}": {"criterion": k} for k in CRITERIA},
+)
 @dataclass(frozen=True)
 class AdaptiveConsistency:
     """Adaptive-Consistency: `batch` samples in flight; stop once the leader is the majority
@@ -326,6 +441,10 @@ class AdaptiveConsistency:
     max_samples: int | None = None  # the method's own budget (None: the cap)
     adapts = True
     reads_prediction = False
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> Any:
+        return cls(**knobs)
 
     @property
     def family(self) -> str:
@@ -349,6 +468,17 @@ class AdaptiveConsistency:
         return _more(self.batch - in_flight, launched, tally, _limit(self.max_samples, budget.cap))
 
 
+@register_policy(
+    "t2+beta",
+    knobs={
+        "c": ("confidence", probability),
+        "margin": ("margin", positive_float("margin")),
+        "extend": ("extend", positive_int("extend")),
+        "max": ("max_factor", positive_float("max")),
+        "agree": ("agreement", positive_float("agree")),
+    },
+    presets={"t2+dirichlet": {"criterion": "dirichlet"}},
+)
 @dataclass(frozen=True)
 class Composition:
     """T2 first, a stopping criterion after: launch the T2 estimate at once, stop before it
@@ -364,6 +494,10 @@ class Composition:
     agreement: float | None = None
     adapts = True
     reads_prediction = True
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> Composition:
+        return cls(**{"margin": ctx.margin, **knobs})
 
     @property
     def family(self) -> str:
@@ -405,6 +539,14 @@ class Composition:
         return _more(self.extend, launched, tally, ceiling)
 
 
+@register_policy(
+    "t2+learned",
+    knobs={
+        "cost": ("cost", positive_float("cost")),
+        "margin": ("margin", positive_float("margin")),
+        "extend": ("extend", positive_int("extend")),
+    },
+)
 @dataclass(frozen=True)
 class LearnedStop:
     """T2 first, the head's learned stopping rule after: launch the T2 estimate at `margin`,
@@ -417,6 +559,15 @@ class LearnedStop:
     extend: int = 1
     adapts = True
     reads_prediction = True
+
+    @classmethod
+    def from_knobs(cls, knobs: dict[str, Any], ctx: PolicyContext) -> LearnedStop:
+        if ctx.stopping is None:
+            raise ValueError(
+                "policy 't2+learned' needs a stopping table beside the estimator head (`t2serve train` "
+                "fits one); this server's head has none"
+            )
+        return cls(ctx.stopping, **knobs)
 
     @property
     def family(self) -> str:

@@ -62,6 +62,12 @@ def create_app(
         owned = engine is None
         live = await Engine.start(settings.engine) if owned else engine
         assert live is not None
+        if owned and settings.engine.capture:
+            try:
+                logger.info("capture self-test passed: %s", await live.self_test())
+            except BaseException:
+                await live.shutdown()
+                raise  # uvicorn reports it and the command exits 3
         app.state.engine = live
         app.state.engine_failed = False
         metrics.ENGINE_HEALTHY.set(1)
@@ -72,7 +78,7 @@ def create_app(
                 "mode": "eager" if live.settings.enforce_eager else "compiled",
             }
         )
-        head = load_head_or_fallback(settings, live)
+        head = load_head_or_fallback(settings, live) if settings.engine.capture else None
         thinker = ParallelThinker(
             live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
         )

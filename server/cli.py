@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from estimator.stopping import policy_names
 from server.config import EngineSettings, LimitSettings, ParallelismSettings, ServerSettings
 
 
@@ -34,6 +35,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="eager mode (default on: hidden-state capture uses forward hooks, which compiled graphs skip)",
+    )
+    g.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hidden-state capture for the T2 estimate, checked on one prompt at start-up (exit 3 if "
+        "it yields no states); --no-capture: no head, 'auto' uses --default-parallelism",
     )
     g.add_argument("--block-size", type=int, help="KV-cache block size (CPU default 32)")
     g.add_argument("--max-num-seqs", type=int)
@@ -67,8 +75,9 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--policy",
         default="t2",
-        help="sampling policy for 'auto' when a request names none, e.g. t2, t2:margin=1.5, "
-        "esc:window=4,max=8, ac-beta:c=0.95,max=8, t2+beta:c=0.8,max=3 (README 'Early stopping')",
+        help=f"sampling policy for 'auto' when a request names none: {', '.join(policy_names())}, "
+        "with knobs, e.g. t2:margin=1.5, esc:window=4,max=8, ac-beta:c=0.95,max=8, t2+beta:c=0.8,max=3 "
+        "(README 'Early stopping')",
     )
     g.add_argument(
         "--tie-break",
@@ -124,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--default-max-tokens", type=int, default=512)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--self-test",
+        action="store_true",
+        help="start the engine, capture one known prompt's hidden states, print the result and exit "
+        "(0: states arrived and are well formed; 3: not)",
+    )
     _add_engine_args(serve)
     _add_parallelism_args(serve)
     _add_operating_args(serve)
@@ -254,6 +269,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enable_prefix_caching=not args.no_prefix_caching,
         cpu_kvcache_space_gib=args.cpu_kvcache_space,
         cpu_threads_bind=args.cpu_threads_bind,
+        capture=args.capture,
     )
     return ServerSettings(
         host=args.host,
@@ -308,6 +324,8 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.self_test:
+        sys.exit(self_test(settings))
 
     def stop() -> None:
         server.should_exit = True
@@ -328,6 +346,27 @@ def serve(args: argparse.Namespace) -> None:
         sys.exit(ENGINE_DEAD_EXIT_CODE)
     if not server.started:
         sys.exit(STARTUP_FAILED_EXIT_CODE)  # the cause is logged above
+
+
+def self_test(settings: ServerSettings) -> int:
+    """`serve --self-test`: the start-up capture check on its own, as an exit status."""
+    import asyncio
+    import json
+
+    from server.engine import CaptureSelfTestError, Engine
+
+    async def run() -> int:
+        engine = await Engine.start(settings.engine)
+        try:
+            print(json.dumps({"self_test": "ok", **await engine.self_test()}))
+            return 0
+        except CaptureSelfTestError as exc:
+            print(f"t2serve: {exc}", file=sys.stderr)
+            return STARTUP_FAILED_EXIT_CODE
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
 
 
 def label(args: argparse.Namespace) -> None:

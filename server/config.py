@@ -32,6 +32,9 @@ class EngineSettings(BaseModel):
     cpu_kvcache_space_gib: int = 4
     cpu_threads_bind: str | None = None
     capture_timeout_s: float = 30.0
+    # Hidden-state capture for the T2 estimate; checked once at start-up (Engine.self_test).
+    # Off: `auto` uses the default N and no head is loaded.
+    capture: bool = True
 
 
 class ParallelismSettings(BaseModel):

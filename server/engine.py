@@ -108,6 +108,13 @@ def apply_cpu_environment(settings: EngineSettings) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or f"0-{cores - 1}")
 
 
+class CaptureSelfTestError(RuntimeError):
+    """The start-up capture check found no states, or malformed ones."""
+
+
+SELF_TEST_PROMPT = "The capital of France is"
+
+
 class CaptureReceiver:
     """Front-end end of the capture channel: a ZMQ PULL socket whose messages resolve futures."""
 
@@ -241,6 +248,53 @@ class Engine:
             raise
         logger.info("engine ready: %s", info)
         return cls(llm, receiver, info, settings)
+
+    @property
+    def mode(self) -> str:
+        return "eager" if self.settings.enforce_eager else "compiled"
+
+    async def self_test(self) -> dict[str, Any]:
+        """Capture one known prompt end to end, as a request would, and check the states:
+        `[num_layers, hidden_size]`, finite, not all zero. Raises CaptureSelfTestError
+        naming the model and the mode, so a server never starts with a capture that
+        silently produces nothing (then every `auto` request would wait for states)."""
+        import uuid
+
+        from server import sampling
+
+        tag = f"t2serve-self-test-{uuid.uuid4().hex}"
+        ids = list(self.tokenizer.encode(SELF_TEST_PROMPT))
+        params = sampling.capture_probe(tag)
+        future = self.expect_capture(tag)
+        try:
+            async for _ in self.generate(ids, params, f"{tag}-s0"):
+                pass
+            # The states leave the worker in the step that completes the prefill, before the
+            # request's output: a wait here is for the socket, bounded by --capture-timeout.
+            done, _ = await asyncio.wait({future}, timeout=self.settings.capture_timeout_s)
+        finally:
+            self.forget_capture(tag)
+        expected = (self.info.num_layers, self.info.hidden_size)
+        where = f"model {self.info.name!r} in {self.mode} mode ({self.info.dtype})"
+        if not done or future.cancelled():
+            raise CaptureSelfTestError(
+                f"hidden-state capture self-test failed for {where}: no states arrived within "
+                f"{self.settings.capture_timeout_s:g} s. The capture hooks the decoder layers and only "
+                "fires in eager mode in this version: run with --enforce-eager (the default), or "
+                "--no-capture to serve without the T2 estimate (`auto` then uses --default-parallelism)."
+            )
+        states = future.result()
+        if states.shape != expected or not np.isfinite(states).all() or not np.abs(states).sum() > 0:
+            raise CaptureSelfTestError(
+                f"hidden-state capture self-test failed for {where}: states of shape {states.shape} "
+                f"(expected {expected}), finite: {bool(np.isfinite(states).all())}"
+            )
+        return {
+            "model": self.info.name,
+            "mode": self.mode,
+            "dtype": self.info.dtype,
+            "shape": list(states.shape),
+        }
 
     # -- requests -----------------------------------------------------------------------
 

@@ -248,7 +248,9 @@ class ParallelThinker:
                 )
 
             # Capture only when someone reads the states: they cost the engine step time.
-            capture = want_states or (plan.mode == "auto" and policy.reads_prediction)
+            capture = want_states or (
+                plan.mode == "auto" and policy.reads_prediction and self.engine.settings.capture
+            )
             states_future = self.engine.expect_capture(request_id) if capture else None
             try:
                 if states_future is not None:

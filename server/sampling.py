@@ -6,6 +6,7 @@ Three steps, each a pure function of what it is given:
                  log-prob when the tie rule reads it)
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
                  sample i of a request always gets seed + i, and the capture tag on sample 0
+  capture_probe  the start-up self-test's request: one greedy token, tagged for capture
 """
 
 from __future__ import annotations
@@ -84,3 +85,10 @@ def for_launch(base: Any, *, n: int, first: int, capture_tag: str | None = None)
     if capture_tag is not None:
         params.extra_args = {**(params.extra_args or {}), CAPTURE_KEY: capture_tag}
     return params
+
+
+def capture_probe(capture_tag: str) -> Any:
+    """The start-up self-test's request (server.engine.Engine.self_test)."""
+    from vllm import SamplingParams
+
+    return for_launch(SamplingParams(max_tokens=1, temperature=0.0), n=1, first=0, capture_tag=capture_tag)

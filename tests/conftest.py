@@ -163,6 +163,19 @@ async def client(server_url: str) -> AsyncIterator:
         yield c
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--repeat", type=int, default=1, help="run each selected test this many times (flakiness checks)"
+    )
+
+
+def pytest_generate_tests(metafunc) -> None:
+    repeat = metafunc.config.getoption("repeat")
+    if repeat > 1:
+        metafunc.fixturenames.append("repeat_round")
+        metafunc.parametrize("repeat_round", range(repeat), ids=lambda k: f"round{k}")
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     from prometheus_client import REGISTRY
 

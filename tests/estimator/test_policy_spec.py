@@ -40,7 +40,7 @@ def test_parse_policy(spec, policy):
     ("spec", "message"),
     [
         ("greedy", "unknown policy"),
-        ("ac-gamma", "criterion must be one of"),
+        ("ac-gamma", "unknown policy"),
         ("esc:window=0", "window must be >= 1"),
         ("esc:size=4", "bad knob"),
         ("esc:window", "bad knob"),
@@ -75,3 +75,25 @@ def test_serve_refuses_a_bad_policy_flag(model_dir):
         settings_from_args(args)
     good = build_parser().parse_args(["serve", "--model", str(model_dir), "--policy", "ac-beta:c=0.8"])
     assert settings_from_args(good).parallelism.policy == "ac-beta:c=0.8"
+
+
+def test_a_registered_policy_is_parseable_by_name_with_its_knobs(monkeypatch):
+    from dataclasses import dataclass
+
+    from estimator import stopping
+
+    monkeypatch.setattr(stopping, "POLICIES", dict(stopping.POLICIES))  # leave the real registry alone
+
+    @stopping.register_policy("every-k", knobs={"k": ("k", stopping.positive_int("k"))})
+    @dataclass(frozen=True)
+    class EveryK:
+        k: int = 2
+
+        @classmethod
+        def from_knobs(cls, knobs, ctx):
+            return cls(**knobs)
+
+    assert parse("every-k:k=5") == EveryK(5)
+    assert "every-k" in stopping.policy_names()
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        parse("every-k:k=0")

@@ -54,7 +54,7 @@ class ScriptedEngine:
     ):
         self.script = script
         self.states = states  # whether tagged requests get their states pushed
-        self.settings = SimpleNamespace(capture_timeout_s=30.0)
+        self.settings = SimpleNamespace(capture_timeout_s=30.0, capture=True)
         self.requests: dict[str, _Request] = {}
         self.aborted_ids: list[str] = []
         self._captures: dict[str, asyncio.Future[np.ndarray]] = {}

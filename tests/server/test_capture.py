@@ -241,3 +241,10 @@ async def test_seeded_requests_with_long_prompts_do_not_crash_the_engine(engine)
 
     texts = await asyncio.gather(*(run(k, p) for k, p in enumerate(prompts)))
     assert len(texts) == 4 and engine.healthy
+
+
+async def test_start_up_self_test_passes_on_the_real_engine(engine):
+    report = await engine.self_test()
+    assert report["mode"] == "eager" and report["dtype"] == engine.info.dtype
+    assert report["shape"] == [engine.info.num_layers, engine.info.hidden_size] == [30, 576]
+    assert engine.num_unfinished_requests() == 0

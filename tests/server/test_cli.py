@@ -124,3 +124,21 @@ def test_serve_command_end_to_end(model_dir):
     # engine, then uvicorn re-raises the signal, hence -SIGTERM rather than 0); -9 would mean
     # it hung and had to be killed.
     assert proc.returncode in (0, -signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_serve_self_test_captures_and_exits_zero():
+    """`t2serve serve --self-test`: the start-up capture check as a command (what a GPU user
+    runs to check capture on their hardware)."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--self-test", "--max-model-len", "512"]
+        + ["--cpu-kvcache-space", "1", "--log-level", "warning"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["self_test"] == "ok" and report["mode"] == "eager" and report["shape"] == [30, 576]
