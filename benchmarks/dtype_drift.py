@@ -82,7 +82,9 @@ async def capture(dtype: str, questions: list[str], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=300, help="test-split questions")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--capture", choices=DTYPES, help=argparse.SUPPRESS)  # the subprocess's role
@@ -114,7 +116,12 @@ def main() -> None:
     cosine = (bf16 * fp32).sum(-1) / (np.linalg.norm(bf16, axis=-1) * np.linalg.norm(fp32, axis=-1))
     pred = {d: head.predict_batch(s) for d, s in states.items()}
     n = {
-        d: np.array([choose_parallelism(float(p), n_max=head.meta.n_max, default=8, cap=64, margin=margin) for p in ps])
+        d: np.array(
+            [
+                choose_parallelism(float(p), n_max=head.meta.n_max, default=8, cap=64, margin=margin)
+                for p in ps
+            ]
+        )
         for d, ps in pred.items()
     }
     report = {
@@ -133,8 +140,12 @@ def main() -> None:
         "n_changed_share": float((n["bfloat16"] != n["float32"]).mean()),
     }
     print(f"\n{'':<26}{'bfloat16':>10}{'float32':>10}")
-    print(f"{'mean prediction p':<26}{report['prediction_mean']['bfloat16']:>10.4f}{report['prediction_mean']['float32']:>10.4f}")
-    print(f"{'mean T2 N (margin ' + format(margin, 'g') + ')':<26}{report['n_mean']['bfloat16']:>10.2f}{report['n_mean']['float32']:>10.2f}")
+    print(
+        f"{'mean prediction p':<26}{report['prediction_mean']['bfloat16']:>10.4f}{report['prediction_mean']['float32']:>10.4f}"
+    )
+    print(
+        f"{'mean T2 N (margin ' + format(margin, 'g') + ')':<26}{report['n_mean']['bfloat16']:>10.2f}{report['n_mean']['float32']:>10.2f}"
+    )
     print(
         f"states cosine: min {report['cosine_min']:.5f}; prediction MAE {report['prediction_mae']:.4f} "
         f"(max {report['prediction_max_abs_diff']:.4f}); N MAE {report['n_mae']:.3f}, "
