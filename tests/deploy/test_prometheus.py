@@ -74,7 +74,7 @@ async def prometheus(server_url, tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
 
         async def ready() -> bool:
             try:
@@ -82,14 +82,24 @@ async def prometheus(server_url, tmp_path_factory):
             except httpx.TransportError:
                 return False
 
-        for _ in range(300):
-            if await ready():
-                break
-            await asyncio.sleep(0.1)
-        assert await ready(), "prometheus did not start"
+        assert await eventually(ready), "prometheus did not start"
         yield http
     proc.terminate()
     proc.wait(30)
+
+
+async def eventually(condition, limit_s: float = 300.0) -> bool:
+    """Poll an async condition until it holds; the limit only stops a hang."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def _more_scrapes(scrapes, at_least: int) -> bool:
+    return await scrapes() >= at_least
 
 
 async def query(http: httpx.AsyncClient, expr: str) -> list:
@@ -104,11 +114,11 @@ async def test_dashboard_queries_against_real_prometheus(prometheus, client, ser
         result = await query(prometheus, 'up{job="t2serve"}')
         return bool(result) and result[0]["value"][1] == "1"
 
-    for _ in range(100):
-        if await scraped_up():
-            break
-        await asyncio.sleep(0.2)
-    assert await scraped_up(), "prometheus is not scraping t2serve"
+    async def scrapes() -> int:
+        result = await query(prometheus, 'count_over_time(up{job="t2serve"}[1h])')
+        return int(float(result[0]["value"][1])) if result else 0
+
+    assert await eventually(scraped_up), "prometheus is not scraping t2serve"
 
     # Traffic: auto requests (default N) and fixed requests below the baseline N.
     question = [{"role": "user", "content": "What is 3 + 3?"}]
@@ -124,7 +134,9 @@ async def test_dashboard_queries_against_real_prometheus(prometheus, client, ser
             for p in (1, 2, 1)
         ),
     )
-    await asyncio.sleep(3 * SCRAPE_INTERVAL_S + 1)  # a few scrapes after the traffic
+    # A few scrapes after the traffic (counted, not timed): rate() needs two points in its window.
+    after_traffic = await scrapes()
+    assert await eventually(lambda: _more_scrapes(scrapes, after_traffic + 3))
 
     # Every metric the dashboard names exists on t2serve's /metrics.
     async with httpx.AsyncClient() as http:

@@ -140,5 +140,7 @@ def test_serve_self_test_captures_and_exits_zero():
         text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout as well: the report is the one JSON line the command prints.
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith('{"self_test"')]
+    report = json.loads(line)
     assert report["self_test"] == "ok" and report["mode"] == "eager" and report["shape"] == [30, 576]
