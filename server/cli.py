@@ -351,22 +351,32 @@ def serve(args: argparse.Namespace) -> None:
 def self_test(settings: ServerSettings) -> int:
     """`serve --self-test`: the start-up capture check on its own, as an exit status."""
     import asyncio
-    import json
 
-    from server.engine import CaptureSelfTestError, Engine
+    from server.engine import Engine
 
     async def run() -> int:
         engine = await Engine.start(settings.engine)
         try:
-            print(json.dumps({"self_test": "ok", **await engine.self_test()}))
-            return 0
-        except CaptureSelfTestError as exc:
-            print(f"t2serve: {exc}", file=sys.stderr)
-            return STARTUP_FAILED_EXIT_CODE
+            return await report_self_test(engine)
         finally:
             await engine.shutdown()
 
     return asyncio.run(run())
+
+
+async def report_self_test(engine) -> int:
+    """Run the engine's capture self-test: print its report as one JSON line and return 0,
+    or print why it failed and return the start-up failure status (3)."""
+    import json
+
+    from server.engine import CaptureSelfTestError
+
+    try:
+        print(json.dumps({"self_test": "ok", **await engine.self_test()}), flush=True)
+        return 0
+    except CaptureSelfTestError as exc:
+        print(f"t2serve: {exc}", file=sys.stderr, flush=True)
+        return STARTUP_FAILED_EXIT_CODE
 
 
 def label(args: argparse.Namespace) -> None:

@@ -126,21 +126,26 @@ def test_serve_command_end_to_end(model_dir):
     assert proc.returncode in (0, -signal.SIGTERM)
 
 
-@pytest.mark.slow
-def test_serve_self_test_captures_and_exits_zero():
-    """`t2serve serve --self-test`: the start-up capture check as a command (what a GPU user
-    runs to check capture on their hardware)."""
+async def test_self_test_command_reports_and_sets_the_exit_status(engine, capsys):
+    """What `t2serve serve --self-test` prints and returns (on the session's engine: every
+    subprocess server in these tests also runs the same check at start-up)."""
     import json
 
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--self-test", "--max-model-len", "512"]
-        + ["--cpu-kvcache-space", "1", "--log-level", "warning"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    # vLLM logs to stdout as well: the report is the one JSON line the command prints.
-    (line,) = [x for x in out.stdout.splitlines() if x.startswith('{"self_test"')]
-    report = json.loads(line)
+    from server.cli import STARTUP_FAILED_EXIT_CODE, report_self_test
+    from server.engine import CaptureSelfTestError
+
+    assert await report_self_test(engine) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["self_test"] == "ok" and report["mode"] == "eager" and report["shape"] == [30, 576]
+
+    class Broken:
+        async def self_test(self):
+            raise CaptureSelfTestError("no states arrived")
+
+    assert await report_self_test(Broken()) == STARTUP_FAILED_EXIT_CODE == 3
+    assert "no states arrived" in capsys.readouterr().err
+
+
+def test_serve_parser_has_the_self_test_and_capture_flags(model_dir):
+    args = build_parser().parse_args(["serve", "--self-test", "--no-capture"])
+    assert args.self_test is True and settings_from_args(args).engine.capture is False
