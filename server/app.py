@@ -75,7 +75,7 @@ def create_app(
             {
                 "device": live.info.device,
                 "dtype": live.info.dtype,
-                "mode": "eager" if live.settings.enforce_eager else "compiled",
+                "mode": live.mode,
             }
         )
         head = load_head_or_fallback(settings, live) if settings.engine.capture else None

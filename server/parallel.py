@@ -243,9 +243,7 @@ class ParallelThinker:
             def budget() -> Budget:
                 """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
                 cap = plan.cap if plan.mode == "fixed" else self._scaled_cap(plan, own=group.running())
-                return Budget(
-                    prediction, n_max=self.n_max, default=self.settings.default_parallelism, cap=cap
-                )
+                return self._budget(prediction, cap)
 
             # Capture only when someone reads the states: they cost the engine step time.
             capture = want_states or (
@@ -340,6 +338,9 @@ class ParallelThinker:
             metrics.TIMEOUTS.labels("partial").inc()
         return choices
 
+    def _budget(self, prediction: float | None, cap: int) -> Budget:
+        return Budget(prediction, n_max=self.n_max, default=self.settings.default_parallelism, cap=cap)
+
     def _scaled_cap(self, plan: Plan, own: int) -> int:
         """The per-choice cap after the load curve (1 when greedy: more samples would only
         repeat the first); `own` samples in flight are this request's, not load."""
@@ -358,11 +359,9 @@ class ParallelThinker:
         scaled = self._scaled_cap(plan, own=own)
         if self.samples_limit is not None and not plan.greedy:
             metrics.LOAD_CAP.observe(scaled)
-            budget = Budget(
-                prediction, n_max=self.n_max, default=self.settings.default_parallelism, cap=scaled
-            )
-            if scaled < plan.cap and plan.policy.first_launch(budget) < plan.policy.first_launch(
-                Budget(prediction, n_max=self.n_max, default=self.settings.default_parallelism, cap=plan.cap)
+            first = plan.policy.first_launch
+            if scaled < plan.cap and first(self._budget(prediction, scaled)) < first(
+                self._budget(prediction, plan.cap)
             ):
                 metrics.LOAD_REDUCED.inc()
         return scaled
