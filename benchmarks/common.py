@@ -75,39 +75,54 @@ class ServerProcess:
                 await asyncio.sleep(1)
         print(f"t2serve up in {time.monotonic() - started:.0f} s", flush=True)
 
-    async def run(self, questions: list[str], label: str, parallelism: int | str | None = None) -> dict:
+    async def run(
+        self,
+        questions: list[str],
+        label: str,
+        parallelism: int | str | list[int] | None = None,
+        concurrency: int | None = None,
+    ) -> dict:
+        """Send every question; `parallelism`: one value for all, or one per question
+        (default: args.n); `concurrency`: clients sending one request at a time each
+        (default: all at once). Results are in question order."""
         import httpx
         from tqdm import tqdm
 
-        def body(q: str) -> dict:
+        per_question = (
+            parallelism if isinstance(parallelism, list) else [parallelism or self.args.n] * len(questions)
+        )
+
+        def body(k: int) -> dict:
             return {
                 "model": "bench",
-                "messages": [{"role": "user", "content": q}],
+                "messages": [{"role": "user", "content": questions[k]}],
                 "max_tokens": self.args.max_tokens,
                 "temperature": 0.8,
                 "ignore_eos": True,
-                "parallelism": parallelism or self.args.n,
+                "parallelism": per_question[k],
             }
 
         tokens = 0
-        latencies: list[float] = []
-        t2s: list[dict] = []
+        latencies: list[float] = [0.0] * len(questions)
+        t2s: list[dict] = [{}] * len(questions)
+        gate = asyncio.Semaphore(concurrency or len(questions))
         async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as http:
             bar = tqdm(total=len(questions), desc=label, unit="req")
 
-            async def one(q: str) -> None:
+            async def one(k: int) -> None:
                 nonlocal tokens
-                sent = time.monotonic()
-                r = await http.post(f"{self.url}/v1/chat/completions", json=body(q))
-                r.raise_for_status()
-                latencies.append(time.monotonic() - sent)
+                async with gate:
+                    sent = time.monotonic()
+                    r = await http.post(f"{self.url}/v1/chat/completions", json=body(k))
+                    r.raise_for_status()
+                    latencies[k] = time.monotonic() - sent
                 reply = r.json()
                 tokens += reply["usage"]["completion_tokens"]
-                t2s.append(reply["t2"])
+                t2s[k] = reply["t2"]
                 bar.update()
 
             t0 = time.monotonic()
-            await asyncio.gather(*(one(q) for q in questions))
+            await asyncio.gather(*(one(k) for k in range(len(questions))))
             wall = time.monotonic() - t0
             bar.close()
         return {

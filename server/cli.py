@@ -33,8 +33,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="eager mode (default on: hidden-state capture uses forward hooks, which compiled graphs skip)",
+        default=False,
+        help="eager mode: no torch.compile / CUDA graphs (default off: vLLM's compiled model, with the "
+        "capture tap compiled in; eager starts faster and runs slower)",
     )
     g.add_argument(
         "--capture",
@@ -42,6 +43,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="hidden-state capture for the T2 estimate, checked on one prompt at start-up (exit 3 if "
         "it yields no states); --no-capture: no head, 'auto' uses --default-parallelism",
+    )
+    g.add_argument(
+        "--capture-slots",
+        type=int,
+        default=64,
+        help="captures one engine step can hold (tap buffers: layers x slots x hidden float32); a "
+        "request beyond them gets no states and its 'auto' uses the default N at once",
+    )
+    g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="as in vLLM: no engine statistics (no vllm:* metrics on /metrics, no periodic stats logs)",
     )
     g.add_argument("--block-size", type=int, help="KV-cache block size (CPU default 32)")
     g.add_argument("--max-num-seqs", type=int)
@@ -270,6 +283,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         cpu_kvcache_space_gib=args.cpu_kvcache_space,
         cpu_threads_bind=args.cpu_threads_bind,
         capture=args.capture,
+        capture_slots=args.capture_slots,
+        log_stats=not args.disable_log_stats,
     )
     return ServerSettings(
         host=args.host,

@@ -19,8 +19,9 @@ class EngineSettings(BaseModel):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    # Hidden-state capture uses forward hooks, which fire only in eager mode.
-    enforce_eager: bool = True
+    # False: torch.compile (and CUDA graphs on GPU), vLLM's default; the capture tap is
+    # compiled into the graph (server/capture.py).
+    enforce_eager: bool = False
     block_size: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -32,9 +33,17 @@ class EngineSettings(BaseModel):
     cpu_kvcache_space_gib: int = 4
     cpu_threads_bind: str | None = None
     capture_timeout_s: float = 30.0
+    # vLLM's engine statistics (its `vllm:*` metrics on /metrics and periodic log lines);
+    # off = vLLM's --disable-log-stats. One process holds one set of `vllm:*` metrics: an
+    # engine started with stats replaces the metrics of any engine started before it.
+    log_stats: bool = True
     # Hidden-state capture for the T2 estimate; checked once at start-up (Engine.self_test).
     # Off: `auto` uses the default N and no head is loaded.
     capture: bool = True
+    # Requests whose prefill may complete in one engine step and still be captured; the
+    # tap's buffers are [layers, slots, hidden] float32. A request beyond them gets no
+    # states (its `auto` falls back to the default N at once, with a warning).
+    capture_slots: int = Field(default=64, ge=1)
 
 
 class ParallelismSettings(BaseModel):

