@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, ServerProcess, prompts  # noqa: E402
 
+RESULT_TAG = "ENGINE_SPEED_RAW_VLLM "
+
 
 def raw_vllm(config: dict) -> dict:
     """Phase 1, run in a child process (`--raw-vllm CONFIG`) so its engine is gone after."""
@@ -160,7 +162,8 @@ def main() -> None:
     parser.add_argument("--raw-vllm", help=argparse.SUPPRESS)  # child-process entry
     args = parser.parse_args()
     if args.raw_vllm:
-        print(json.dumps(raw_vllm(json.loads(args.raw_vllm))))
+        result = raw_vllm(json.loads(args.raw_vllm))
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return
 
     from server.engine import cpu_has_native_bf16
@@ -171,7 +174,7 @@ def main() -> None:
     questions = prompts(args.prompts)
 
     print("raw vLLM (compiled, fastest dtype) ...", flush=True)
-    config = {"model": str(model_dir), "questions": questions, **vars(args)}
+    config = {**vars(args), "model": str(model_dir), "questions": questions}
     child = subprocess.run(
         [sys.executable, __file__, "--raw-vllm", json.dumps(config)],
         stdout=subprocess.PIPE,
@@ -179,7 +182,9 @@ def main() -> None:
         check=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
-    raw = json.loads(child.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too: the result is the line tagged by the child.
+    (line,) = [line for line in child.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    raw = json.loads(line.removeprefix(RESULT_TAG))
     raw.update(median_round(raw.pop("rounds")))
 
     configs = {"t2serve default": "", "t2serve eager": "--enforce-eager"}

@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
 
 from estimator.head import load_head
 from server import metrics
@@ -230,7 +231,7 @@ async def respond(
         request_metrics.done("error")
         raise
     if isinstance(result, AsyncIterator):
-        return TrackedStream(result, request_metrics)
+        return TrackedStream(result, request_metrics, serving.settings.limits.sse_keepalive_s)
     request_metrics.done("ok")
     return JSONResponse(result.model_dump())
 
@@ -269,12 +270,20 @@ class RequestMetrics:
             self.done(outcome)
 
 
-class TrackedStream(StreamingResponse):
-    """An SSE response that settles its request's metrics and admission even when the client
-    leaves before the body starts (then the body generator never runs its `finally`)."""
+class TrackedStream(EventSourceResponse):
+    """An SSE response (sse-starlette) that sends comment keep-alives every `keepalive_s`
+    while the vote runs, and settles its request's metrics and admission even when the
+    client leaves before the body starts (then the body generator never runs its `finally`).
+    The stream's events arrive already framed (server.serving.sse) and pass through as bytes."""
 
-    def __init__(self, stream: AsyncIterator[str], request_metrics: RequestMetrics):
-        super().__init__(request_metrics.track(stream), media_type="text/event-stream")
+    def __init__(self, stream: AsyncIterator[str], request_metrics: RequestMetrics, keepalive_s: float):
+        async def framed() -> AsyncIterator[bytes]:
+            async for event in request_metrics.track(stream):
+                yield event.encode()
+
+        # sse-starlette pings at a default interval when given none; "off" is a ping too
+        # rare to matter, not a second code path.
+        super().__init__(framed(), ping=keepalive_s or 86_400, sep="\n")
         self.request_metrics = request_metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

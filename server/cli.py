@@ -25,6 +25,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="model dtype (default auto: on x86 CPUs bfloat16 with native bf16 kernels (AVX-512-BF16/AMX), "
         "else float32; elsewhere vLLM's rule)",
     )
+    g.add_argument(
+        "--generation-config",
+        default="auto",
+        help="as in vLLM: sampling defaults for fields a request leaves out: auto (the model's "
+        "generation_config.json), vllm (vLLM's neutral defaults) or a folder holding one",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -135,6 +141,12 @@ def _add_operating_args(p: argparse.ArgumentParser) -> None:
         default=limits.drain_timeout_s,
         help="on SIGTERM, seconds in-flight requests may take to finish",
     )
+    g.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=limits.sse_keepalive_s,
+        help="seconds between SSE comment keep-alives while a streamed vote runs (0: none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--default-max-tokens", type=int, default=512)
+    serve.add_argument(
+        "--default-max-tokens",
+        type=int,
+        help="max_tokens when a request gives none (default: as vLLM, the context left after the prompt)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--self-test",
@@ -270,6 +286,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         served_model_name=args.served_model_name or model.name,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
+        generation_config=args.generation_config,
         seed=args.seed,
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -320,6 +337,7 @@ def operating_settings(args: argparse.Namespace) -> dict:
             request_timeout_s=args.request_timeout or None,
             max_body_bytes=args.max_body_bytes,
             drain_timeout_s=args.drain_timeout,
+            sse_keepalive_s=args.sse_keepalive,
         ),
     }
 

@@ -14,6 +14,9 @@ class EngineSettings(BaseModel):
     served_model_name: str
     tokenizer: str | None = None
     dtype: str = "auto"
+    # Sampling defaults for fields a request leaves out, as vLLM's --generation-config:
+    # "auto" (the model's generation_config.json), "vllm" (vLLM's neutral ones) or a folder.
+    generation_config: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
@@ -86,6 +89,9 @@ class LimitSettings(BaseModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # Seconds between SSE comment keep-alives while a streamed vote runs (0: none), so
+    # proxies with idle timeouts keep the connection.
+    sse_keepalive_s: float = Field(default=5.0, ge=0)
 
 
 class ServerSettings(BaseModel):
@@ -98,6 +104,7 @@ class ServerSettings(BaseModel):
     api_keys: list[str] = []
     # Also require a key on /metrics.
     metrics_auth: bool = False
-    # Default max_tokens when a request gives none (bounded by the context left).
-    default_max_tokens: int = 512
+    # max_tokens when a request gives none; None: vLLM's rule, the context left after the
+    # prompt (capped by the model's generation_config max_new_tokens, if it has one).
+    default_max_tokens: int | None = None
     log_level: str = "info"

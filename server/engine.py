@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from server import vllm_api
 from server.capture import WORKER_EXTENSION, capture_config
 from server.config import EngineSettings
 from server.errors import APIError
@@ -180,12 +181,22 @@ class CaptureReceiver:
 class Engine:
     """A started vLLM engine plus the capture channel. Create with `await Engine.start(...)`."""
 
-    def __init__(self, llm: Any, receiver: CaptureReceiver, info: ModelInfo, settings: EngineSettings):
+    def __init__(
+        self,
+        llm: Any,
+        receiver: CaptureReceiver,
+        info: ModelInfo,
+        settings: EngineSettings,
+        default_sampling: dict[str, Any] | None = None,
+    ):
         self._llm = llm
         self._receiver = receiver
         self.info = info
         self.settings = settings
         self.tokenizer = llm.get_tokenizer()
+        # The model's sampling defaults for fields a request leaves out, as vLLM's server
+        # reads them (--generation-config).
+        self.default_sampling = default_sampling or {}
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> Engine:
@@ -215,6 +226,7 @@ class Engine:
             served_model_name=settings.served_model_name,
             dtype=dtype,
             seed=settings.seed,
+            generation_config=settings.generation_config,
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -261,8 +273,11 @@ class Engine:
             await receiver.close()
             llm.shutdown()
             raise
+        default_sampling = vllm_api.default_sampling_params(llm.model_config)
+        if default_sampling:
+            logger.info("default sampling params from the model's generation config: %s", default_sampling)
         logger.info("engine ready: %s", info)
-        return cls(llm, receiver, info, settings)
+        return cls(llm, receiver, info, settings, default_sampling)
 
     @property
     def mode(self) -> str:
@@ -325,6 +340,15 @@ class Engine:
     def capture_messages(self) -> int:
         """Capture messages the workers have pushed so far (one per captured request)."""
         return self._receiver.messages
+
+    def verify(self, params: Any) -> None:
+        """vLLM's own checks of sampling params against this engine (log-prob limits, token
+        ids, structured-output grammars compiled by its backend), as its input processor runs
+        them, but before anything is sent or streamed. Raises vLLM's VLLMValidationError."""
+        config = self._llm.vllm_config
+        params.verify(
+            config.model_config, config.speculative_config, config.structured_outputs_config, self.tokenizer
+        )
 
     async def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
         from vllm.exceptions import VLLMClientError

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import Budget, Fixed, Policy, Tally, load_scaled_cap
-from server import metrics, sampling
+from server import aggregation, metrics, sampling
 from server.config import ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
@@ -122,6 +122,7 @@ class ThinkingResult:
     launched: int = 0  # samples sent to the engine
     aborted: int = 0  # of those, samples that did not vote (early stop, deadline)
     states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
+    aggregate: str = "answer"  # what the samples voted with (server.aggregation)
 
     @property
     def samples(self) -> int:
@@ -238,7 +239,10 @@ class ParallelThinker:
         timed_out = False
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
-        async with SampleGroup(self.engine, prompt_token_ids, base, request_id, self.in_flight) as group:
+        aggregator = aggregation.for_params(params)
+        async with SampleGroup(
+            self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=aggregator.key
+        ) as group:
 
             def budget() -> Budget:
                 """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
@@ -316,6 +320,7 @@ class ParallelThinker:
             policy=describe(policy),
             launched=group.launched,
             aborted=group.launched - sum(len(v.samples) for v in votes),
+            aggregate=aggregator.name,
         )
 
     # -- pieces -------------------------------------------------------------------------------

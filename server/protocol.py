@@ -21,9 +21,11 @@ MAX_STOP = 16
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers commonly do, so newer SDKs
-    # keep working; fields we cannot honour are rejected explicitly below.
-    model_config = ConfigDict(extra="ignore")
+    # Fields these models do not declare are kept (`model_extra`): vLLM's own request model
+    # turns its sampling fields into SamplingParams, and any other field vLLM knows but
+    # t2serve does not honour is refused by name (server.vllm_api); unknown ones are
+    # ignored with a warning, as vLLM does, so newer SDKs keep working.
+    model_config = ConfigDict(extra="allow")
 
 
 class ErrorInfo(BaseModel):
@@ -109,56 +111,25 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    # The returned choice's own token log-probs (the winning sample's); every sample then
+    # carries them, which costs throughput (README, API).
+    logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # OpenAI fields t2serve cannot honour: rejected rather than silently ignored.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("logprobs are not supported: the returned completion is a vote over samples")
-        return value
-
-    @field_validator("tools", "tool_choice", "functions", "function_call", "logit_bias")
-    @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> Any:
-        if value not in (None, [], {}, "none"):
-            raise ValueError(f"{info.field_name} is not supported by t2serve")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return value
+    # Chat template inputs (vLLM's fields; server.serving renders with them).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the winner's, with this many alternatives
 
     @field_validator("prompt")
     @classmethod
     def _non_empty_prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
-        return value
-
-    @field_validator("logprobs", "suffix", "echo")
-    @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> Any:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by t2serve")
         return value
 
     def prompts(self) -> list[str] | list[list[int]]:
@@ -204,6 +175,7 @@ class T2Info(BaseModel):
     load_cap: int | None = None  # auto: per-choice cap on N after the load curve
     timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
     policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
+    aggregate: str = "answer"  # what samples voted with: answer, json (canonical JSON) or exact
     launched: int  # samples sent to the engine (all prompts and choices)
     finished: int  # of those, samples that finished and voted
     aborted: int  # of those, samples aborted (early stop or deadline); their tokens count in usage
@@ -215,14 +187,15 @@ class T2Info(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI shape: id, type, function{name, arguments}
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # the winning sample's own, when asked for
 
 
 def _completion_id(prefix: str) -> str:
@@ -243,7 +216,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # the winning sample's own, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -259,13 +232,14 @@ class CompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # the winning sample's own, when asked for
 
 
 class ChatCompletionChunk(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ class Sample:
     finish_reason: str | None
     mean_logprob: float | None
     answer: str | None
+    token_ids: tuple[int, ...] = ()
+    logprobs: Any = None  # vLLM's per-token log-probs, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -69,13 +72,20 @@ class SampleGroup:
     """The samples of one prompt of one request. Use as `async with SampleGroup(...) as group`."""
 
     def __init__(
-        self, engine: Engine, prompt_token_ids: list[int], base: Any, request_id: str, in_flight: InFlight
+        self,
+        engine: Engine,
+        prompt_token_ids: list[int],
+        base: Any,
+        request_id: str,
+        in_flight: InFlight,
+        vote_key: Callable[[str], str | None] = extract_answer,
     ):
         self.engine = engine
         self.prompt_token_ids = prompt_token_ids
         self.base = base  # sampling.for_voting params
         self.request_id = request_id
         self.in_flight = in_flight
+        self.vote_key = vote_key  # a sample's text -> what it votes with (server.aggregation)
         self.launched = 0
         self.launched_per_choice: dict[int, int] = {}
         self.cached_tokens = 0  # most prompt tokens an engine request read from the prefix cache
@@ -176,7 +186,7 @@ class SampleGroup:
                 continue
             self.cached_tokens = max(self.cached_tokens, int(output.num_cached_tokens or 0))
             for o in sorted(output.outputs, key=lambda o: o.index):
-                samples.append(_to_sample(o, launch.first + o.index, launch.choice))
+                samples.append(_to_sample(o, launch.first + o.index, launch.choice, self.vote_key))
         return sorted(samples, key=lambda s: s.number)
 
     def _settle(self, task: asyncio.Future[Any]) -> _Launch:
@@ -185,8 +195,18 @@ class SampleGroup:
         return launch
 
 
-def _to_sample(output: Any, number: int, choice: int) -> Sample:
+def _to_sample(output: Any, number: int, choice: int, vote_key: Callable[[str], str | None]) -> Sample:
     n = len(output.token_ids)
     cumulative = getattr(output, "cumulative_logprob", None)
     mean = cumulative / n if cumulative is not None and n > 0 and math.isfinite(cumulative) else None
-    return Sample(number, choice, output.text, n, output.finish_reason, mean, extract_answer(output.text))
+    return Sample(
+        number,
+        choice,
+        output.text,
+        n,
+        output.finish_reason,
+        mean,
+        vote_key(output.text),
+        tuple(output.token_ids),
+        output.logprobs,
+    )

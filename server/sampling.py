@@ -1,7 +1,8 @@
 """The one place that builds vLLM `SamplingParams`.
 
 Three steps, each a pure function of what it is given:
-  from_request   a request's sampling fields -> validated params (400 on a bad combination)
+  from_request   a request's sampling fields -> validated params, built by vLLM's own request
+                 model with the model's generation_config defaults (server.vllm_api)
   for_voting     params as every sample of a vote runs them (final outputs only; each token's
                  log-prob when the tie rule reads it)
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
@@ -13,52 +14,43 @@ from __future__ import annotations
 
 from typing import Any
 
+from server import vllm_api
 from server.capture import CAPTURE_KEY
 from server.errors import APIError
 from server.protocol import SamplingFields
 
 
 def from_request(
-    request: SamplingFields, prompt_len: int, max_tokens: int | None, *, context: int, default_max_tokens: int
+    request: SamplingFields,
+    prompt_len: int,
+    *,
+    context: int,
+    defaults: dict[str, Any],
+    default_max_tokens: int | None,
 ) -> Any:
-    """The request's sampling parameters, checked against the context left after the prompt."""
-    from vllm import SamplingParams
-
-    room = context - prompt_len
-    if room <= 0:
+    """The request's sampling parameters for one prompt, as vLLM's server builds them (its
+    own request model, the model's generation_config `defaults`), checked against the
+    context left after the prompt."""
+    if context - prompt_len <= 0:
         raise APIError(
             400,
             f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
             param="messages" if hasattr(request, "messages") else "prompt",
             code="context_length_exceeded",
         )
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, room)
-    elif max_tokens > room:
-        raise APIError(
-            400,
-            f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the context of {context} tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    optional = {
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "top_k": request.top_k,
-        "min_p": request.min_p,
-        "presence_penalty": request.presence_penalty,
-        "frequency_penalty": request.frequency_penalty,
-        "seed": request.seed,
-        "stop": request.stop,
-    }
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            ignore_eos=request.ignore_eos,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
-    except (ValueError, TypeError) as exc:  # vLLM's own checks on the combination
-        raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
+    return vllm_api.to_sampling_params(
+        request_body(request),
+        chat=hasattr(request, "messages"),
+        prompt_len=prompt_len,
+        context=context,
+        defaults=defaults,
+        default_max_tokens=default_max_tokens,
+    )
+
+
+def request_body(request: SamplingFields) -> dict[str, Any]:
+    """The fields the client sent (declared and extra), as JSON values."""
+    return request.model_dump(exclude_unset=True, mode="json")
 
 
 def for_voting(params: Any, *, token_logprobs: bool) -> Any:
@@ -67,7 +59,7 @@ def for_voting(params: Any, *, token_logprobs: bool) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     voting = params.clone()
-    if token_logprobs:
+    if token_logprobs and voting.logprobs is None:  # a request's own logprobs already cover it
         voting.logprobs = 0
     voting.output_kind = RequestOutputKind.FINAL_ONLY
     return voting

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server import metrics, sampling
+from server import metrics, sampling, vllm_api
 from server.config import ServerSettings
 from server.engine import Engine
 from server.errors import APIError, error_event
@@ -34,6 +34,7 @@ from server.protocol import (
     Usage,
     VoteInfo,
 )
+from server.samples import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,24 @@ class OpenAIServing:
             )
 
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
+        messages = []
+        for m in request.messages:
+            # Everything a message carries reaches the template (name, tool_calls,
+            # tool_call_id, ...), with its content as text.
+            message = {**m.model_dump(exclude_none=True), "content": m.text()}
+            if m.role == "developer":
+                message["role"] = "system"
+            messages.append(message)
+        tools = (request.model_extra or {}).get("tools")
         try:
-            return render_chat(self.engine.tokenizer, messages)
+            return render_chat(
+                self.engine.tokenizer,
+                messages,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                **({"tools": tools} if tools else {}),
+                **(request.chat_template_kwargs or {}),
+            )
         except Exception as exc:  # a template may reject role orders it does not support
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
 
@@ -82,14 +95,16 @@ class OpenAIServing:
             token_lists.append(ids)
         return token_lists
 
-    def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None) -> Any:
-        return sampling.from_request(
+    def sampling_params(self, request: SamplingFields, prompt_len: int) -> Any:
+        params = sampling.from_request(
             request,
             prompt_len,
-            max_tokens,
             context=self.engine.info.max_model_len,
+            defaults=self.engine.default_sampling,
             default_max_tokens=self.settings.default_max_tokens,
         )
+        vllm_api.verify(self.engine, params, request)
+        return params
 
     def timeout_s(self, request: SamplingFields) -> float | None:
         """The request's deadline: its own `timeout`, bounded by --request-timeout."""
@@ -100,14 +115,52 @@ class OpenAIServing:
         """How the request samples (server.parallel.Plan), resolved once, before admission;
         404 for another model, 400 for what cannot run."""
         self.check_model(request.model)
+        body = sampling.request_body(request)
+        chat = isinstance(request, ChatCompletionRequest)
+        vllm_api.check_fields(body, chat=chat, own_fields=set(type(request).model_fields))
+        if chat:
+            vllm_api.tool_calls_mode(body)  # 400 for what t2serve cannot run (tool_choice auto)
+        temperature = request.temperature
+        if temperature is None:  # the model's generation_config default, as the samples get it
+            temperature = self.engine.default_sampling.get("temperature")
         return self.thinker.plan(
             request.parallelism,
             max_parallelism=request.max_parallelism,
             policy=request.policy,
             n_choices=request.n,
             prompts=len(request.prompts()) if isinstance(request, CompletionRequest) else 1,
-            temperature=request.temperature,
+            temperature=temperature,
         )
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def chat_logprobs(self, request: ChatCompletionRequest, winner: Sample) -> dict[str, Any] | None:
+        """The winning sample's own token log-probs, in vLLM's chat shape, when asked for."""
+        if not request.logprobs or winner.logprobs is None:
+            return None
+        return vllm_api.chat_logprobs(
+            winner.token_ids, winner.logprobs, request.top_logprobs or 0, self.engine.tokenizer
+        )
+
+    def completion_choices(
+        self, request: CompletionRequest, results: list[ThinkingResult]
+    ) -> list[CompletionChoice]:
+        # OpenAI's layout for several prompts: prompt i's choices are i*n .. i*n + n - 1.
+        n = len(results[0].choices)
+        return [
+            CompletionChoice(
+                index=p * n + i,
+                text=c.winner.text,
+                finish_reason=c.winner.finish_reason,
+                logprobs=None
+                if request.logprobs is None or c.winner.logprobs is None
+                else vllm_api.completion_logprobs(
+                    c.winner.token_ids, c.winner.logprobs, request.logprobs, self.engine.tokenizer
+                ),
+            )
+            for p, result in enumerate(results)
+            for i, c in enumerate(result.choices)
+        ]
 
     # -- running ------------------------------------------------------------------------
 
@@ -149,21 +202,23 @@ class OpenAIServing:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         started = time.monotonic()
         prompt = self.chat_prompt(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens
         # Built (and so validated) before any streaming starts, so errors get a proper status.
-        params = [self.sampling_params(request, len(prompt), max_tokens)]
+        params = [self.sampling_params(request, len(prompt))]
         if request.stream:
             return self._chat_stream(request, plan, prompt, params, started)
+        tools = vllm_api.tool_calls_mode(sampling.request_body(request))
         (result,) = await self._think(plan, [prompt], params, self.timeout_s(request), "chat", started)
         return ChatCompletionResponse(
             model=request.model,
             choices=[
                 ChatChoice(
                     index=i,
-                    message=ChatMessageOut(content=c.winner.text),
-                    finish_reason=c.winner.finish_reason,
+                    message=message,
+                    finish_reason=finish,
+                    logprobs=self.chat_logprobs(request, c.winner),
                 )
                 for i, c in enumerate(result.choices)
+                for message, finish in [chat_message(c.winner, tools)]
             ],
             usage=usage([result]),
             t2=t2_info([result]),
@@ -192,13 +247,21 @@ class OpenAIServing:
         except Exception as exc:
             yield stream_error(exc)
             return
+        tools = vllm_api.tool_calls_mode(sampling.request_body(request))
+        finishes = []
         for i, c in enumerate(result.choices):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=c.winner.text))])
+            message, finish = chat_message(c.winner, tools)
+            finishes.append(finish)
+            calls = [{"index": k, **call} for k, call in enumerate(message.tool_calls or [])] or None
+            delta = DeltaMessage(content=message.content, tool_calls=calls)
+            yield chunk(
+                [ChatChunkChoice(index=i, delta=delta, logprobs=self.chat_logprobs(request, c.winner))]
+            )
         info = t2_info([result])
-        for i, c in enumerate(result.choices):
+        for i, finish in enumerate(finishes):
             last = i == len(result.choices) - 1
             yield chunk(
-                [ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=c.winner.finish_reason)],
+                [ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=finish)],
                 t2=info if last else None,
             )
         if request.stream_options and request.stream_options.include_usage:
@@ -210,13 +273,13 @@ class OpenAIServing:
     ) -> CompletionResponse | AsyncIterator[str]:
         started = time.monotonic()
         prompts = self.completion_prompts(request)
-        params = [self.sampling_params(request, len(p), request.max_tokens) for p in prompts]
+        params = [self.sampling_params(request, len(p)) for p in prompts]
         if request.stream:
             return self._completion_stream(request, plan, prompts, params, started)
         results = await self._think(plan, prompts, params, self.timeout_s(request), "completion", started)
         return CompletionResponse(
             model=request.model,
-            choices=completion_choices(results),
+            choices=self.completion_choices(request, results),
             usage=usage(results),
             t2=t2_info(results),
         )
@@ -235,13 +298,17 @@ class OpenAIServing:
         except Exception as exc:
             yield stream_error(exc)
             return
-        choices = completion_choices(results)
+        choices = self.completion_choices(request, results)
         for choice in choices:
             body = CompletionChunk(
                 id=chunk_id,
                 created=created,
                 model=request.model,
-                choices=[CompletionChoice(index=choice.index, text=choice.text, finish_reason=None)],
+                choices=[
+                    CompletionChoice(
+                        index=choice.index, text=choice.text, finish_reason=None, logprobs=choice.logprobs
+                    )
+                ],
             )
             yield sse(body.model_dump(exclude_none=True))
         for k, choice in enumerate(choices):
@@ -264,11 +331,22 @@ class OpenAIServing:
 # -- response pieces --------------------------------------------------------------------
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
     """Chat messages -> prompt token ids, exactly as the server renders them (labeling and
-    evaluation use this too, so the estimator sees the states the server will see)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    evaluation use this too, so the estimator sees the states the server will see).
+    `template_kwargs` reach the chat template (add_generation_prompt, enable_thinking, ...)."""
+    template_kwargs.setdefault("add_generation_prompt", True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_message(winner: Sample, tools: vllm_api.ToolCalls | None) -> tuple[ChatMessageOut, str | None]:
+    """The returned message and finish reason: the winner's tool call(s) in OpenAI shape when
+    the samples were constrained to calls (then finish_reason "tool_calls"), else its text."""
+    calls = vllm_api.tool_calls_of(winner.text, tools) if tools is not None else None
+    if calls:
+        return ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
+    return ChatMessageOut(content=winner.text), winner.finish_reason
 
 
 def stream_error(exc: Exception) -> str:
@@ -281,16 +359,6 @@ def stream_error(exc: Exception) -> str:
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def completion_choices(results: list[ThinkingResult]) -> list[CompletionChoice]:
-    # OpenAI's layout for several prompts: prompt i's choices are i*n .. i*n + n - 1.
-    n = len(results[0].choices)
-    return [
-        CompletionChoice(index=p * n + i, text=c.winner.text, finish_reason=c.winner.finish_reason)
-        for p, result in enumerate(results)
-        for i, c in enumerate(result.choices)
-    ]
 
 
 def usage(results: list[ThinkingResult]) -> Usage:
@@ -320,6 +388,7 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         load_cap=first.load_cap,
         timed_out=any(r.timed_out for r in results),
         policy=first.policy,
+        aggregate=first.aggregate,
         launched=sum(r.launched for r in results),
         finished=sum(r.launched - r.aborted for r in results),
         aborted=sum(r.aborted for r in results),

@@ -55,6 +55,7 @@ class ScriptedEngine:
         self.script = script
         self.states = states  # whether tagged requests get their states pushed
         self.settings = SimpleNamespace(capture_timeout_s=30.0, capture=True)
+        self.default_sampling: dict = {}  # the model's generation_config defaults: none
         self.requests: dict[str, _Request] = {}
         self.aborted_ids: list[str] = []
         self._captures: dict[str, asyncio.Future[np.ndarray]] = {}
@@ -112,10 +113,10 @@ class ScriptedEngine:
         if isinstance(fate, Finish):
             return SimpleNamespace(
                 index=index, text=fate.text, token_ids=[1] * fate.tokens, finish_reason="stop",
-                cumulative_logprob=-1.0,
+                cumulative_logprob=-1.0, logprobs=None,
             )  # fmt: skip
         assert isinstance(fate, Hang) and aborted
         return SimpleNamespace(
             index=index, text="partial", token_ids=[1] * fate.tokens_before_abort, finish_reason="abort",
-            cumulative_logprob=None,
+            cumulative_logprob=None, logprobs=None,
         )  # fmt: skip

@@ -300,3 +300,250 @@ async def test_every_returned_choice_states_its_votes_answer(client, extra):
     assert len(completion.choices) == len(votes) == 4
     for choice, vote in zip(completion.choices, votes, strict=True):
         assert extract_answer(choice.text) == vote["answer"]
+
+
+async def test_vllm_sampling_extras_change_the_output(client):
+    """vLLM's extras go through vLLM's own request model: `min_tokens` = `max_tokens` forces
+    every sample to its full length; `stop_token_ids` / `repetition_penalty` are accepted."""
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=QUESTION,
+        max_tokens=12,
+        extra_body={"min_tokens": 12, "parallelism": 3, "repetition_penalty": 1.2, "stop_token_ids": [0]},
+    )
+    assert response.usage.completion_tokens == 3 * 12
+    assert response.choices[0].finish_reason == "length"
+
+
+async def test_unsupported_vllm_fields_are_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=QUESTION,
+            max_tokens=4,
+            extra_body={"cache_salt": "tenant-1"},
+        )
+    assert err.value.body["param"] == "cache_salt" and err.value.body["code"] == "unsupported_parameter"
+
+
+async def test_template_fields_and_tool_messages_reach_the_chat_template(client):
+    """`add_generation_prompt` / `continue_final_message` change the rendered prompt, and an
+    assistant turn with `tool_calls` plus a `tool` reply render without error."""
+    base = await client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=1)
+    bare = await client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, max_tokens=1, extra_body={"add_generation_prompt": False}
+    )
+    assert bare.usage.prompt_tokens < base.usage.prompt_tokens
+    resumed = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[*QUESTION, {"role": "assistant", "content": "The answer is"}],
+        max_tokens=1,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert resumed.usage.prompt_tokens > bare.usage.prompt_tokens
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    turn = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        ],
+        max_tokens=2,
+    )
+    assert turn.choices[0].message.content is not None
+
+
+async def test_chat_logprobs_are_the_winning_samples_own(client):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=1.0,
+        seed=5,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"parallelism": 3},
+    )
+    choice = response.choices[0]
+    content = choice.logprobs.content
+    # As vLLM's server does, the tokens include the end-of-sequence token the text omits.
+    joined = "".join(t.token for t in content)
+    assert joined == choice.message.content or (
+        choice.finish_reason == "stop" and joined == choice.message.content + content[-1].token
+    )
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.logprob - 1e-6  # best alternative first
+    # The usage still counts every sample; only the winner's tokens carry logprobs.
+    assert response.usage.completion_tokens >= len(content)
+
+
+async def test_completion_logprobs(client):
+    response = await client.completions.create(
+        model=MODEL_NAME, prompt="Two plus two is", max_tokens=5, logprobs=2, extra_body={"parallelism": 2}
+    )
+    choice = response.choices[0]
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert (
+        len(choice.logprobs.token_logprobs)
+        == len(choice.logprobs.tokens)
+        == len(choice.logprobs.top_logprobs)
+    )
+    assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_constrains_every_sample_and_votes_on_canonical_json(
+    client, engine, server_settings
+):
+    import json
+
+    import jsonschema
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from server.aggregation import canonical_json
+    from server.parallel import ParallelThinker
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=100,
+        temperature=1.0,
+        seed=1,
+        response_format=fmt,
+        extra_body={"parallelism": 4},
+    )
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "json" and t2["n_used"] == 4
+    jsonschema.validate(json.loads(response.choices[0].message.content), PERSON)
+    assert t2["answer"] == canonical_json(response.choices[0].message.content)
+    for key in t2["votes"]:  # every vote key is a canonical, schema-valid object
+        jsonschema.validate(json.loads(key), PERSON)
+        assert canonical_json(key) == key
+
+    # Every sample of such a vote is constrained (thinker level: all samples visible).
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    ids = list(engine.tokenizer.encode("A person as JSON:"))
+    params = SamplingParams(
+        max_tokens=100, temperature=1.0, seed=2, structured_outputs=StructuredOutputsParams(json=PERSON)
+    )
+    result = await thinker.run(ids, params, thinker.plan(4), request_id="json-vote")
+    samples = result.choices[0].samples
+    assert len(samples) == 4 and result.aggregate == "json"
+    for sample in samples:
+        if sample.finish_reason == "stop":
+            jsonschema.validate(json.loads(sample.text), PERSON)
+            assert sample.answer == canonical_json(sample.text)
+
+
+async def test_a_schema_vllm_cannot_compile_is_a_400_naming_response_format(client):
+    bad = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nosuch"}}}},
+    }
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(
+                model=MODEL_NAME, messages=QUESTION, max_tokens=8, response_format=bad, stream=stream
+            )
+        assert err.value.body["param"] == "response_format"
+
+
+async def test_structured_outputs_choice_votes_on_the_choice(client):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        max_tokens=4,
+        temperature=1.0,
+        extra_body={"parallelism": 3, "structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "exact" and set(t2["votes"]) <= {"yes", "no"} and sum(t2["votes"].values()) == 3
+    assert response.choices[0].message.content in ("yes", "no")
+
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOL_QUESTION = [{"role": "user", "content": "What is 2 + 3? Use the add tool."}]
+
+
+async def test_a_named_tool_choice_returns_one_voted_schema_valid_call(client):
+    import json
+
+    import jsonschema
+
+    from server.aggregation import canonical_json
+
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=TOOL_QUESTION,
+        tools=[ADD],
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=40,
+        temperature=1.0,
+        seed=3,
+        extra_body={"parallelism": 4},
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, ADD["function"]["parameters"])
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "json" and t2["n_used"] == 4
+    assert t2["answer"] == canonical_json(call.function.arguments)  # the vote is over canonical calls
+    for key in t2["votes"]:
+        jsonschema.validate(json.loads(key), ADD["function"]["parameters"])
+
+
+async def test_required_tool_choice_calls_a_listed_tool_streaming_too(client):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD], tool_choice="required", max_tokens=60,
+        extra_body={"parallelism": 2},
+    )  # fmt: skip
+    choice = response.choices[0]
+    if choice.finish_reason == "tool_calls":  # a sample cut off by max_tokens is text, not a call
+        assert choice.message.tool_calls and all(c.function.name == "add" for c in choice.message.tool_calls)
+    stream = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD], max_tokens=40, stream=True,
+        tool_choice={"type": "function", "function": {"name": "add"}}, extra_body={"parallelism": 2},
+    )  # fmt: skip
+    chunks = [chunk async for chunk in stream]
+    calls = [c for chunk in chunks for choice in chunk.choices for c in (choice.delta.tool_calls or [])]
+    finishes = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert finishes == ["tool_calls"] and len(calls) == 1 and calls[0].function.name == "add"
+
+
+async def test_auto_tool_choice_is_refused_until_a_tool_parser_runs(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD], max_tokens=8
+        )
+    assert err.value.body["param"] == "tool_choice"
+    # tool_choice none: the tools reach the template, the answer is text.
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD], tool_choice="none", max_tokens=4
+    )
+    assert response.choices[0].message.content is not None and response.choices[0].message.tool_calls is None

@@ -299,3 +299,30 @@ async def test_start_up_self_test_passes_on_the_real_engine(capture_engine):
     assert report["mode"] == engine.mode and report["dtype"] == engine.info.dtype
     assert report["shape"] == [engine.info.num_layers, engine.info.hidden_size] == [30, 576]
     assert engine.num_unfinished_requests() == 0
+
+
+async def test_the_winners_logprobs_match_the_engines_output_for_that_sample(engine, server_settings):
+    """The winner is a real sample: run alone with its own seed (seed + its number), the
+    engine produces the same tokens with the same log-probs."""
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    ids = chat_ids(engine, "Name three fruits.")
+    result = await thinker.run(
+        ids,
+        SamplingParams(max_tokens=8, temperature=1.0, seed=11, logprobs=2),
+        thinker.plan(3),
+        request_id=uuid.uuid4().hex,
+    )
+    winner = result.choices[0].winner
+    assert winner.logprobs is not None and len(winner.logprobs) == len(winner.token_ids) > 0
+    final = None
+    alone = SamplingParams(max_tokens=8, temperature=1.0, seed=11 + winner.number, logprobs=2)
+    async for out in engine.generate(ids, alone, f"alone-{uuid.uuid4().hex}"):
+        final = out
+    own = final.outputs[0]
+    assert tuple(own.token_ids) == winner.token_ids
+    for step, (token, mine) in enumerate(zip(own.token_ids, winner.logprobs, strict=True)):
+        assert abs(own.logprobs[step][token].logprob - mine[token].logprob) < 1e-3

@@ -76,8 +76,8 @@ CHAT = {
         st.lists(message, min_size=1, max_size=3),
         st.just([]) | st.lists(st.just({"role": "wizard"})),
     ),
-    "logprobs": (st.just(False), st.just(True)),
-    "top_logprobs": (st.just(0), st.integers(1, 30)),
+    "logprobs": (st.booleans(), st.just([1])),
+    "top_logprobs": (st.integers(0, 5), st.integers(21, 30)),
     "max_completion_tokens": SAMPLING["max_tokens"],
     "tools": (st.just([]), st.just([{"type": "function", "function": {"name": "f"}}])),
     "response_format": (st.just({"type": "text"}), st.just({"type": "json_object"})),
@@ -92,7 +92,7 @@ COMPLETION = {
         st.just([]) | st.just([[]]) | st.lists(st.integers(49_152, 10**6), min_size=1, max_size=2),
     ),
     "echo": (st.just(False), st.just(True)),
-    "logprobs": (st.just(0), st.integers(1, 5)),
+    "logprobs": (st.integers(0, 5), st.integers(21, 40)),
 }
 REQUIRED = ("model", "max_tokens")
 

@@ -77,10 +77,26 @@ def settings_with(server_settings, **limits):
         ("chat", {"max_tokens": 0}, "max_tokens", "invalid_value"),
         ("chat", {"max_tokens": "ten"}, "max_tokens", "invalid_value"),
         ("chat", {"temperature": "hot"}, "temperature", "invalid_value"),
-        ("chat", {"logprobs": True}, "logprobs", "invalid_value"),
-        ("chat", {"top_logprobs": 50}, "top_logprobs", "invalid_value"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "invalid_value"),
-        ("chat", {"response_format": {"type": "json_object"}}, "response_format", "invalid_value"),
+        # vLLM fields t2serve does not honour (yet) are refused by name, never dropped.
+        ("chat", {"prompt_logprobs": 1}, "prompt_logprobs", "unsupported_parameter"),
+        ("chat", {"top_logprobs": 5}, "top_logprobs", "invalid_value"),  # without logprobs: true
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        # tool_choice auto (the default with tools) needs a tool-call parser, not run yet.
+        (
+            "chat",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tool_choice",
+            "unsupported_parameter",
+        ),
+        ("chat", {"tool_choice": "required"}, "tool_choice", "invalid_value"),  # without tools
+        ("chat", {"response_format": {"type": "json_schema"}}, "response_format", None),  # no schema
+        ("chat", {"cache_salt": "tenant-1"}, "cache_salt", "unsupported_parameter"),
+        ("chat", {"chat_template": "{{ messages }}"}, "chat_template", "unsupported_parameter"),
+        ("chat", {"vllm_xargs": {"k": 1}}, "vllm_xargs", "unsupported_parameter"),
+        ("chat", {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        # vLLM's own checks on the sampling fields it builds.
+        ("chat", {"repetition_penalty": -1}, "repetition_penalty", "invalid_value"),
+        ("chat", {"min_tokens": 9, "max_tokens": 4}, "min_tokens", "invalid_value"),
         ("chat", {"seed": -1}, "seed", "invalid_value"),
         ("chat", {"top_k": 2**70}, "top_k", "invalid_value"),  # was a 500: msgpack caps at 2**64
         ("chat", {"timeout": 0}, "timeout", "invalid_value"),
@@ -94,8 +110,8 @@ def settings_with(server_settings, **limits):
         ("completions", {"prompt": [10**9]}, "prompt", None),
         ("completions", {"prompt": [1] * 3000}, "prompt", "context_length_exceeded"),
         ("completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", "context_length_exceeded"),
-        ("completions", {"prompt": "hi", "echo": True}, "echo", "invalid_value"),
-        ("completions", {"prompt": "hi", "logprobs": 3}, "logprobs", "invalid_value"),
+        ("completions", {"prompt": "hi", "echo": True}, "echo", "unsupported_parameter"),
+        ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "invalid_value"),
         ("completions", {"prompt": "hi", "parallelism": 17}, "parallelism", "invalid_value"),
     ],
 )
@@ -475,3 +491,32 @@ async def test_unusable_head_falls_back_to_default_n(engine, server_settings, tm
     t2 = response.json()["t2"]
     assert t2["estimator"] == "default" and t2["n_used"] == parallelism.default_parallelism
     assert metric("t2serve_estimator_fallbacks_total", reason="load") == before + 1
+
+
+async def test_a_streamed_vote_sends_keepalive_comments_until_it_ends(engine, server_settings):
+    """While the samples run, the stream carries SSE comments (sse-starlette's pings), so an
+    idle-timeout proxy keeps the connection. The vote here cannot end before the first
+    keep-alive on any hardware: ~1800 forced decode steps against a 50 ms interval."""
+    async with serve(engine, settings_with(server_settings, sse_keepalive_s=0.05)) as (url, _):
+        body = {
+            "model": MODEL_NAME,
+            "messages": QUESTION,
+            "max_tokens": 1800,
+            "ignore_eos": True,
+            "parallelism": 2,
+            "stream": True,
+        }
+        lines: list[str] = []
+        async with (
+            httpx.AsyncClient(timeout=None) as http,
+            http.stream("POST", f"{url}/v1/chat/completions", json=body) as response,
+        ):
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if line.startswith(":"):
+                    break  # leave: the server must abort the samples
+    first = json.loads(lines[0].removeprefix("data: "))
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert lines[-1].startswith(": ping")
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)

@@ -1,0 +1,208 @@
+"""What t2serve takes from vLLM's OpenAI layer (server/vllm_api.py), pinned: the field names
+it relies on, and SamplingParams built the way `vllm serve` builds them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from server import vllm_api
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def params(body: dict, *, prompt_len: int = 10, context: int = 100, defaults=None, default_max_tokens=None):
+    return vllm_api.to_sampling_params(
+        body,
+        chat=True,
+        prompt_len=prompt_len,
+        context=context,
+        defaults=defaults or {},
+        default_max_tokens=default_max_tokens,
+    )
+
+
+def test_the_vllm_fields_t2serve_relies_on_exist():
+    chat, completion = vllm_api.vllm_request_models()
+    assert set(chat.model_fields) >= vllm_api.SAMPLING_FIELDS
+    chat_only = {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
+    assert vllm_api.SAMPLING_FIELDS - chat_only <= set(completion.model_fields)
+    assert set(chat.model_fields) >= vllm_api.INERT_FIELDS
+    # t2serve's own chat template fields mean what vLLM's do.
+    for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+        assert name in chat.model_fields and name in ChatCompletionRequest.model_fields
+    assert not vllm_api.LEGACY_OPENAI_FIELDS & set(chat.model_fields)
+
+
+def test_vllm_sampling_extras_reach_the_sampling_params():
+    p = params(
+        {
+            "temperature": 0.7,
+            "repetition_penalty": 1.3,
+            "min_tokens": 3,
+            "max_tokens": 20,
+            "stop_token_ids": [5, 6],
+            "include_stop_str_in_output": True,
+            "logit_bias": {"7": -100},
+            "allowed_token_ids": [1, 2, 3, 7],
+            "skip_special_tokens": False,
+        }
+    )
+    assert (p.temperature, p.repetition_penalty, p.min_tokens, p.max_tokens) == (0.7, 1.3, 3, 20)
+    assert p.stop_token_ids == [5, 6] and p.include_stop_str_in_output and not p.skip_special_tokens
+    assert p.logit_bias == {7: -100} and p.allowed_token_ids == [1, 2, 3, 7]
+
+
+def test_max_tokens_defaults_to_the_context_left_as_in_vllm():
+    assert params({}, prompt_len=30, context=100).max_tokens == 70
+    assert params({}, prompt_len=30, context=100, default_max_tokens=16).max_tokens == 16
+    assert params({}, prompt_len=90, context=100, default_max_tokens=16).max_tokens == 10
+    assert params({"max_tokens": 5}, default_max_tokens=16).max_tokens == 5
+    with pytest.raises(APIError) as err:
+        params({"max_completion_tokens": 95}, prompt_len=10, context=100)
+    assert err.value.status == 400 and err.value.param == "max_completion_tokens"
+
+
+def test_generation_config_defaults_apply_where_the_request_is_silent(model_dir, tmp_path):
+    """`--generation-config FOLDER` read by vLLM's own ModelConfig, then applied by vLLM's own
+    request model: the model's defaults fill what the request leaves out."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.25, "top_p": 0.5, "repetition_penalty": 1.1, "max_new_tokens": 7})
+    )
+    config = EngineArgs(model=str(model_dir), generation_config=str(tmp_path)).create_model_config()
+    defaults = vllm_api.default_sampling_params(config)
+    assert defaults == {"temperature": 0.25, "top_p": 0.5, "repetition_penalty": 1.1, "max_tokens": 7}
+    silent = params({}, defaults=defaults)
+    assert (silent.temperature, silent.top_p, silent.repetition_penalty, silent.max_tokens) == (
+        0.25,
+        0.5,
+        1.1,
+        7,
+    )
+    explicit = params({"temperature": 0.9, "max_tokens": 30}, defaults=defaults)
+    assert (explicit.temperature, explicit.top_p, explicit.max_tokens) == (0.9, 0.5, 30)
+    # --generation-config vllm: vLLM's neutral defaults, nothing from the model.
+    neutral = EngineArgs(model=str(model_dir), generation_config="vllm").create_model_config()
+    assert vllm_api.default_sampling_params(neutral) == {}
+
+
+def body_of(request) -> dict:
+    return request.model_dump(exclude_unset=True, mode="json")
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ({"prompt_logprobs": 2}, "prompt_logprobs"),
+        ({"return_token_ids": True}, "return_token_ids"),
+        ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+        ({"cache_salt": "tenant-1"}, "cache_salt"),
+        ({"echo": True}, "echo"),
+        ({"function_call": "auto"}, "function_call"),
+        # Defaults, and fields t2serve honours, pass.
+        (
+            {
+                "logprobs": False,
+                "tool_choice": "none",
+                "response_format": None,
+                "add_generation_prompt": True,
+            },
+            None,
+        ),
+        ({"repetition_penalty": 1.2, "min_tokens": 2, "user": "u", "stream_interval": 4}, None),
+        ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a+"}}, None),
+    ],
+)
+def test_fields_t2serve_cannot_honour_are_refused_by_name(extra, refused):
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    )
+    own = set(ChatCompletionRequest.model_fields)
+    if refused is None:
+        vllm_api.check_fields(body_of(request), chat=True, own_fields=own)
+        return
+    with pytest.raises(APIError) as err:
+        vllm_api.check_fields(body_of(request), chat=True, own_fields=own)
+    assert (err.value.status, err.value.param, err.value.code) == (400, refused, "unsupported_parameter")
+
+
+def test_completion_fields_and_unknown_fields(caplog):
+    own = set(CompletionRequest.model_fields)
+    with pytest.raises(APIError) as err:
+        vllm_api.check_fields(
+            body_of(CompletionRequest.model_validate({"model": "m", "prompt": "x", "suffix": "y"})),
+            chat=False,
+            own_fields=own,
+        )
+    assert err.value.param == "suffix"
+    with caplog.at_level(logging.WARNING, logger="server.vllm_api"):
+        vllm_api.check_fields(
+            body_of(CompletionRequest.model_validate({"model": "m", "prompt": "x", "brand_new_field": 1})),
+            chat=False,
+            own_fields=own,
+        )
+    assert "brand_new_field" in caplog.text
+
+
+def test_chat_template_kwargs_reach_the_template(model_dir):
+    """`chat_template_kwargs` (e.g. `enable_thinking`) are template variables, as in vLLM."""
+    from transformers import AutoTokenizer
+
+    from server.serving import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% if enable_thinking %} <think>{% endif %}{% endif %}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    thinking = tokenizer.decode(render_chat(tokenizer, messages, enable_thinking=True))
+    plain = tokenizer.decode(render_chat(tokenizer, messages, enable_thinking=False))
+    assert thinking.endswith("assistant: <think>") and plain.endswith("assistant:")
+    assert not tokenizer.decode(render_chat(tokenizer, messages, add_generation_prompt=False)).endswith(
+        "assistant:"
+    )
+
+
+def test_logprobs_are_shaped_by_vllms_own_builders(model_dir):
+    """vLLM's chat and completion logprob builders, bound through t2serve's adapter."""
+    from transformers import AutoTokenizer
+    from vllm.logprobs import Logprob
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer.encode(" five apples", add_special_tokens=False)
+    steps = [
+        {t: Logprob(-0.5, 1, tokenizer.decode([t])), 0: Logprob(-1.5, 2, tokenizer.decode([0]))} for t in ids
+    ]
+    chat = vllm_api.chat_logprobs(ids, steps, 1, tokenizer)
+    assert "".join(c["token"] for c in chat["content"]) == " five apples"
+    assert all(c["logprob"] == -0.5 and len(c["top_logprobs"]) == 1 for c in chat["content"])
+    completion = vllm_api.completion_logprobs(ids, steps, 1, tokenizer)
+    assert completion["token_logprobs"] == [-0.5] * len(ids)
+    assert "".join(completion["tokens"]) == " five apples" and completion["text_offset"][0] == 0
+
+
+def test_tool_choice_modes():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert vllm_api.tool_calls_mode({}) is None
+    assert vllm_api.tool_calls_mode({"tools": tools, "tool_choice": "none"}) is None
+    assert vllm_api.tool_calls_mode({"tools": tools, "tool_choice": "required"}).mode == "required"
+    named = vllm_api.tool_calls_mode(
+        {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "add"}}}
+    )
+    assert (named.mode, named.function) == ("named", "add")
+    with pytest.raises(APIError) as err:  # auto, explicit or by default, needs a tool parser
+        vllm_api.tool_calls_mode({"tools": tools})
+    assert err.value.param == "tool_choice"
+    # Constrained outputs become OpenAI tool calls; anything else is no call.
+    (call,) = vllm_api.tool_calls_of('{"a": 2, "b": 3}', named)
+    assert call["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'} and call["type"] == "function"
+    required = vllm_api.tool_calls_of(
+        '[{"name": "add", "parameters": {"a": 1, "b": 1}}]', vllm_api.ToolCalls("required")
+    )
+    assert [c["function"]["name"] for c in required] == ["add"]
+    assert vllm_api.tool_calls_of('{"a": 2', named) is None
