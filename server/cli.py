@@ -99,6 +99,12 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         "(README 'Early stopping')",
     )
     g.add_argument(
+        "--reasoning-parser",
+        help="vLLM's reasoning parser name (qwen3, deepseek_v4, glm45, ...): answers are read from each "
+        "sample's final content only, a sample still reasoning at max_tokens abstains, and the "
+        "response carries the winner's reasoning",
+    )
+    g.add_argument(
         "--tie-break",
         choices=["logprob", "order"],
         default="order",
@@ -314,6 +320,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             estimator_head=None if args.estimator_head == "none" else args.estimator_head,
             estimator_margin=args.estimator_margin,
             policy=args.policy,
+            reasoning_parser=args.reasoning_parser,
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,

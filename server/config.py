@@ -68,6 +68,9 @@ class ParallelismSettings(BaseModel):
     estimator_margin: float = Field(default=1.5, gt=0)
     # Sampling policy for `auto` when a request names none (estimator/policy_spec.py).
     policy: str = "t2"
+    # vLLM reasoning parser (e.g. "qwen3", "deepseek_v4"): samples are split into reasoning
+    # and final content, votes read the final content only. None: no split.
+    reasoning_parser: str | None = None
 
 
 class LimitSettings(BaseModel):

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import Budget, Fixed, Policy, Tally, load_scaled_cap
-from server import aggregation, metrics, sampling
+from server import aggregation, metrics, sampling, vllm_api
 from server.config import ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
@@ -123,6 +123,7 @@ class ThinkingResult:
     aborted: int = 0  # of those, samples that did not vote (early stop, deadline)
     states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
     aggregate: str = "answer"  # what the samples voted with (server.aggregation)
+    reasoning_tokens: int | None = None  # of completion_tokens, with a reasoning parser
 
     @property
     def samples(self) -> int:
@@ -159,6 +160,12 @@ class ParallelThinker:
         # --max-samples-in-flight: `auto` scales its cap down as the engine fills (None: never).
         self.samples_limit = samples_limit
         self.in_flight = InFlight()
+        # --reasoning-parser: votes read each sample's final content only (server.vllm_api).
+        self.reasoning = (
+            vllm_api.Reasoning(settings.reasoning_parser, engine.tokenizer)
+            if settings.reasoning_parser
+            else None
+        )
         # --policy: what `auto` runs when a request names no policy (validated here, at start-up).
         self.default_policy = self.parse_policy(settings.policy)
 
@@ -240,8 +247,9 @@ class ParallelThinker:
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
         aggregator = aggregation.for_params(params)
+        vote_key = aggregator.key if self.reasoning is None else self.reasoning.vote_key(aggregator.key)
         async with SampleGroup(
-            self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=aggregator.key
+            self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=vote_key
         ) as group:
 
             def budget() -> Budget:
@@ -321,6 +329,11 @@ class ParallelThinker:
             launched=group.launched,
             aborted=group.launched - sum(len(v.samples) for v in votes),
             aggregate=aggregator.name,
+            reasoning_tokens=None
+            if self.reasoning is None
+            else sum(
+                self.reasoning.tokens(s.token_ids) for s in [*late, *(s for v in votes for s in v.samples)]
+            ),
         )
 
     # -- pieces -------------------------------------------------------------------------------

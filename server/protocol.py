@@ -152,6 +152,7 @@ class Usage(BaseModel):
     completion_tokens: int  # every sampled token of every sample, not just the winner's
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens": n} with a reasoning parser
 
 
 class VoteInfo(BaseModel):
@@ -188,6 +189,10 @@ class T2Info(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # With --reasoning-parser, the winner's reasoning: vLLM 0.32's `reasoning`, and the
+    # `reasoning_content` name earlier vLLM versions (and their clients) use.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI shape: id, type, function{name, arguments}
 
 
@@ -231,6 +236,8 @@ class CompletionResponse(BaseModel):
 
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 

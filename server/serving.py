@@ -218,7 +218,7 @@ class OpenAIServing:
                     logprobs=self.chat_logprobs(request, c.winner),
                 )
                 for i, c in enumerate(result.choices)
-                for message, finish in [chat_message(c.winner, tools)]
+                for message, finish in [chat_message(c.winner, tools, self.thinker.reasoning)]
             ],
             usage=usage([result]),
             t2=t2_info([result]),
@@ -250,10 +250,15 @@ class OpenAIServing:
         tools = vllm_api.tool_calls_mode(sampling.request_body(request))
         finishes = []
         for i, c in enumerate(result.choices):
-            message, finish = chat_message(c.winner, tools)
+            message, finish = chat_message(c.winner, tools, self.thinker.reasoning)
             finishes.append(finish)
             calls = [{"index": k, **call} for k, call in enumerate(message.tool_calls or [])] or None
-            delta = DeltaMessage(content=message.content, tool_calls=calls)
+            delta = DeltaMessage(
+                reasoning=message.reasoning,
+                reasoning_content=message.reasoning_content,
+                content=message.content,
+                tool_calls=calls,
+            )
             yield chunk(
                 [ChatChunkChoice(index=i, delta=delta, logprobs=self.chat_logprobs(request, c.winner))]
             )
@@ -340,12 +345,20 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], **template_kwarg
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def chat_message(winner: Sample, tools: vllm_api.ToolCalls | None) -> tuple[ChatMessageOut, str | None]:
+def chat_message(
+    winner: Sample, tools: vllm_api.ToolCalls | None, reasoning: vllm_api.Reasoning | None = None
+) -> tuple[ChatMessageOut, str | None]:
     """The returned message and finish reason: the winner's tool call(s) in OpenAI shape when
-    the samples were constrained to calls (then finish_reason "tool_calls"), else its text."""
+    the samples were constrained to calls (then finish_reason "tool_calls"), else its text,
+    split into reasoning and content when a reasoning parser runs."""
     calls = vllm_api.tool_calls_of(winner.text, tools) if tools is not None else None
     if calls:
         return ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
+    if reasoning is not None:
+        thought, content = reasoning.split(winner.text)
+        return ChatMessageOut(
+            content=content, reasoning=thought, reasoning_content=thought
+        ), winner.finish_reason
     return ChatMessageOut(content=winner.text), winner.finish_reason
 
 
@@ -365,11 +378,13 @@ def usage(results: list[ThinkingResult]) -> Usage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     cached = sum(min(r.cached_tokens_per_sample, r.prompt_tokens) for r in results)
+    reasoning = [r.reasoning_tokens for r in results if r.reasoning_tokens is not None]
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        completion_tokens_details={"reasoning_tokens": sum(reasoning)} if reasoning else None,
     )
 
 

@@ -202,6 +202,36 @@ def _invalid(exc: Exception) -> APIError:
     return APIError(400, f"invalid sampling parameters: {exc}", param=param, code="invalid_value")
 
 
+class Reasoning:
+    """A vLLM reasoning parser (`vllm.reasoning`, by its registered name) applied to whole
+    samples: the split into reasoning and final content, the vote key read from the content
+    only (a sample without final content, e.g. cut off while reasoning, abstains) and the
+    count of reasoning tokens."""
+
+    def __init__(self, name: str, tokenizer: Any):
+        from vllm.reasoning import ReasoningParserManager
+
+        names = ReasoningParserManager.list_registered()
+        if name not in names:
+            raise ValueError(f"unknown reasoning parser {name!r}; vLLM has: {', '.join(names)}")
+        self.name = name
+        self.parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a finished sample's text."""
+        return self.parser.extract_reasoning(text, None)
+
+    def vote_key(self, key: Any) -> Any:
+        def reasoned(text: str) -> str | None:
+            content = self.split(text)[1]
+            return key(content) if content else None
+
+        return reasoned
+
+    def tokens(self, token_ids: Any) -> int:
+        return int(self.parser.count_reasoning_tokens(list(token_ids)))
+
+
 class _LogprobFormatter:
     """vLLM's own OpenAI logprob builders, bound to a minimal object: they are methods of
     vLLM's serving classes that read no serving state beyond the two attributes set here."""
