@@ -204,9 +204,9 @@ class OpenAIServing:
         prompt = self.chat_prompt(request)
         # Built (and so validated) before any streaming starts, so errors get a proper status.
         params = [self.sampling_params(request, len(prompt))]
+        tools = vllm_api.tool_calls_mode(sampling.request_body(request))  # what the winner returns as
         if request.stream:
-            return self._chat_stream(request, plan, prompt, params, started)
-        tools = vllm_api.tool_calls_mode(sampling.request_body(request))
+            return self._chat_stream(request, plan, prompt, params, tools, started)
         (result,) = await self._think(plan, [prompt], params, self.timeout_s(request), "chat", started)
         return ChatCompletionResponse(
             model=request.model,
@@ -225,7 +225,13 @@ class OpenAIServing:
         )
 
     async def _chat_stream(
-        self, request: ChatCompletionRequest, plan: Plan, prompt: list[int], params: list[Any], started: float
+        self,
+        request: ChatCompletionRequest,
+        plan: Plan,
+        prompt: list[int],
+        params: list[Any],
+        tools: vllm_api.ToolCalls | None,
+        started: float,
     ) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -247,7 +253,6 @@ class OpenAIServing:
         except Exception as exc:
             yield stream_error(exc)
             return
-        tools = vllm_api.tool_calls_mode(sampling.request_body(request))
         finishes = []
         for i, c in enumerate(result.choices):
             message, finish = chat_message(c.winner, tools, self.thinker.reasoning)
