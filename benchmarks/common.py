@@ -32,29 +32,38 @@ def free_port() -> int:
 class ServerProcess:
     """`t2serve serve` in a subprocess, plus an async client for it."""
 
-    def __init__(self, args, model_dir: Path, log_name: str):
+    def __init__(
+        self, args, model_dir: Path, log_name: str, command: list[str] | None = None, name: str = "t2serve"
+    ):
+        """`command`: another OpenAI server to run instead (vLLM's own, for comparisons), with
+        `--port PORT` appended."""
         self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(self.port),
-            "--served-model-name",
-            "bench",
-            "--max-model-len",
-            "2048",
-            "--log-level",
-            "warning",
-            "--max-parallelism",
-            str(max(args.n, 64)),
-            *args.server_args.split(),
-        ]
+        self.name = name
+        cmd = (
+            [*command, "--port", str(self.port)]
+            if command is not None
+            else [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                "bench",
+                "--max-model-len",
+                "2048",
+                "--log-level",
+                "warning",
+                "--max-parallelism",
+                str(max(args.n, 64)),
+                *args.server_args.split(),
+            ]
+        )
         self.log = open(RESULTS / f"{log_name}_server.log", "w")  # noqa: SIM115 - outlives __init__
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -71,9 +80,9 @@ class ServerProcess:
                 except httpx.TransportError:
                     pass
                 if self.proc.poll() is not None or time.monotonic() - started > 600:
-                    raise RuntimeError(f"t2serve did not start; see {self.log.name}")
+                    raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
                 await asyncio.sleep(1)
-        print(f"t2serve up in {time.monotonic() - started:.0f} s", flush=True)
+        print(f"{self.name} up in {time.monotonic() - started:.0f} s", flush=True)
 
     async def run(
         self,

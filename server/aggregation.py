@@ -7,11 +7,14 @@ work on keys; which aggregator makes them follows from how the samples were cons
           for `response_format` json_object / json_schema and `structured_outputs.json`,
           so equal objects vote together whatever their key order or spacing
   exact   the output itself, stripped, for `structured_outputs.choice`
+A sample that makes tool calls votes with the canonical calls whatever the aggregator
+(vote_key), and with a reasoning parser only the final content is keyed.
 A new aggregator is one class here plus its entry in AGGREGATORS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any, ClassVar, Protocol
@@ -60,6 +63,27 @@ def for_params(params: Any) -> Aggregator:
         if getattr(constraint, "choice", None):
             return AGGREGATORS["exact"]
     return AGGREGATORS["answer"]
+
+
+def vote_key(parsed: Any, aggregator: Aggregator) -> str | None:
+    """What a parsed sample (server.vllm_api.ParsedOutput) votes with: its tool calls, as
+    the canonical calls (name + canonical arguments), when it makes any; else its final
+    content's key; None (abstains) without final content, e.g. cut off while reasoning."""
+    if parsed.tool_calls:
+        return canonical_calls(parsed.tool_calls)
+    return aggregator.key(parsed.content) if parsed.content else None
+
+
+def canonical_calls(calls: list[dict[str, Any]]) -> str:
+    """OpenAI tool calls written canonically ("calls:" + JSON): ids dropped, each call's
+    arguments parsed and normalised like canonical_json (kept as text if not JSON)."""
+    canonical = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        with contextlib.suppress(ValueError, RecursionError):
+            arguments = _normalise(json.loads(arguments))
+        canonical.append({"name": call["function"]["name"], "arguments": arguments})
+    return "calls:" + json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def canonical_json(text: str) -> str | None:

@@ -105,6 +105,12 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         "response carries the winner's reasoning",
     )
     g.add_argument(
+        "--tool-call-parser",
+        help="vLLM's tool-call parser name (hermes, llama3_json, mistral, ...): enables tool_choice "
+        "'auto' (calls found in each sample's text, as vLLM's --enable-auto-tool-choice does); "
+        "samples vote on the canonical calls",
+    )
+    g.add_argument(
         "--tie-break",
         choices=["logprob", "order"],
         default="order",
@@ -321,6 +327,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             estimator_margin=args.estimator_margin,
             policy=args.policy,
             reasoning_parser=args.reasoning_parser,
+            tool_call_parser=args.tool_call_parser,
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,

@@ -71,6 +71,9 @@ class ParallelismSettings(BaseModel):
     # vLLM reasoning parser (e.g. "qwen3", "deepseek_v4"): samples are split into reasoning
     # and final content, votes read the final content only. None: no split.
     reasoning_parser: str | None = None
+    # vLLM tool-call parser (e.g. "hermes"): finds tool calls in each sample's text, which
+    # enables `tool_choice: auto`; samples vote on the canonical calls. None: auto is refused.
+    tool_call_parser: str | None = None
 
 
 class LimitSettings(BaseModel):

@@ -160,12 +160,6 @@ class ParallelThinker:
         # --max-samples-in-flight: `auto` scales its cap down as the engine fills (None: never).
         self.samples_limit = samples_limit
         self.in_flight = InFlight()
-        # --reasoning-parser: votes read each sample's final content only (server.vllm_api).
-        self.reasoning = (
-            vllm_api.Reasoning(settings.reasoning_parser, engine.tokenizer)
-            if settings.reasoning_parser
-            else None
-        )
         # --policy: what `auto` runs when a request names no policy (validated here, at start-up).
         self.default_policy = self.parse_policy(settings.policy)
 
@@ -237,7 +231,12 @@ class ParallelThinker:
         request_id: str,
         deadline: Deadline | None = None,
         want_states: bool = False,
+        reader: vllm_api.OutputParser | None = None,
+        aggregator: aggregation.Aggregator | None = None,
     ) -> ThinkingResult:
+        """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
+        (server.vllm_api; default: the text is the content) and `aggregator` keys what is left
+        (default: the one the params' constraint calls for, server.aggregation)."""
         policy = plan.policy
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         votes = [_Vote() for _ in range(plan.n_choices)]
@@ -246,8 +245,14 @@ class ParallelThinker:
         timed_out = False
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
-        aggregator = aggregation.for_params(params)
-        vote_key = aggregator.key if self.reasoning is None else self.reasoning.vote_key(aggregator.key)
+        aggregator = aggregator or aggregation.for_params(params)
+        if reader is None:
+            vote_key = aggregator.key
+        else:
+
+            def vote_key(text: str) -> str | None:
+                return aggregation.vote_key(reader.parse(text), aggregator)
+
         async with SampleGroup(
             self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=vote_key
         ) as group:
@@ -330,9 +335,9 @@ class ParallelThinker:
             aborted=group.launched - sum(len(v.samples) for v in votes),
             aggregate=aggregator.name,
             reasoning_tokens=None
-            if self.reasoning is None
+            if reader is None or not reader.has_reasoning
             else sum(
-                self.reasoning.tokens(s.token_ids) for s in [*late, *(s for v in votes for s in v.samples)]
+                reader.reasoning_tokens(s.token_ids) for s in [*late, *(s for v in votes for s in v.samples)]
             ),
         )
 

@@ -2,7 +2,8 @@
 
 Three steps, each a pure function of what it is given:
   from_request   a request's sampling fields -> validated params, built by vLLM's own request
-                 model with the model's generation_config defaults (server.vllm_api)
+                 model with the model's generation_config defaults, and the parser of the
+                 samples' outputs (server.vllm_api)
   for_voting     params as every sample of a vote runs them (final outputs only; each token's
                  log-prob when the tie rule reads it)
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
@@ -27,10 +28,12 @@ def from_request(
     context: int,
     defaults: dict[str, Any],
     default_max_tokens: int | None,
-) -> Any:
+    parsers: vllm_api.Parsers | None = None,
+) -> tuple[Any, vllm_api.OutputParser]:
     """The request's sampling parameters for one prompt, as vLLM's server builds them (its
-    own request model, the model's generation_config `defaults`), checked against the
-    context left after the prompt."""
+    own request model, the model's generation_config `defaults`, adjusted by the server's
+    reasoning / tool-call `parsers`), checked against the context left after the prompt;
+    and the parser its samples' outputs are read with."""
     if context - prompt_len <= 0:
         raise APIError(
             400,
@@ -45,6 +48,7 @@ def from_request(
         context=context,
         defaults=defaults,
         default_max_tokens=default_max_tokens,
+        parsers=parsers,
     )
 
 

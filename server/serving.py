@@ -44,6 +44,12 @@ class OpenAIServing:
         self.engine = engine
         self.thinker = thinker
         self.settings = settings
+        # --reasoning-parser / --tool-call-parser (vLLM's), checked at start-up.
+        self.parsers = vllm_api.Parsers(
+            engine.tokenizer,
+            reasoning=settings.parallelism.reasoning_parser,
+            tool_call=settings.parallelism.tool_call_parser,
+        )
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -95,16 +101,18 @@ class OpenAIServing:
             token_lists.append(ids)
         return token_lists
 
-    def sampling_params(self, request: SamplingFields, prompt_len: int) -> Any:
-        params = sampling.from_request(
+    def sampling_params(self, request: SamplingFields, prompt_len: int) -> tuple[Any, vllm_api.OutputParser]:
+        """One prompt's validated SamplingParams and the parser of its samples' outputs."""
+        params, reader = sampling.from_request(
             request,
             prompt_len,
             context=self.engine.info.max_model_len,
             defaults=self.engine.default_sampling,
             default_max_tokens=self.settings.default_max_tokens,
+            parsers=self.parsers,
         )
         vllm_api.verify(self.engine, params, request)
-        return params
+        return params, reader
 
     def timeout_s(self, request: SamplingFields) -> float | None:
         """The request's deadline: its own `timeout`, bounded by --request-timeout."""
@@ -117,9 +125,12 @@ class OpenAIServing:
         self.check_model(request.model)
         body = sampling.request_body(request)
         chat = isinstance(request, ChatCompletionRequest)
-        vllm_api.check_fields(body, chat=chat, own_fields=set(type(request).model_fields))
-        if chat:
-            vllm_api.tool_calls_mode(body)  # 400 for what t2serve cannot run (tool_choice auto)
+        vllm_api.check_fields(
+            body,
+            chat=chat,
+            own_fields=set(type(request).model_fields),
+            auto_tools=bool(self.parsers.tool_call),
+        )
         temperature = request.temperature
         if temperature is None:  # the model's generation_config default, as the samples get it
             temperature = self.engine.default_sampling.get("temperature")
@@ -168,7 +179,7 @@ class OpenAIServing:
         self,
         plan: Plan,
         prompts: list[list[int]],
-        params: list[Any],
+        params: list[tuple[Any, vllm_api.OutputParser]],
         timeout_s: float | None,
         endpoint: str,
         started: float,
@@ -177,9 +188,9 @@ class OpenAIServing:
         deadline = Deadline(timeout_s)  # one for the whole request, all its prompts
         tasks = [
             asyncio.ensure_future(
-                self.thinker.run(p, sp, plan, request_id=f"{base_id}-p{i}", deadline=deadline)
+                self.thinker.run(p, sp, plan, request_id=f"{base_id}-p{i}", deadline=deadline, reader=reader)
             )
-            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+            for i, (p, (sp, reader)) in enumerate(zip(prompts, params, strict=True))
         ]
         try:
             results = await asyncio.gather(*tasks)
@@ -204,9 +215,8 @@ class OpenAIServing:
         prompt = self.chat_prompt(request)
         # Built (and so validated) before any streaming starts, so errors get a proper status.
         params = [self.sampling_params(request, len(prompt))]
-        tools = vllm_api.tool_calls_mode(sampling.request_body(request))  # what the winner returns as
         if request.stream:
-            return self._chat_stream(request, plan, prompt, params, tools, started)
+            return self._chat_stream(request, plan, prompt, params, started)
         (result,) = await self._think(plan, [prompt], params, self.timeout_s(request), "chat", started)
         return ChatCompletionResponse(
             model=request.model,
@@ -218,7 +228,7 @@ class OpenAIServing:
                     logprobs=self.chat_logprobs(request, c.winner),
                 )
                 for i, c in enumerate(result.choices)
-                for message, finish in [chat_message(c.winner, tools, self.thinker.reasoning)]
+                for message, finish in [chat_message(c.winner, params[0][1])]
             ],
             usage=usage([result]),
             t2=t2_info([result]),
@@ -229,8 +239,7 @@ class OpenAIServing:
         request: ChatCompletionRequest,
         plan: Plan,
         prompt: list[int],
-        params: list[Any],
-        tools: vllm_api.ToolCalls | None,
+        params: list[tuple[Any, vllm_api.OutputParser]],
         started: float,
     ) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -255,7 +264,7 @@ class OpenAIServing:
             return
         finishes = []
         for i, c in enumerate(result.choices):
-            message, finish = chat_message(c.winner, tools, self.thinker.reasoning)
+            message, finish = chat_message(c.winner, params[0][1])
             finishes.append(finish)
             calls = [{"index": k, **call} for k, call in enumerate(message.tool_calls or [])] or None
             delta = DeltaMessage(
@@ -299,7 +308,7 @@ class OpenAIServing:
         request: CompletionRequest,
         plan: Plan,
         prompts: list[list[int]],
-        params: list[Any],
+        params: list[tuple[Any, vllm_api.OutputParser]],
         started: float,
     ) -> AsyncIterator[str]:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -350,21 +359,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], **template_kwarg
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def chat_message(
-    winner: Sample, tools: vllm_api.ToolCalls | None, reasoning: vllm_api.Reasoning | None = None
-) -> tuple[ChatMessageOut, str | None]:
-    """The returned message and finish reason: the winner's tool call(s) in OpenAI shape when
-    the samples were constrained to calls (then finish_reason "tool_calls"), else its text,
-    split into reasoning and content when a reasoning parser runs."""
-    calls = vllm_api.tool_calls_of(winner.text, tools) if tools is not None else None
-    if calls:
-        return ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
-    if reasoning is not None:
-        thought, content = reasoning.split(winner.text)
-        return ChatMessageOut(
-            content=content, reasoning=thought, reasoning_content=thought
-        ), winner.finish_reason
-    return ChatMessageOut(content=winner.text), winner.finish_reason
+def chat_message(winner: Sample, reader: vllm_api.OutputParser) -> tuple[ChatMessageOut, str | None]:
+    """The returned message and finish reason: the winner's reasoning (with a reasoning
+    parser, unless the request set `include_reasoning: false`), content and tool calls in
+    OpenAI shape (then finish_reason "tool_calls")."""
+    parsed = reader.parse(winner.text)
+    thought = parsed.reasoning if getattr(reader.request, "include_reasoning", True) else None
+    message = ChatMessageOut(
+        content=parsed.content, reasoning=thought, reasoning_content=thought, tool_calls=parsed.tool_calls
+    )
+    return message, "tool_calls" if parsed.tool_calls else winner.finish_reason
 
 
 def stream_error(exc: Exception) -> str:

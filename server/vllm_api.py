@@ -64,6 +64,8 @@ SAMPLING_FIELDS = frozenset(
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        # Read by the response (server.serving.chat_message) from vLLM's request model.
+        "include_reasoning",
     }
 )
 # OpenAI's legacy function calling, which vLLM's model does not know: it would change the
@@ -110,9 +112,12 @@ def unknown_fields(body: dict[str, Any], model: type[BaseModel], own_fields: set
     return sorted(name for name in body if name not in known)
 
 
-def check_fields(body: dict[str, Any], chat: bool, own_fields: set[str]) -> None:
-    """400 naming the first field t2serve cannot honour; warn about unknown ones."""
+def check_fields(body: dict[str, Any], chat: bool, own_fields: set[str], auto_tools: bool = False) -> None:
+    """400 naming the first field t2serve cannot honour (`tool_choice: auto` without a
+    tool-call parser among them); warn about unknown ones."""
     model = vllm_request_models()[0 if chat else 1]
+    if chat and body.get("tools") and body.get("tool_choice", "auto") == "auto" and not auto_tools:
+        tool_calls_mode(model.model_construct(tools=body["tools"], tool_choice="auto"), auto_tools)
     name = refused_field(body, model, own_fields)
     if name is not None:
         raise APIError(
@@ -134,11 +139,12 @@ def to_sampling_params(
     context: int,
     defaults: dict[str, Any],
     default_max_tokens: int | None,
-) -> Any:
+    parsers: Parsers | None = None,
+) -> tuple[Any, OutputParser]:
     """`SamplingParams` for one prompt of the request `body` (its JSON fields), built by vLLM's
-    own request model. max_tokens: the request's; else `default_max_tokens` if the server set
-    one; else vLLM's rule (the context left after the prompt, capped by the model's
-    `max_new_tokens` default)."""
+    own request model, and the parser of its samples' outputs. max_tokens: the request's; else
+    `default_max_tokens` if the server set one; else vLLM's rule (the context left after the
+    prompt, capped by the model's `max_new_tokens` default)."""
     from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
     from vllm.exceptions import VLLMClientError
 
@@ -169,10 +175,11 @@ def to_sampling_params(
         requested = min(default_max_tokens, room)
     max_tokens = get_max_tokens(context, requested, prompt_len, defaults)
     try:
-        params = request.to_sampling_params(max_tokens, defaults)
-        if chat and request.tools:
-            constrain_to_tools(params, request)
-        return params
+        reader = (parsers or NO_PARSERS).for_request(request, chat)
+        params = reader.request.to_sampling_params(max_tokens, defaults)
+        if reader.tools is not None and not reader.parses_tools:
+            constrain_to_tools(params, reader.request)
+        return params, reader
     except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own checks on the combination
         raise _invalid(exc) from exc
 
@@ -202,33 +209,92 @@ def _invalid(exc: Exception) -> APIError:
     return APIError(400, f"invalid sampling parameters: {exc}", param=param, code="invalid_value")
 
 
-class Reasoning:
-    """A vLLM reasoning parser (`vllm.reasoning`, by its registered name) applied to whole
-    samples: the split into reasoning and final content, the vote key read from the content
-    only (a sample without final content, e.g. cut off while reasoning, abstains) and the
-    count of reasoning tokens."""
+class Parsers:
+    """`--reasoning-parser` and `--tool-call-parser`: vLLM's parsers, composed into one class
+    by vLLM's ParserManager at start-up exactly as `vllm serve` composes them (a tool-call
+    parser enables `tool_choice: auto`, like vLLM's `--enable-auto-tool-choice`)."""
 
-    def __init__(self, name: str, tokenizer: Any):
+    def __init__(self, tokenizer: Any, reasoning: str | None = None, tool_call: str | None = None):
+        self.tokenizer = tokenizer
+        self.reasoning = reasoning
+        self.tool_call = tool_call
+        self.cls = None
+        if not reasoning and not tool_call:
+            return
+        from vllm.parser.parser_manager import ParserManager
         from vllm.reasoning import ReasoningParserManager
+        from vllm.tool_parsers import ToolParserManager
 
-        names = ReasoningParserManager.list_registered()
-        if name not in names:
-            raise ValueError(f"unknown reasoning parser {name!r}; vLLM has: {', '.join(names)}")
-        self.name = name
-        self.parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+        for kind, name, manager in (
+            ("reasoning", reasoning, ReasoningParserManager),
+            ("tool-call", tool_call, ToolParserManager),
+        ):
+            if name and name not in manager.list_registered():
+                raise ValueError(
+                    f"unknown {kind} parser {name!r}; vLLM has: {', '.join(manager.list_registered())}"
+                )
+        self.cls = ParserManager.get_parser(
+            tool_parser_name=tool_call,
+            reasoning_parser_name=reasoning,
+            enable_auto_tools=tool_call is not None,
+            tokenizer=tokenizer,
+        )
 
-    def split(self, text: str) -> tuple[str | None, str | None]:
-        """(reasoning, content) of a finished sample's text."""
-        return self.parser.extract_reasoning(text, None)
+    def for_request(self, request: BaseModel, chat: bool) -> OutputParser:
+        """The parser of one request's samples, after adjusting `request` (vLLM's request
+        model) as vLLM's renderer does before it builds sampling params: a tool-call parser
+        may constrain the calls' format and keep special tokens in the text."""
+        parser = None
+        if self.cls is not None and (chat or self.reasoning):
+            parser = self.cls(self.tokenizer, getattr(request, "tools", None))
+            adjust = chat and (self.reasoning or getattr(request, "tool_choice", "none") != "none")
+            if adjust:
+                request = parser.adjust_request(request)
+        tools = tool_calls_mode(request, auto_tools=self.tool_call is not None) if chat else None
+        return OutputParser(parser, request, tools, reasoning=self.reasoning is not None)
 
-    def vote_key(self, key: Any) -> Any:
-        def reasoned(text: str) -> str | None:
-            content = self.split(text)[1]
-            return key(content) if content else None
 
-        return reasoned
+NO_PARSERS = Parsers(tokenizer=None)
 
-    def tokens(self, token_ids: Any) -> int:
+
+@dataclass
+class ParsedOutput:
+    """A sample's text as the response carries it."""
+
+    reasoning: str | None
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None  # OpenAI shape, None when it makes no call
+
+
+class OutputParser:
+    """One request's samples read as vLLM's server reads its outputs: the reasoning split off
+    by the reasoning parser, tool calls found by the tool-call parser (vLLM's `Parser.parse`);
+    with no tool-call parser, named/required calls are the JSON t2serve constrained them to
+    (constrain_to_tools)."""
+
+    def __init__(self, parser: Any, request: BaseModel, tools: ToolCalls | None, reasoning: bool):
+        self.parser = parser
+        self.request = request
+        self.tools = tools
+        self.has_reasoning = reasoning
+        # vLLM's tool-call parsers find calls themselves, constrained or not.
+        self.parses_tools = parser is not None and getattr(parser, "tool_parser", None) is not None
+
+    def parse(self, text: str) -> ParsedOutput:
+        if self.parser is None:
+            reasoning, content = None, text
+        elif self.parses_tools and self.tools is not None:
+            reasoning, content, calls = self.parser.parse(text, self.request, enable_auto_tools=True)
+            shaped = [_openai_call(c.name, c.arguments, c.id) for c in calls or []]
+            return ParsedOutput(reasoning, content, shaped or None)
+        else:
+            reasoning, content = self.parser.extract_reasoning(text, self.request)
+        calls = tool_calls_of(content, self.tools) if self.tools is not None and content else None
+        return ParsedOutput(reasoning, None if calls else content, calls)
+
+    def reasoning_tokens(self, token_ids: Any) -> int | None:
+        if not self.has_reasoning:
+            return None
         return int(self.parser.count_reasoning_tokens(list(token_ids)))
 
 
@@ -273,28 +339,32 @@ def completion_logprobs(token_ids: Any, logprobs: Any, top_logprobs: int, tokeni
 
 @dataclass(frozen=True)
 class ToolCalls:
-    """How a request's samples call tools: `named` (one call of `function`, the output is its
-    arguments object) or `required` (the output is a list of {"name", "parameters"})."""
+    """How a request's samples call tools: `named` (one call of `function`, constrained to its
+    arguments object), `required` (constrained to a list of {"name", "parameters"}) or `auto`
+    (free text, in which the tool-call parser finds calls)."""
 
-    mode: Literal["named", "required"]
+    mode: Literal["named", "required", "auto"]
     function: str | None = None
 
 
-def tool_calls_mode(body: dict[str, Any]) -> ToolCalls | None:
-    """What the request's `tools` / `tool_choice` ask of each sample (None: no tool calls).
-    `auto` needs a tool-call parser to find calls in free text, which t2serve does not run
-    yet: a 400 naming `tool_choice`."""
-    tools, choice = body.get("tools"), body.get("tool_choice", "auto" if body.get("tools") else "none")
+def tool_calls_mode(request: BaseModel, auto_tools: bool) -> ToolCalls | None:
+    """What the request's (vLLM's request model) `tools` / `tool_choice` ask of each sample
+    (None: no tool calls). `auto` needs a tool-call parser (--tool-call-parser) to find calls
+    in free text; without one it is a 400 naming `tool_choice`, as in vLLM."""
+    tools, choice = getattr(request, "tools", None), getattr(request, "tool_choice", None)
     if not tools or choice in (None, "none"):
         return None
     if choice == "required":
         return ToolCalls("required")
-    if isinstance(choice, dict):
-        return ToolCalls("named", (choice.get("function") or {}).get("name"))
+    if not isinstance(choice, str):
+        return ToolCalls("named", choice.function.name)
+    if auto_tools:
+        return ToolCalls("auto")
     raise APIError(
         400,
-        "tool_choice 'auto' needs a tool-call parser, which t2serve does not run yet: use "
-        "'required' or a named function (both constrained by vLLM's structured outputs), or 'none'",
+        "tool_choice 'auto' needs a tool-call parser: start t2serve with --tool-call-parser NAME "
+        "(vLLM's parsers, e.g. hermes), or use 'required' or a named function (both constrained by "
+        "vLLM's structured outputs), or 'none'",
         param="tool_choice",
         code="unsupported_parameter",
     )
@@ -315,7 +385,9 @@ def constrain_to_tools(params: Any, request: BaseModel) -> None:
 
 
 def tool_calls_of(text: str, tools: ToolCalls) -> list[dict[str, Any]] | None:
-    """The OpenAI `tool_calls` of a constrained sample's text; None if it is not a call."""
+    """The OpenAI `tool_calls` of a sample constrained to JSON calls; None if it is not one."""
+    if tools.mode == "auto":
+        return None
     try:
         value = json.loads(text)
     except ValueError:
@@ -326,11 +398,12 @@ def tool_calls_of(text: str, tools: ToolCalls) -> list[dict[str, Any]] | None:
         calls = [(c.get("name"), c.get("parameters", {})) for c in value if isinstance(c, dict)]
     else:
         return None
-    return [
-        {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-        }
-        for name, arguments in calls
-    ]
+    return [_openai_call(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+
+
+def _openai_call(name: str | None, arguments: str, call_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": call_id or f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }

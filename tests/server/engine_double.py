@@ -56,6 +56,7 @@ class ScriptedEngine:
         self.states = states  # whether tagged requests get their states pushed
         self.settings = SimpleNamespace(capture_timeout_s=30.0, capture=True)
         self.default_sampling: dict = {}  # the model's generation_config defaults: none
+        self.tokenizer = None  # the servers built on it run no output parsers
         self.requests: dict[str, _Request] = {}
         self.aborted_ids: list[str] = []
         self._captures: dict[str, asyncio.Future[np.ndarray]] = {}

@@ -493,7 +493,7 @@ async def test_a_named_tool_choice_returns_one_voted_schema_valid_call(client):
 
     import jsonschema
 
-    from server.aggregation import canonical_json
+    from server.aggregation import canonical_calls
 
     response = await client.chat.completions.create(
         model=MODEL_NAME,
@@ -513,9 +513,12 @@ async def test_a_named_tool_choice_returns_one_voted_schema_valid_call(client):
     jsonschema.validate(arguments, ADD["function"]["parameters"])
     t2 = response.model_extra["t2"]
     assert t2["aggregate"] == "json" and t2["n_used"] == 4
-    assert t2["answer"] == canonical_json(call.function.arguments)  # the vote is over canonical calls
+    # The vote is over canonical calls: name + normalised arguments, whatever the spacing.
+    assert t2["answer"] == canonical_calls([call.model_dump()])
     for key in t2["votes"]:
-        jsonschema.validate(json.loads(key), ADD["function"]["parameters"])
+        (voted,) = json.loads(key.removeprefix("calls:"))
+        assert voted["name"] == "add"
+        jsonschema.validate(voted["arguments"], ADD["function"]["parameters"])
 
 
 async def test_required_tool_choice_calls_a_listed_tool_streaming_too(client):
@@ -536,7 +539,7 @@ async def test_required_tool_choice_calls_a_listed_tool_streaming_too(client):
     assert finishes == ["tool_calls"] and len(calls) == 1 and calls[0].function.name == "add"
 
 
-async def test_auto_tool_choice_is_refused_until_a_tool_parser_runs(client):
+async def test_auto_tool_choice_is_refused_without_a_tool_call_parser(client):
     with pytest.raises(openai.BadRequestError) as err:
         await client.chat.completions.create(
             model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD], max_tokens=8

@@ -67,7 +67,7 @@ def test_killing_the_engine_core_fails_requests_with_503_and_exits_non_zero():
         for response in answers[:4]:
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "engine_dead"
-        events = [line[6:] for line in answers[4].text.splitlines() if line.startswith("data: ")]
+        events = [line[6:] for line in answers[4].text.split("\n") if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_dead"
 
         assert proc.wait(300) == ENGINE_DEAD_EXIT_CODE

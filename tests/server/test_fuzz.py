@@ -80,7 +80,20 @@ CHAT = {
     "top_logprobs": (st.integers(0, 5), st.integers(21, 30)),
     "max_completion_tokens": SAMPLING["max_tokens"],
     "tools": (st.just([]), st.just([{"type": "function", "function": {"name": "f"}}])),
-    "response_format": (st.just({"type": "text"}), st.just({"type": "json_object"})),
+    "response_format": (
+        st.just({"type": "text"}) | st.just({"type": "json_object"}),
+        st.just({"type": "json_schema"}) | st.just({"type": "yaml"}),
+    ),
+    "tool_choice": (
+        st.sampled_from(["none", "required", {"type": "function", "function": {"name": "f"}}]),
+        st.just("sometimes") | st.just({"type": "function", "function": {"name": "g"}}),
+    ),
+    "parallel_tool_calls": (st.booleans(), st.just("both")),
+    "include_reasoning": (st.booleans(), st.just([True])),
+    "structured_outputs": (
+        st.just({"regex": "[0-9]{1,3}"}) | st.just({"choice": ["yes", "no"]}),
+        st.just({"regex": "(["}) | st.just({"json": {"type": "no-such-type"}}),
+    ),
 }
 COMPLETION = {
     **SAMPLING,
@@ -126,7 +139,8 @@ def check(response: Any, whole_stream: bool = True) -> None:
         content_type = content_type[0]
     if status == 200:
         if content_type.startswith("text/event-stream"):
-            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            # SSE lines end at \n only; a sample's text may hold other line breaks (U+2028, ...).
+            events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
             assert events[-1] == "[DONE]" or not whole_stream
             for event in events[:-1]:
                 payload = json.loads(event)

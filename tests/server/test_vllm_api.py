@@ -21,13 +21,20 @@ def params(body: dict, *, prompt_len: int = 10, context: int = 100, defaults=Non
         context=context,
         defaults=defaults or {},
         default_max_tokens=default_max_tokens,
-    )
+    )[0]
 
 
 def test_the_vllm_fields_t2serve_relies_on_exist():
     chat, completion = vllm_api.vllm_request_models()
     assert set(chat.model_fields) >= vllm_api.SAMPLING_FIELDS
-    chat_only = {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
+    chat_only = {
+        "max_completion_tokens",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "include_reasoning",
+    }
     assert vllm_api.SAMPLING_FIELDS - chat_only <= set(completion.model_fields)
     assert set(chat.model_fields) >= vllm_api.INERT_FIELDS
     # t2serve's own chat template fields mean what vLLM's do.
@@ -186,18 +193,35 @@ def test_logprobs_are_shaped_by_vllms_own_builders(model_dir):
     assert "".join(completion["tokens"]) == " five apples" and completion["text_offset"][0] == 0
 
 
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+    },
+}
+
+
+def vllm_chat(**fields):
+    return vllm_api.vllm_request_models()[0].model_validate({"messages": [], **fields})
+
+
 def test_tool_choice_modes():
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    assert vllm_api.tool_calls_mode({}) is None
-    assert vllm_api.tool_calls_mode({"tools": tools, "tool_choice": "none"}) is None
-    assert vllm_api.tool_calls_mode({"tools": tools, "tool_choice": "required"}).mode == "required"
-    named = vllm_api.tool_calls_mode(
-        {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "add"}}}
-    )
+    mode = vllm_api.tool_calls_mode
+    assert mode(vllm_chat(), auto_tools=False) is None
+    assert mode(vllm_chat(tools=[ADD], tool_choice="none"), auto_tools=False) is None
+    assert mode(vllm_chat(tools=[ADD], tool_choice="required"), auto_tools=False).mode == "required"
+    named = mode(vllm_chat(tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}}), False)
     assert (named.mode, named.function) == ("named", "add")
-    with pytest.raises(APIError) as err:  # auto, explicit or by default, needs a tool parser
-        vllm_api.tool_calls_mode({"tools": tools})
+    # auto, explicit or by default (vLLM's model fills it in), needs a tool-call parser.
+    assert mode(vllm_chat(tools=[ADD]), auto_tools=True).mode == "auto"
+    with pytest.raises(APIError) as err:
+        mode(vllm_chat(tools=[ADD]), auto_tools=False)
     assert err.value.param == "tool_choice"
+    with pytest.raises(APIError) as err:  # found before admission, from the raw body
+        vllm_api.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=False)
+    assert err.value.param == "tool_choice" and "--tool-call-parser" in err.value.message
+    vllm_api.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=True)
     # Constrained outputs become OpenAI tool calls; anything else is no call.
     (call,) = vllm_api.tool_calls_of('{"a": 2, "b": 3}', named)
     assert call["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'} and call["type"] == "function"
@@ -206,3 +230,55 @@ def test_tool_choice_modes():
     )
     assert [c["function"]["name"] for c in required] == ["add"]
     assert vllm_api.tool_calls_of('{"a": 2', named) is None
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def test_vllms_parsers_split_reasoning_and_find_calls_that_vote_together(tokenizer):
+    from server import aggregation
+
+    parsers = vllm_api.Parsers(tokenizer, reasoning="qwen3", tool_call="hermes")
+    reader = parsers.for_request(vllm_chat(tools=[ADD], tool_choice="auto"), chat=True)
+    assert reader.tools.mode == "auto" and reader.parses_tools
+    one = reader.parse(
+        '<think>sum them</think>Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    )
+    assert one.reasoning == "sum them" and one.content.strip() == "Sure."
+    assert [c["function"]["name"] for c in one.tool_calls] == ["add"]
+    assert json.loads(one.tool_calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    # The same call with other key order and spacing votes with it; a text answer does not.
+    other = reader.parse(
+        '<think>x</think><tool_call>{"arguments": {"b": 2.0,"a":1}, "name": "add"}</tool_call>'
+    )
+    answer = aggregation.AGGREGATORS["answer"]
+    assert aggregation.vote_key(one, answer) == aggregation.vote_key(other, answer)
+    text = reader.parse("<think>x</think>Answer: 3")
+    assert text.tool_calls is None and aggregation.vote_key(text, answer) == "3"
+    # Still reasoning when it stopped: no final content, so it abstains.
+    assert aggregation.vote_key(reader.parse("<think>Answer: 9"), answer) is None
+    assert reader.reasoning_tokens(tokenizer.encode("<think>a b c</think> d")) > 0
+
+
+def test_a_tool_call_parser_adjusts_the_request_as_vllm_does(tokenizer):
+    # hermes under vLLM's strict tool calling: a named call is constrained to its own
+    # <tool_call> envelope (a structural tag), and special tokens stay in the text.
+    reader = vllm_api.Parsers(tokenizer, tool_call="hermes").for_request(
+        vllm_chat(tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}}), chat=True
+    )
+    assert reader.request.structured_outputs.structural_tag is not None
+    assert reader.request.skip_special_tokens is False
+    # Without parsers nothing is adjusted and named calls are plain JSON (constrain_to_tools).
+    plain = vllm_api.NO_PARSERS.for_request(vllm_chat(tools=[ADD], tool_choice="required"), chat=True)
+    assert plain.parser is None and plain.request.structured_outputs is None
+
+
+def test_unknown_parsers_are_refused_with_vllms_names():
+    with pytest.raises(ValueError, match="qwen3"):
+        vllm_api.Parsers(None, reasoning="no-such-parser")
+    with pytest.raises(ValueError, match="hermes"):
+        vllm_api.Parsers(None, tool_call="no-such-parser")
