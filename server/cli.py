@@ -111,6 +111,20 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         "samples vote on the canonical calls",
     )
     g.add_argument(
+        "--aggregate",
+        choices=["answer", "consensus", "usc", "auto"],
+        default="auto",
+        help="what free-text samples vote with when a request names none: answer (extracted "
+        "answers), consensus (similarity groups, medoid returned), usc (the model picks the most "
+        "consistent sample), auto (answers where samples state one, else consensus; README 'Free text')",
+    )
+    g.add_argument(
+        "--open-ended-parallelism",
+        type=int,
+        default=1,
+        help="samples an 'auto' request gets once its first sample shows open-ended free text",
+    )
+    g.add_argument(
         "--tie-break",
         choices=["logprob", "order"],
         default="order",
@@ -186,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="sample N_max answers per question and store T2 training labels")
     label.add_argument(
-        "--data", default="builtin", help="'builtin' (graded generator) or a JSONL file of {question, answer}"
+        "--data",
+        default="builtin",
+        help="'builtin' (graded generator), 'open-ended' (the built-in open-ended prompts: states only, "
+        "for the gate of `t2serve train --open-ended`) or a JSONL file of {question, answer}",
     )
     label.add_argument("--count", type=int, default=600, help="builtin: number of problems")
     label.add_argument("--families", help="builtin: comma-separated problem families (default: all)")
@@ -221,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--open-ended",
+        type=Path,
+        help="a `t2serve label --data open-ended` folder: also fit the answerable/open-ended gate "
+        "(<head>.gate.json) on its states and the labels'",
+    )
+    train.add_argument(
+        "--gate-only", action="store_true", help="keep the head at --out as it is; fit only its gate"
+    )
     train.add_argument(
         "--stopping-folds",
         type=int,
@@ -328,6 +354,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             policy=args.policy,
             reasoning_parser=args.reasoning_parser,
             tool_call_parser=args.tool_call_parser,
+            aggregate=args.aggregate,
+            open_ended_parallelism=args.open_ended_parallelism,
         ),
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,
@@ -437,6 +465,9 @@ def label(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.data == "open-ended":
+        asyncio.run(_label_open_ended(settings, args.out))
+        return
     if args.data == "builtin":
         families = args.families.split(",") if args.families else None
         problems = generate(args.count, seed=args.seed, families=families)
@@ -464,6 +495,23 @@ def label(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+async def _label_open_ended(settings, out) -> None:
+    from estimator.offline.open_ended import capture_states, open_ended_prompts, save_states
+    from server.engine import Engine
+
+    prompts = open_ended_prompts()
+    engine = await Engine.start(settings.engine)
+    try:
+        states = await capture_states(engine, [p.question for p in prompts])
+        info = engine.info
+        model = {"name": info.name, "num_layers": info.num_layers, "hidden_size": info.hidden_size}
+        save_states(out, prompts, states, {**model, "fingerprint": info.fingerprint})
+    finally:
+        await engine.shutdown()
+    kinds = sorted({p.kind for p in prompts})
+    print(f"captured {len(prompts)} open-ended prompts ({', '.join(kinds)}) -> {out}")
+
+
 def _split(records: list[dict], states, split: str):
     import numpy as np
 
@@ -481,6 +529,11 @@ def train(args: argparse.Namespace) -> None:
     val_records, val_states = _split(records, states, "validation")
     if not train_records or not val_records:
         raise SystemExit("t2serve train: the labels need both train and validation questions")
+    if args.gate_only:
+        if not args.open_ended:
+            raise SystemExit("t2serve train --gate-only needs --open-ended")
+        _fit_gate(args, train_states, val_states, header)
+        return
     config = TrainConfig(
         ratio=args.ratio, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed
     )
@@ -522,6 +575,38 @@ def train(args: argparse.Namespace) -> None:
         f"combined over {len(head.meta.layers)} layers {head.meta.layers}: {head.meta.combined_val_mse:.4f}"
     )
     print(f"wrote {args.out}.safetensors and {args.out}.json")
+    if args.open_ended:
+        _fit_gate(args, train_states, val_states, header)
+
+
+def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) -> None:
+    import json
+
+    import numpy as np
+
+    from estimator.gate import gate_path
+    from estimator.offline.gate_fit import fit_gate
+    from estimator.offline.open_ended import load_states
+
+    prompts, states, model = load_states(args.open_ended)
+    if (model["num_layers"], model["hidden_size"]) != (
+        header["model"]["num_layers"],
+        header["model"]["hidden_size"],
+    ):
+        raise SystemExit(f"{args.open_ended} holds states of another model than the labels'")
+    split = np.array([p["split"] for p in prompts])
+    gate = fit_gate(
+        train_states,
+        states[split == "train"],
+        val_states,
+        states[split == "validation"],
+        layers=list(range(model["num_layers"])),
+    )
+    gate.save(args.out)
+    print(
+        f"gate: layer {gate.layer}, radius {gate.radius:.2f}; validation {json.dumps(gate.fitted['validation'])}"
+    )
+    print(f"wrote {gate_path(args.out)}")
 
 
 def evaluate(args: argparse.Namespace) -> None:

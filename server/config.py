@@ -74,6 +74,12 @@ class ParallelismSettings(BaseModel):
     # vLLM tool-call parser (e.g. "hermes"): finds tool calls in each sample's text, which
     # enables `tool_choice: auto`; samples vote on the canonical calls. None: auto is refused.
     tool_call_parser: str | None = None
+    # What free-text samples vote with when a request names no `aggregate`
+    # (server.aggregation): answer, consensus, usc, or auto (answers where samples state
+    # one, similarity groups where they do not).
+    aggregate: Literal["answer", "consensus", "usc", "auto"] = "auto"
+    # Samples an `auto` request gets once its first sample shows it is open-ended free text.
+    open_ended_parallelism: int = Field(default=1, ge=1)
 
 
 class LimitSettings(BaseModel):

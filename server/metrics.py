@@ -18,6 +18,20 @@ SAMPLES_ABORTED = Counter(
     "t2serve_samples_aborted",
     "Samples aborted before they finished: a stopping policy decided the vote, or the deadline hit.",
 )
+AGGREGATES = Counter(
+    "t2serve_aggregates",
+    "Votes, by what the samples voted with (answer, consensus, usc, json, exact, auto:answer, "
+    "auto:consensus) and whether an `auto` request was found open-ended (stopped early).",
+    ["aggregate", "open_ended"],
+)
+GATE_ROUTES = Counter(
+    "t2serve_gate_routes",
+    "Requests the head's gate routed, by outcome: answerable (the head's N), open_ended "
+    "(--open-ended-parallelism) or unfamiliar (the default N).",
+    ["route"],
+)
+for _route in ("answerable", "open_ended", "unfamiliar"):  # exported at 0 before any request
+    GATE_ROUTES.labels(_route)
 POLICY_REQUESTS = Counter(
     "t2serve_policy_requests",
     "Prompts served, by the sampling policy's family (fixed, T2, ESC, ...).",

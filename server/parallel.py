@@ -32,11 +32,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from estimator.policy_spec import describe, parse_policy
-from estimator.stopping import Budget, Fixed, Policy, Tally, load_scaled_cap
+from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scaled_cap
 from server import aggregation, metrics, sampling, vllm_api
 from server.config import ParallelismSettings
 from server.engine import Engine
@@ -64,6 +64,7 @@ class Plan:
     n_choices: int = 1
     prompts: int = 1
     greedy: bool = False  # every sample would be the same text: `auto` runs one
+    aggregate: str = "answer"  # what free-text samples vote with (server.aggregation.REQUESTABLE)
 
     @property
     def minimum_samples(self) -> int:
@@ -122,8 +123,11 @@ class ThinkingResult:
     launched: int = 0  # samples sent to the engine
     aborted: int = 0  # of those, samples that did not vote (early stop, deadline)
     states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
-    aggregate: str = "answer"  # what the samples voted with (server.aggregation)
+    aggregate: str = "answer"  # what the samples voted with (server.aggregation's `ran`)
     reasoning_tokens: int | None = None  # of completion_tokens, with a reasoning parser
+    usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
+    open_ended: bool = False  # `aggregate: auto` stopped the vote at --open-ended-parallelism
+    gate: str | None = None  # where the head's gate sent the request (estimator.gate), if it ran
 
     @property
     def samples(self) -> int:
@@ -131,7 +135,13 @@ class ThinkingResult:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(s.num_tokens for c in self.choices for s in c.samples) + self.aborted_tokens
+        extra = self.usc["completion_tokens"] if self.usc else 0
+        return sum(s.num_tokens for c in self.choices for s in c.samples) + self.aborted_tokens + extra
+
+    @property
+    def extra_prompt_tokens(self) -> int:
+        """Prompt tokens beyond the request's own: the self-consistency pass's."""
+        return self.usc["prompt_tokens"] if self.usc else 0
 
 
 @dataclass
@@ -191,6 +201,7 @@ class ParallelThinker:
         n_choices: int = 1,
         prompts: int = 1,
         temperature: float | None = None,
+        aggregate: str | None = None,
     ) -> Plan:
         """A request's plan; APIError 400 naming the field for what cannot run. An integer
         `parallelism` is Fixed(N) and overrides `policy` (which must still be valid)."""
@@ -208,7 +219,15 @@ class ParallelThinker:
             )  # fmt: skip
         else:
             chosen, mode = Fixed(int(parallelism)), "fixed"
-        plan = Plan(chosen, mode, cap, n_choices, prompts, is_greedy(temperature))
+        plan = Plan(
+            chosen,
+            mode,
+            cap,
+            n_choices,
+            prompts,
+            is_greedy(temperature),
+            aggregate or self.settings.aggregate,
+        )
         if plan.greedy and plan.minimum_samples > prompts:
             # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
             raise APIError(
@@ -235,17 +254,21 @@ class ParallelThinker:
         aggregator: aggregation.Aggregator | None = None,
     ) -> ThinkingResult:
         """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
-        (server.vllm_api; default: the text is the content) and `aggregator` keys what is left
-        (default: the one the params' constraint calls for, server.aggregation)."""
+        (server.vllm_api; default: the text is the content) and `aggregator`, one per vote,
+        keys what is left (default: the params' constraint's, else `answer`;
+        server.aggregation)."""
         policy = plan.policy
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         votes = [_Vote() for _ in range(plan.n_choices)]
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
-        prediction = states = capture_ms = estimator_ms = load_cap = None
+        prediction = states = capture_ms = estimator_ms = load_cap = route = None
+        gate_cap = plan.cap  # the gate lowers it for open-ended prompts
         timed_out = False
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
-        aggregator = aggregator or aggregation.for_params(params)
+        aggregator = aggregator or aggregation.create(
+            params, plan.aggregate, self.settings.open_ended_parallelism
+        )
         if reader is None:
             vote_key = aggregator.key
         else:
@@ -260,7 +283,7 @@ class ParallelThinker:
             def budget() -> Budget:
                 """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
                 cap = plan.cap if plan.mode == "fixed" else self._scaled_cap(plan, own=group.running())
-                return self._budget(prediction, cap)
+                return self._budget(prediction, min(cap, gate_cap))
 
             # Capture only when someone reads the states: they cost the engine step time.
             capture = want_states or (
@@ -273,6 +296,13 @@ class ParallelThinker:
                     group.launch(0, 1, capture_tag=request_id)
                     states, capture_ms = await self._wait_states(states_future, group, expired, started)
                     prediction, estimator_ms = await self._timed_predict(states)
+                    route = self._route(states) if plan.mode == "auto" else None
+                    if route is not None:
+                        aggregator.gated(route == "open_ended")
+                    if route == "open_ended":  # nothing to vote on: N buys nothing
+                        gate_cap = min(plan.cap, self.settings.open_ended_parallelism)
+                    elif route == "unfamiliar":  # the head's guess is not trusted: the safe default N
+                        prediction = None
                 if plan.mode == "auto" and not expired.done():
                     load_cap = self._first_cap(plan, prediction, own=group.running())
                 for c in range(plan.n_choices):
@@ -290,6 +320,10 @@ class ParallelThinker:
                         vote.tally.add(sample.answer)
                         launched = group.launched_for(sample.choice)
                         decision = policy.on_result(vote.tally, launched, budget())
+                        # Open-ended free text under `aggregate: auto`: an `auto` vote stops early.
+                        limit = aggregator.sample_limit if plan.mode == "auto" else None
+                        if limit is not None and vote.tally.finished >= limit:
+                            decision = Decision(stop=True)
                         if decision.launch > 0 and not decision.stop:
                             group.launch(sample.choice, decision.launch, separately=policy.adapts)
                         elif decision.stop or vote.tally.finished >= launched:  # nothing left to wait for
@@ -314,8 +348,13 @@ class ParallelThinker:
 
         for vote in votes:
             vote.samples.sort(key=lambda s: s.number)
+        choices = self._votes([v.samples for v in votes], timed_out, deadline)
+        choices = await asyncio.to_thread(_picked, choices, aggregator)  # O(N²) text work off the loop
+        usc = None
+        if aggregator.self_consistency:
+            choices, usc = await self._self_consistent(prompt_token_ids, choices, request_id, expired)
         return ThinkingResult(
-            choices=self._votes([v.samples for v in votes], timed_out, deadline),
+            choices=choices,
             mode=plan.mode,
             n_used=group.launched_for(0),
             n_max=self.n_max,
@@ -333,7 +372,10 @@ class ParallelThinker:
             policy=describe(policy),
             launched=group.launched,
             aborted=group.launched - sum(len(v.samples) for v in votes),
-            aggregate=aggregator.name,
+            aggregate=aggregator.ran_for(choices[0].vote.answer),
+            usc=usc,
+            open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
+            gate=route,
             reasoning_tokens=None
             if reader is None or not reader.has_reasoning
             else sum(
@@ -342,6 +384,40 @@ class ParallelThinker:
         )
 
     # -- pieces -------------------------------------------------------------------------------
+
+    async def _self_consistent(
+        self,
+        prompt_token_ids: list[int],
+        choices: list[ChoiceResult],
+        request_id: str,
+        expired: asyncio.Future[None],
+    ) -> tuple[list[ChoiceResult], dict[str, int] | None]:
+        """Universal Self-Consistency: one greedy pass per choice in which the model, shown its
+        candidates after the request's own prompt (so the pass reads that prefix from the
+        cache), names the most consistent one; that sample is returned. Skipped for a choice
+        with fewer than two candidates, or after the deadline."""
+        tokens = {"prompt_tokens": 0, "completion_tokens": 0, "passes": 0}
+        picked = []
+        for c, choice in enumerate(choices):
+            texts = [s.text for s in choice.samples]
+            if len(texts) < 2 or expired.done():
+                picked.append(choice)
+                continue
+            suffix = aggregation.usc_prompt(texts)
+            ids = prompt_token_ids + list(self.engine.tokenizer.encode(suffix, add_special_tokens=False))
+            final = None
+            async for output in self.engine.generate(ids, sampling.usc_pass(), f"{request_id}-usc{c}"):
+                final = output
+            text = final.outputs[0].text if final is not None else ""
+            tokens["passes"] += 1
+            tokens["prompt_tokens"] += len(ids)
+            tokens["completion_tokens"] += len(final.outputs[0].token_ids) if final is not None else 0
+            index = aggregation.usc_choice(text, len(texts))
+            if index is not None:
+                vote = replace(choice.vote, winner_index=index, answer=choice.samples[index].answer)
+                choice = ChoiceResult(vote, choice.samples)
+            picked.append(choice)
+        return picked, tokens
 
     def _votes(
         self, groups: list[list[Sample]], timed_out: bool, deadline: Deadline | None
@@ -389,6 +465,15 @@ class ParallelThinker:
                 metrics.LOAD_REDUCED.inc()
         return scaled
 
+    def _route(self, states: Any) -> str | None:
+        """The head's gate on these states (None without states or a gate)."""
+        gate = getattr(self.estimator, "gate", None)
+        if states is None or gate is None:
+            return None
+        route = gate.route(states)
+        metrics.GATE_ROUTES.labels(route).inc()
+        return route
+
     async def _timed_predict(self, states: Any) -> tuple[float | None, float | None]:
         """(prediction, head latency in ms); (None, None) without states or a head."""
         if states is None or self.estimator is None:
@@ -426,3 +511,19 @@ class ParallelThinker:
         if not expired.done():
             logger.warning("hidden states for a request did not arrive; using the default N")
         return None, None
+
+
+def _picked(choices: list[ChoiceResult], aggregator: aggregation.Aggregator) -> list[ChoiceResult]:
+    """Each choice with the sample the aggregator returns for its winning key (e.g. the
+    consensus group's medoid), where it has its own rule."""
+    out = []
+    for choice in choices:
+        members = [i for i, s in enumerate(choice.samples) if s.answer == choice.vote.answer]
+        key = choice.vote.answer
+        k = None if key is None else aggregator.pick(key, [choice.samples[i].text for i in members])
+        out.append(
+            choice
+            if k is None
+            else ChoiceResult(replace(choice.vote, winner_index=members[k]), choice.samples)
+        )
+    return out

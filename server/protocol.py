@@ -5,6 +5,8 @@ arrive in the body (the official SDK's `extra_body`):
   parallelism:      int N (samples per choice) or "auto" (the estimator picks N)
   max_parallelism:  upper bound for N under "auto"
   policy:           sampling policy for "auto", e.g. "esc:window=4,max=8" (default: --policy)
+  aggregate:        what free-text samples vote with: answer, consensus, usc, auto
+                    (default: --aggregate)
 and come back in the response's `t2` object.
 """
 
@@ -67,6 +69,9 @@ class SamplingFields(OpenAIModel):
     parallelism: int | Literal["auto"] | None = None
     max_parallelism: int | None = Field(default=None, ge=1)
     policy: str | None = Field(default=None, max_length=200)
+    # what free-text samples vote with (default: --aggregate); constrained outputs vote on
+    # their canonical JSON / calls whatever this says
+    aggregate: Literal["answer", "consensus", "usc", "auto"] | None = None
     # seconds; the server's --request-timeout bounds it (README "Operating t2serve")
     timeout: float | None = Field(default=None, gt=0, le=86_400)
 
@@ -176,7 +181,12 @@ class T2Info(BaseModel):
     load_cap: int | None = None  # auto: per-choice cap on N after the load curve
     timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
     policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
-    aggregate: str = "answer"  # what samples voted with: answer, json (canonical JSON) or exact
+    # what the samples voted with (server.aggregation): answer, consensus, usc, json, exact,
+    # or auto:answer / auto:consensus (which kind of key won under `auto`)
+    aggregate: str = "answer"
+    usc: dict[str, int] | None = None  # the self-consistency pass: passes, prompt/completion tokens
+    gate: str | None = None  # answerable / open_ended / unfamiliar: where the head's gate sent it
+    open_ended: bool | None = None  # `aggregate: auto` found free text and stopped early
     launched: int  # samples sent to the engine (all prompts and choices)
     finished: int  # of those, samples that finished and voted
     aborted: int  # of those, samples aborted (early stop or deadline); their tokens count in usage

@@ -9,6 +9,7 @@ Three steps, each a pure function of what it is given:
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
                  sample i of a request always gets seed + i, and the capture tag on sample 0
   capture_probe  the start-up self-test's request: one greedy token, tagged for capture
+  usc_pass       the self-consistency pass: a few greedy tokens naming a candidate
 """
 
 from __future__ import annotations
@@ -88,3 +89,11 @@ def capture_probe(capture_tag: str) -> Any:
     from vllm import SamplingParams
 
     return for_launch(SamplingParams(max_tokens=1, temperature=0.0), n=1, first=0, capture_tag=capture_tag)
+
+
+def usc_pass() -> Any:
+    """The `usc` aggregator's extra pass (server.aggregation.usc_prompt): greedy, a few tokens."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(max_tokens=4, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)

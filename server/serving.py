@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server import metrics, sampling, vllm_api
+from server import aggregation, metrics, sampling, vllm_api
 from server.config import ServerSettings
 from server.engine import Engine
 from server.errors import APIError, error_event
@@ -112,6 +112,16 @@ class OpenAIServing:
             parsers=self.parsers,
         )
         vllm_api.verify(self.engine, params, request)
+        if request.aggregate not in (None, "auto") and (
+            aggregation.constrained(params) or (reader.tools is not None and reader.tools.mode != "auto")
+        ):
+            raise APIError(
+                400,
+                f"aggregate '{request.aggregate}' cannot apply: the output is constrained (JSON, a choice "
+                "or tool calls), and such samples vote on its canonical form; leave `aggregate` out",
+                param="aggregate",
+                code="invalid_value",
+            )
         return params, reader
 
     def timeout_s(self, request: SamplingFields) -> float | None:
@@ -141,6 +151,7 @@ class OpenAIServing:
             n_choices=request.n,
             prompts=len(request.prompts()) if isinstance(request, CompletionRequest) else 1,
             temperature=temperature,
+            aggregate=request.aggregate,
         )
 
     # -- outputs ------------------------------------------------------------------------
@@ -384,7 +395,7 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(results: list[ThinkingResult]) -> Usage:
-    prompt = sum(r.prompt_tokens for r in results)
+    prompt = sum(r.prompt_tokens + r.extra_prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     cached = sum(min(r.cached_tokens_per_sample, r.prompt_tokens) for r in results)
     reasoning = [r.reasoning_tokens for r in results if r.reasoning_tokens is not None]
@@ -413,6 +424,9 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         timed_out=any(r.timed_out for r in results),
         policy=first.policy,
         aggregate=first.aggregate,
+        usc=first.usc,
+        gate=first.gate,
+        open_ended=first.open_ended or None,
         launched=sum(r.launched for r in results),
         finished=sum(r.launched - r.aborted for r in results),
         aborted=sum(r.aborted for r in results),
@@ -429,6 +443,7 @@ def record_result(result: ThinkingResult) -> None:
     metrics.SAMPLES.inc(result.launched)
     metrics.SAMPLES_ABORTED.inc(result.aborted)
     metrics.POLICY_REQUESTS.labels(result.policy.partition(":")[0]).inc()
+    metrics.AGGREGATES.labels(result.aggregate, str(result.open_ended).lower()).inc()
     metrics.BASELINE_SAMPLES.inc(result.n_max * len(result.choices))
     metrics.GENERATED_TOKENS.inc(result.completion_tokens)
     metrics.CHOSEN_N.observe(result.n_used)

@@ -6,6 +6,9 @@ occurrence in the text wins, because reasoning models restate the final result l
   2. an answer phrase: "answer is X", "Answer: X", "final answer: X", "#### X"
   3. the last number in the text
 Rules 1-2 accept multiple-choice letters ("(B)", "B", "B)"), rule 3 only numbers.
+Strict extraction (what `aggregate: auto` votes with, server.aggregation) replaces rule 3 by
+"a short final line holding one number" and never reads one out of code, a list item or a
+date/time, so list numbering, `s[::-1]` and "October 3" are not answers.
 
 Normalisation makes equal values equal keys: thousands separators go ("1,234" -> "1234"),
 unicode digits and minus signs become ASCII, "$", "%", units and `\\text{}` go, and numbers
@@ -164,11 +167,52 @@ def _last_number(text: str) -> str | None:
     return last
 
 
-def extract_answer(text: str) -> str | None:
-    """The normalised final answer stated in a completion, or None."""
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The normalised final answer stated in a completion, or None. `strict`: only an
+    explicit answer (rules 1-2) or a short final line that is one number (votable_number),
+    never a number picked out of prose, lists, code or dates."""
     if not text:
         return None
     text = _ascii_digits(text[-MAX_SCAN_CHARS:])
+    answer = _marked_answer(text)
+    if answer is not None or strict:
+        return answer if answer is not None or not strict else _short_final_number(text)
+    # No usable marker: fall back to the last number anywhere.
+    number = _last_number(text)
+    return normalize_answer(number) if number is not None else None
+
+
+# A final line that states one number and little else: "18", "6 + 6 = 12", "Total: $45".
+SHORT_LINE_CHARS = 32
+_LIST_ITEM_RE = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s")
+_DATE_TIME_RE = re.compile(
+    r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|"
+    r"oct|nov|dec)[a-z]*\.?\s+\d|\d\s*(?:am|pm)\b",
+    re.IGNORECASE,
+)
+_CODE_RE = re.compile(
+    r"```|^\s*(?:def |class |return |import |for |if |print\(|#include|function )|[;{}]\s*$", re.M
+)
+
+
+def _short_final_number(text: str) -> str | None:
+    """The number on a short final line, when the text is not code and that line is not a
+    list item or a date/time; None otherwise (the text has no votable answer)."""
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    if not lines or _CODE_RE.search(text):
+        return None
+    last = lines[-1].strip()
+    if len(last) > SHORT_LINE_CHARS or _LIST_ITEM_RE.match(last) or _DATE_TIME_RE.search(last):
+        return None
+    stated = last.rsplit("=", 1)[-1]  # "6 + 6 = 12": the result
+    numbers = [m.group(0) for m in _NUMBER_RE.finditer(stated)]
+    if len(numbers) != 1 or re.search(r"[A-Za-z]{3,}.*[A-Za-z]{3,}.*[A-Za-z]{3,}", stated):
+        return None  # several numbers, or a phrase around one, is prose
+    return normalize_answer(numbers[0])
+
+
+def _marked_answer(text: str) -> str | None:
+    """Rules 1-2: a boxed answer, else the last answer phrase."""
     boxed = find_boxed(text)
     if boxed is not None and (answer := normalize_answer(boxed)) is not None:
         return answer
@@ -185,9 +229,7 @@ def extract_answer(text: str) -> str | None:
             return normalize_answer(m.group(0).lstrip("$"))
         if (number := _first_number(phrase)) is not None:
             return normalize_answer(number)
-    # No usable phrase: fall back to the last number anywhere.
-    number = _last_number(text)
-    return normalize_answer(number) if number is not None else None
+    return None
 
 
 def _first_number(text: str) -> str | None:

@@ -114,8 +114,12 @@ def server_settings(model_dir: Path):
     return ServerSettings(
         port=free_port(),
         engine=EngineSettings(model=str(model_dir), served_model_name=MODEL_NAME, max_model_len=2048, seed=0),
-        # No estimator head here: `auto` uses the default N, which the API tests rely on.
-        parallelism=ParallelismSettings(default_parallelism=4, max_parallelism=16, estimator_head=None),
+        # No estimator head here: `auto` uses the default N, which the API tests rely on; and
+        # the answer aggregator, so that no prompt is cut to one sample as open-ended
+        # (tests/server/test_free_text.py runs the `auto` default).
+        parallelism=ParallelismSettings(
+            default_parallelism=4, max_parallelism=16, estimator_head=None, aggregate="answer"
+        ),
         default_max_tokens=32,
     )
 

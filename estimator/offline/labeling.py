@@ -150,8 +150,12 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
         "fingerprint": engine.info.fingerprint,
     }
     prepare_output(out, config, model, problems)
+    # Labels grade the answers the lenient rule extracts (server.voting), whatever --aggregate says.
     thinker = ParallelThinker(
-        engine, ParallelismSettings(default_parallelism=config.n_max, max_parallelism=config.n_max)
+        engine,
+        ParallelismSettings(
+            default_parallelism=config.n_max, max_parallelism=config.n_max, aggregate="answer"
+        ),
     )
     shards = [problems[i : i + config.shard_size] for i in range(0, len(problems), config.shard_size)]
     todo = [i for i in range(len(shards)) if not shard_complete(out, i)]

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 
+from estimator.offline.problems import PROMPT_SUFFIX
 from server.cli import build_parser, settings_from_args
 from server.config import ParallelismSettings
 from tests.conftest import ROOT, free_port, poll_until, start_server, wait_healthy
@@ -69,15 +70,17 @@ def test_serve_command_end_to_end(model_dir):
         models = httpx.get(f"{url}/v1/models").json()
         name = models["data"][0]["id"]
         assert name == model_dir.name  # no --model: the embedded model, named after its folder
+        # A question of the kind the shipped head was trained on (its gate: answerable).
+        question = "What is 6 + 6?" + PROMPT_SUFFIX
         reply = httpx.post(
             f"{url}/v1/chat/completions",
-            json={"model": name, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5},
+            json={"model": name, "messages": [{"role": "user", "content": question}], "max_tokens": 5},
             timeout=None,
         )
         assert reply.status_code == 200, reply.text
         t2 = reply.json()["t2"]
         # No --estimator-head: the head shipped for the embedded model is loaded and picks N.
-        assert t2["estimator"] == "t2" and t2["prediction"] is not None
+        assert t2["estimator"] == "t2" and t2["prediction"] is not None and t2["gate"] == "answerable"
         margin = ParallelismSettings().estimator_margin  # the CLI's default
         n_wanted = round(t2["n_max"] * t2["prediction"] * margin)
         assert t2["n_used"] == max(1, min(n_wanted, t2["max_parallelism"]))
@@ -92,6 +95,13 @@ def test_serve_command_end_to_end(model_dir):
             timeout=None,
         )
         assert fixed.json()["t2"]["n_used"] == 2 and fixed.json()["t2"]["mode"] == "fixed"
+        # "Say hi" has nothing to vote on: the gate sends it to --open-ended-parallelism (1).
+        hello = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5},
+            timeout=None,
+        ).json()["t2"]
+        assert hello["gate"] == "open_ended" and hello["launched"] == 1
 
         # Graceful shutdown: a request in flight when SIGTERM arrives still gets its answer.
         pool = concurrent.futures.ThreadPoolExecutor(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from estimator.offline.problems import PROMPT_SUFFIX
 from tests.conftest import MODEL_NAME, wait_until
 from tests.server.test_api import scrape
 
@@ -129,7 +130,8 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     head = T2Head.load(DEFAULT_HEAD)
     assert head.stopping is not None and head.stopping.n_max == head.meta.n_max
     thinker = ParallelThinker(engine, server_settings.parallelism, estimator=head)
-    ids = render_chat(engine.tokenizer, QUESTION)
+    # A question like the head's training ones, so its gate trusts the prediction.
+    ids = render_chat(engine.tokenizer, [{"role": "user", "content": "What is 7 + 5?" + PROMPT_SUFFIX}])
     result = await thinker.run(
         ids,
         SamplingParams(max_tokens=8, temperature=1.0, seed=5),
@@ -137,6 +139,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
         request_id=uuid.uuid4().hex,
     )
     assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.prediction is not None
+    assert result.gate == "answerable"
     assert 1 <= result.samples <= result.launched <= result.max_parallelism
     assert result.launched == result.samples + result.aborted
     # What the table said at the end: stop (or nothing left to launch under the cap).

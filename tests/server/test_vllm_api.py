@@ -255,7 +255,7 @@ def test_vllms_parsers_split_reasoning_and_find_calls_that_vote_together(tokeniz
     other = reader.parse(
         '<think>x</think><tool_call>{"arguments": {"b": 2.0,"a":1}, "name": "add"}</tool_call>'
     )
-    answer = aggregation.AGGREGATORS["answer"]
+    answer = aggregation.AnswerAggregator()
     assert aggregation.vote_key(one, answer) == aggregation.vote_key(other, answer)
     text = reader.parse("<think>x</think>Answer: 3")
     assert text.tool_calls is None and aggregation.vote_key(text, answer) == "3"

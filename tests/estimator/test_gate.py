@@ -1,0 +1,47 @@
+"""The answerable / open-ended gate (estimator/gate.py, estimator/offline/gate_fit.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from estimator.gate import Gate, gate_path
+from estimator.offline.gate_fit import fit_gate
+from estimator.offline.open_ended import KINDS, open_ended_prompts
+
+
+def states(rng, count: int, shift: float, layers: int = 3, d: int = 8) -> np.ndarray:
+    x = rng.normal(size=(count, layers, d)).astype(np.float32)
+    x[:, 1, :2] += shift  # only layer 1 tells the two apart
+    return x
+
+
+def test_the_gate_learns_which_prompts_are_open_ended_and_flags_unfamiliar_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    gate = fit_gate(
+        states(rng, 200, 0.0),
+        states(rng, 200, 4.0),
+        states(rng, 50, 0.0),
+        states(rng, 50, 4.0),
+        layers=[0, 1, 2],
+    )
+    assert gate.layer == 1 and gate.fitted["validation"]["accuracy"] > 0.9
+    assert gate.route(states(rng, 1, 4.0)[0]) == "open_ended"
+    assert gate.route(states(rng, 1, 0.0)[0]) == "answerable"
+    far = states(rng, 1, 0.0)[0]
+    far[1, 2:] += 25.0  # far from every training question, in directions the probe ignores
+    assert gate.route(far) == "unfamiliar"
+    gate.save(tmp_path / "head")
+    assert gate_path(tmp_path / "head.json") == tmp_path / "head.gate.json"
+    loaded = Gate.load(tmp_path / "head")
+    assert loaded.route(states(rng, 1, 4.0)[0]) == "open_ended" and loaded.layer == 1
+    assert Gate.load(tmp_path / "other") is None
+
+
+def test_the_open_ended_prompts_are_deterministic_split_and_of_every_kind():
+    prompts = open_ended_prompts()
+    assert prompts == open_ended_prompts() and len({p.id for p in prompts}) == len(prompts) == 400
+    assert {p.kind for p in prompts} == set(KINDS)
+    splits = {s: [p for p in prompts if p.split == s] for s in ("train", "validation", "test")}
+    assert all(len(v) > 20 for v in splits.values())
+    assert not {p.question for p in splits["train"]} & {p.question for p in splits["test"]}
+    assert [p.kind for p in open_ended_prompts(5)] == list(KINDS)  # interleaved

@@ -1,0 +1,143 @@
+"""Free-text requests on the real engine (server/aggregation.py, estimator/gate.py): the
+gate and `aggregate: auto` keep open-ended prompts from spending N or voting on stray
+numbers; `consensus` and `usc` pick among free-text samples."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from estimator.offline.open_ended import KINDS, open_ended_prompts
+from tests.conftest import MODEL_NAME
+from tests.server.test_api import QUESTION
+from tests.server.test_hardening import serve
+
+HELD_OUT = [next(p for p in open_ended_prompts() if p.split == "test" and p.kind == kind) for kind in KINDS]
+
+
+def client_for(url: str) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+
+@pytest.fixture
+def shipped_head(server_settings):
+    """The server's defaults: the shipped head (and its gate), `aggregate: auto`."""
+    parallelism = server_settings.parallelism.model_copy(
+        update={"estimator_head": "default", "aggregate": "auto"}
+    )
+    return server_settings.model_copy(update={"parallelism": parallelism})
+
+
+async def test_open_ended_prompts_get_one_sample_under_auto(engine, shipped_head):
+    async with serve(engine, shipped_head) as (url, _), client_for(url) as client:
+        replies = [
+            await client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": p.question}], max_tokens=32, seed=1
+            )
+            for p in HELD_OUT
+        ]
+        # A question the gate does not call open-ended is never cut short, even when its
+        # first sample rambles: every sample votes.
+        math = await client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=8, seed=0)
+    for prompt, reply in zip(HELD_OUT, replies, strict=True):
+        t2 = reply.model_extra["t2"]
+        assert t2["gate"] == "open_ended", prompt
+        assert t2["launched"] == 1 and t2["samples"] == 1, prompt  # the head's N is never spent
+        assert reply.choices[0].message.content
+    t2 = math.model_extra["t2"]
+    assert t2["gate"] in ("answerable", "unfamiliar") and t2["open_ended"] is None
+    assert t2["samples"] == t2["launched"] == t2["n_used"] >= 4  # unfamiliar: the default N
+
+
+STRAY = [
+    "Give me three tips for sleeping better.",
+    "Write a Python function that reverses a string.",
+    "Translate into French: 'The meeting is on October 3.'",
+]
+
+
+@pytest.mark.parametrize("prompt", STRAY, ids=["list", "code", "translation"])
+async def test_no_vote_is_decided_by_a_stray_number(engine, server_settings, prompt):
+    parallelism = server_settings.parallelism.model_copy(update={"aggregate": "auto"})
+    settings = server_settings.model_copy(update={"parallelism": parallelism})
+    async with serve(engine, settings) as (url, _), client_for(url) as client:
+        reply = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=48,
+            temperature=0.8,
+            seed=0,
+            extra_body={"parallelism": 4},  # an explicit N: all four samples vote
+        )
+        lenient = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=48,
+            temperature=0.8,
+            seed=0,
+            extra_body={"parallelism": 4, "aggregate": "answer"},
+        )
+    t2 = reply.model_extra["t2"]
+    assert t2["samples"] == 4 and sum(t2["votes"].values()) == 4
+    assert all(key.startswith("#") for key in t2["votes"]), t2["votes"]  # similarity groups only
+    assert t2["aggregate"] == "auto:consensus" and t2["open_ended"] is None  # fixed N: not stopped
+    # The same samples under the lenient rule (aggregate: answer) vote with numbers read out of them.
+    lenient_t2 = lenient.model_extra["t2"]
+    assert lenient_t2["aggregate"] == "answer" and any(not k.startswith("#") for k in lenient_t2["votes"])
+
+
+async def test_consensus_with_esc_stopping_and_usc(client):
+    haiku = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
+    reply = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=haiku,
+        max_tokens=24,
+        temperature=0.8,
+        seed=0,
+        extra_body={"aggregate": "consensus", "policy": "esc:window=2,max=6"},
+    )
+    t2 = reply.model_extra["t2"]
+    assert t2["aggregate"] == "consensus" and t2["policy"].startswith("ESC")
+    assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
+    assert all(key.startswith("#") for key in t2["votes"]) and reply.choices[0].message.content
+
+    usc = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=haiku,
+        max_tokens=24,
+        temperature=0.8,
+        seed=0,
+        extra_body={"aggregate": "usc", "parallelism": 3},
+    )
+    t2 = usc.model_extra["t2"]
+    assert t2["aggregate"] == "usc" and t2["usc"]["passes"] == 1
+    assert 0 < t2["usc"]["completion_tokens"] <= 4
+    plain = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=haiku,
+        max_tokens=24,
+        temperature=0.8,
+        seed=0,
+        extra_body={"parallelism": 3},
+    )
+    # The pass's tokens are billed: its prompt (the request's own + the candidates) and its answer.
+    assert usc.usage.prompt_tokens == plain.usage.prompt_tokens + t2["usc"]["prompt_tokens"]
+    assert t2["usc"]["prompt_tokens"] > plain.usage.prompt_tokens
+
+
+async def test_an_aggregate_that_cannot_apply_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=QUESTION,
+            max_tokens=8,
+            response_format={"type": "json_object"},
+            extra_body={"aggregate": "consensus"},
+        )
+    assert err.value.body["param"] == "aggregate"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=MODEL_NAME, messages=QUESTION, max_tokens=8, extra_body={"aggregate": "vibes"}
+        )
+    assert "aggregate" in str(err.value.body)
