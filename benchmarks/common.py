@@ -149,3 +149,26 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def offline_llm(model_dir: Path, max_model_len: int = 2048):
+    """vLLM's offline `LLM` with the engine settings t2serve runs (eager, the dtype
+    `--dtype auto` picks here, prefix caching, t2serve's CPU knobs and block size), so a
+    comparison is of front ends or aggregators, not of kernels."""
+    from vllm import LLM
+
+    from server.config import EngineSettings
+    from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
+
+    cpu = on_cpu()
+    if cpu:
+        apply_cpu_environment(EngineSettings(model=str(model_dir), served_model_name="bench"))
+    return LLM(
+        model=str(model_dir),
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        dtype=resolve_dtype("auto", cpu),
+        enable_prefix_caching=True,
+        block_size=CPU_BLOCK_SIZE if cpu else None,
+        seed=0,
+    )

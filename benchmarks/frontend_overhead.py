@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ServerProcess, prompts  # noqa: E402
+from benchmarks.common import RESULTS, ServerProcess, offline_llm, prompts  # noqa: E402
 
 
 class VLLMBatch:
@@ -37,25 +37,9 @@ class VLLMBatch:
 
     def __init__(self, args, model_dir: Path):
         from transformers import AutoTokenizer
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        from server.config import EngineSettings
-        from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
-
-        cpu = on_cpu()
-        if cpu:
-            apply_cpu_environment(EngineSettings(model=str(model_dir), served_model_name="bench"))
-        self.llm = LLM(
-            model=str(model_dir),
-            max_model_len=2048,
-            enforce_eager=True,
-            # The dtype t2serve's `--dtype auto` runs in here: the comparison is of front
-            # ends, so both engines run the same kernels.
-            dtype=resolve_dtype("auto", cpu),
-            enable_prefix_caching=True,
-            block_size=CPU_BLOCK_SIZE if cpu else None,
-            seed=0,
-        )
+        self.llm = offline_llm(model_dir)
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)
 

@@ -9,11 +9,11 @@ constraint's, free text the one the request's `aggregate` names (default --aggre
              largest group wins and its medoid is returned
   usc        consensus keys for stopping; the returned sample is the one the model itself
              names as the most consistent in one extra pass (server.parallel)
-  auto       the default: the first finished sample decides. An explicit answer (strict
-             extraction: a marker such as "Answer:", \\boxed{}, "####", or a short final line
-             holding one number) makes the vote `answer` (strict: samples without one
-             abstain); free text makes it open-ended: `consensus`, and the vote stops at
-             --open-ended-parallelism samples (default 1)
+  auto       the default: a sample that states an answer (strict extraction: a marker
+             such as "Answer:", \\boxed{}, "####", or a short answer holding one number)
+             votes with it, free text with its consensus group; the final vote counts the
+             answers when there are any, the groups otherwise. An open-ended request (the
+             head's gate, else the first finished sample) stops at --open-ended-parallelism
   json       the canonical JSON of the output (parsed, keys sorted, integral numbers as ints),
              for `response_format` json_object / json_schema and `structured_outputs.json`,
              so equal objects vote together whatever their key order or spacing
@@ -44,6 +44,10 @@ class Aggregator:
 
     def key(self, text: str) -> str | None:
         raise NotImplementedError
+
+    def final(self, keys: list[str | None]) -> list[str | None]:
+        """The keys the final vote counts (the samples' keys as they finished, by default)."""
+        return keys
 
     def pick(self, key: str, texts: list[str]) -> int | None:
         """Which of the winning `key`'s samples (their texts, in sample order) is returned;
@@ -122,8 +126,8 @@ def usc_choice(text: str, candidates: int) -> int | None:
 
 class AutoAggregator(Aggregator):
     """A sample with an explicit answer (strict extraction) votes with it; one without votes
-    with its consensus group, so answers and free-text groups meet in one tally and the
-    larger wins. A request is open-ended when the head's gate says so, or, without a gate,
+    with its consensus group. The final vote counts the answers when there are any (the
+    free-text samples then abstain) and the groups otherwise. A request is open-ended when the head's gate says so, or, without a gate,
     when the first finished sample has no answer: then an `auto` vote stops at
     `open_ended_parallelism` samples."""
 
@@ -153,6 +157,11 @@ class AutoAggregator(Aggregator):
         if key is not None:
             self.text_keys.add(key)
         return key
+
+    def final(self, keys: list[str | None]) -> list[str | None]:
+        if any(k is not None and k not in self.text_keys for k in keys):
+            return [None if k in self.text_keys else k for k in keys]
+        return keys
 
     def pick(self, key: str, texts: list[str]) -> int | None:
         # A winning text group returns its medoid; a winning answer, the vote's own pick.

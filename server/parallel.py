@@ -251,12 +251,10 @@ class ParallelThinker:
         deadline: Deadline | None = None,
         want_states: bool = False,
         reader: vllm_api.OutputParser | None = None,
-        aggregator: aggregation.Aggregator | None = None,
     ) -> ThinkingResult:
         """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
-        (server.vllm_api; default: the text is the content) and `aggregator`, one per vote,
-        keys what is left (default: the params' constraint's, else `answer`;
-        server.aggregation)."""
+        (server.vllm_api; default: the text is the content); a fresh aggregator keys what is
+        left (the params' constraint's, else the plan's `aggregate`; server.aggregation)."""
         policy = plan.policy
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         votes = [_Vote() for _ in range(plan.n_choices)]
@@ -266,9 +264,7 @@ class ParallelThinker:
         timed_out = False
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
-        aggregator = aggregator or aggregation.create(
-            params, plan.aggregate, self.settings.open_ended_parallelism
-        )
+        aggregator = aggregation.create(params, plan.aggregate, self.settings.open_ended_parallelism)
         if reader is None:
             vote_key = aggregator.key
         else:
@@ -348,7 +344,7 @@ class ParallelThinker:
 
         for vote in votes:
             vote.samples.sort(key=lambda s: s.number)
-        choices = self._votes([v.samples for v in votes], timed_out, deadline)
+        choices = self._votes([v.samples for v in votes], timed_out, deadline, aggregator)
         choices = await asyncio.to_thread(_picked, choices, aggregator)  # O(N²) text work off the loop
         usc = None
         if aggregator.self_consistency:
@@ -420,7 +416,11 @@ class ParallelThinker:
         return picked, tokens
 
     def _votes(
-        self, groups: list[list[Sample]], timed_out: bool, deadline: Deadline | None
+        self,
+        groups: list[list[Sample]],
+        timed_out: bool,
+        deadline: Deadline | None,
+        aggregator: aggregation.Aggregator,
     ) -> list[ChoiceResult]:
         """Each choice's vote over its (finished) samples; after a deadline a choice with none fails."""
         choices = []
@@ -431,7 +431,7 @@ class ParallelThinker:
                 raise APIError(
                     504, f"the request timed out{limit} before a sample finished", code="request_timeout"
                 )
-            vote = majority_vote([s.answer for s in group], [s.mean_logprob for s in group])
+            vote = majority_vote(aggregator.final([s.answer for s in group]), [s.mean_logprob for s in group])
             choices.append(ChoiceResult(vote, group))
         if timed_out:
             metrics.TIMEOUTS.labels("partial").inc()
@@ -518,7 +518,7 @@ def _picked(choices: list[ChoiceResult], aggregator: aggregation.Aggregator) -> 
     consensus group's medoid), where it has its own rule."""
     out = []
     for choice in choices:
-        members = [i for i, s in enumerate(choice.samples) if s.answer == choice.vote.answer]
+        members = [i for i, key in enumerate(choice.vote.answers) if key == choice.vote.answer]
         key = choice.vote.answer
         k = None if key is None else aggregator.pick(key, [choice.samples[i].text for i in members])
         out.append(

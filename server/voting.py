@@ -7,8 +7,9 @@ occurrence in the text wins, because reasoning models restate the final result l
   3. the last number in the text
 Rules 1-2 accept multiple-choice letters ("(B)", "B", "B)"), rule 3 only numbers.
 Strict extraction (what `aggregate: auto` votes with, server.aggregation) replaces rule 3 by
-"a short final line holding one number" and never reads one out of code, a list item or a
-date/time, so list numbering, `s[::-1]` and "October 3" are not answers.
+"the number of a short answer" (a short final line holding one number, or a reply that is
+one short line) and never reads one out of code, a list or a date/time, so list
+numbering, `s[::-1]` and "October 3" are not answers.
 
 Normalisation makes equal values equal keys: thousands separators go ("1,234" -> "1234"),
 unicode digits and minus signs become ASCII, "$", "%", units and `\\text{}` go, and numbers
@@ -182,12 +183,19 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
     return normalize_answer(number) if number is not None else None
 
 
-# A final line that states one number and little else: "18", "6 + 6 = 12", "Total: $45".
+# Without a marker, strict extraction reads a number only from a short answer: a final line
+# that states one number and little else ("18", "6 + 6 = 12", "Total: $45"), or a whole reply
+# that is one short line ("4 times 3 is 12.") - never from code, a list or a date/time.
 SHORT_LINE_CHARS = 32
-_LIST_ITEM_RE = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s")
+SHORT_REPLY_CHARS = 160
+_LIST_ITEM_RE = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s", re.M)
+_MONTHS = (
+    "jan|feb|f[eé]v|mar|m[aä]r|apr|avr|abr|may|mai|jun|juin|jul|juil|aug|ao[uû]|ago|sep|set|oct|okt|ott"
+    "|nov|dec|d[eé]c|dez|dic|ene|gen|giu|lug|mag"
+)
 _DATE_TIME_RE = re.compile(
-    r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|"
-    r"oct|nov|dec)[a-z]*\.?\s+\d|\d\s*(?:am|pm)\b",
+    r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}:\d{2}|\d\s*(?:am|pm|h)\b"
+    rf"|\b(?:{_MONTHS})[a-zéû]*\.?\s+\d|\d{{1,2}}\.?\s+(?:de\s+)?(?:{_MONTHS})",
     re.IGNORECASE,
 )
 _CODE_RE = re.compile(
@@ -196,19 +204,21 @@ _CODE_RE = re.compile(
 
 
 def _short_final_number(text: str) -> str | None:
-    """The number on a short final line, when the text is not code and that line is not a
-    list item or a date/time; None otherwise (the text has no votable answer)."""
-    lines = [line for line in text.strip().split("\n") if line.strip()]
-    if not lines or _CODE_RE.search(text):
+    """The number a short answer states, or None (the text has no votable answer)."""
+    body = text.strip()
+    if not body or _CODE_RE.search(body) or _LIST_ITEM_RE.search(body):
         return None
-    last = lines[-1].strip()
-    if len(last) > SHORT_LINE_CHARS or _LIST_ITEM_RE.match(last) or _DATE_TIME_RE.search(last):
+    last = body.split("\n")[-1].strip()
+    if _DATE_TIME_RE.search(last):
         return None
-    stated = last.rsplit("=", 1)[-1]  # "6 + 6 = 12": the result
-    numbers = [m.group(0) for m in _NUMBER_RE.finditer(stated)]
-    if len(numbers) != 1 or re.search(r"[A-Za-z]{3,}.*[A-Za-z]{3,}.*[A-Za-z]{3,}", stated):
-        return None  # several numbers, or a phrase around one, is prose
-    return normalize_answer(numbers[0])
+    if len(last) <= SHORT_LINE_CHARS:
+        stated = last.rsplit("=", 1)[-1]  # "6 + 6 = 12": the result
+        numbers = [m.group(0) for m in _NUMBER_RE.finditer(stated)]
+        if len(numbers) == 1 and not re.search(r"[A-Za-z]{3,}.*[A-Za-z]{3,}.*[A-Za-z]{3,}", stated):
+            return normalize_answer(numbers[0])
+    if "\n" not in body and len(body) <= SHORT_REPLY_CHARS and (number := _last_number(body)) is not None:
+        return normalize_answer(number)
+    return None
 
 
 def _marked_answer(text: str) -> str | None:

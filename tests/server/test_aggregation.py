@@ -70,6 +70,9 @@ def test_auto_votes_on_explicit_answers_and_groups_free_text():
     rambling = auto.key("I think we should add the numbers together and see what happens next.")
     again = auto.key("I think we should add the numbers together and see what happens then.")
     assert rambling == again and rambling in auto.text_keys  # similar free text: one group
+    # Answers outrank free text in the final vote: the two rambling samples abstain.
+    assert auto.final(["7", rambling, rambling, None]) == ["7", None, None, None]
+    assert auto.final([rambling, None]) == [rambling, None]  # no answer at all: the groups vote
     assert auto.pick("7", ["a", "b", "c"]) is None  # an answer: the vote's own pick
 
 
