@@ -117,7 +117,7 @@ def check_fields(body: dict[str, Any], chat: bool, own_fields: set[str], auto_to
     tool-call parser among them); warn about unknown ones."""
     model = vllm_request_models()[0 if chat else 1]
     if chat and body.get("tools") and body.get("tool_choice", "auto") == "auto" and not auto_tools:
-        tool_calls_mode(model.model_construct(tools=body["tools"], tool_choice="auto"), auto_tools)
+        raise _auto_needs_a_parser()
     name = refused_field(body, model, own_fields)
     if name is not None:
         raise APIError(
@@ -360,7 +360,11 @@ def tool_calls_mode(request: BaseModel, auto_tools: bool) -> ToolCalls | None:
         return ToolCalls("named", choice.function.name)
     if auto_tools:
         return ToolCalls("auto")
-    raise APIError(
+    raise _auto_needs_a_parser()
+
+
+def _auto_needs_a_parser() -> APIError:
+    return APIError(
         400,
         "tool_choice 'auto' needs a tool-call parser: start t2serve with --tool-call-parser NAME "
         "(vLLM's parsers, e.g. hermes), or use 'required' or a named function (both constrained by "

@@ -20,6 +20,18 @@ def client_for(url: str) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
 
 
+async def sample(client: AsyncOpenAI, prompt: str, max_tokens: int, **extra_body):
+    """One seeded chat request at T = 0.8 with t2serve's extension fields."""
+    return await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.8,
+        seed=0,
+        extra_body=extra_body,
+    )
+
+
 @pytest.fixture
 def shipped_head(server_settings):
     """The server's defaults: the shipped head (and its gate), `aggregate: auto`."""
@@ -61,22 +73,8 @@ async def test_no_vote_is_decided_by_a_stray_number(engine, server_settings, pro
     parallelism = server_settings.parallelism.model_copy(update={"aggregate": "auto"})
     settings = server_settings.model_copy(update={"parallelism": parallelism})
     async with serve(engine, settings) as (url, _), client_for(url) as client:
-        reply = await client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=48,
-            temperature=0.8,
-            seed=0,
-            extra_body={"parallelism": 4},  # an explicit N: all four samples vote
-        )
-        lenient = await client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=48,
-            temperature=0.8,
-            seed=0,
-            extra_body={"parallelism": 4, "aggregate": "answer"},
-        )
+        reply = await sample(client, prompt, 48, parallelism=4)  # an explicit N: all four samples vote
+        lenient = await sample(client, prompt, 48, parallelism=4, aggregate="answer")
     t2 = reply.model_extra["t2"]
     assert t2["samples"] == 4 and sum(t2["votes"].values()) == 4
     assert all(key.startswith("#") for key in t2["votes"]), t2["votes"]  # similarity groups only
@@ -87,39 +85,18 @@ async def test_no_vote_is_decided_by_a_stray_number(engine, server_settings, pro
 
 
 async def test_consensus_with_esc_stopping_and_usc(client):
-    haiku = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
-    reply = await client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=haiku,
-        max_tokens=24,
-        temperature=0.8,
-        seed=0,
-        extra_body={"aggregate": "consensus", "policy": "esc:window=2,max=6"},
-    )
+    haiku = "Write a haiku about autumn leaves."
+    reply = await sample(client, haiku, 24, aggregate="consensus", policy="esc:window=2,max=6")
     t2 = reply.model_extra["t2"]
     assert t2["aggregate"] == "consensus" and t2["policy"].startswith("ESC")
     assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
     assert all(key.startswith("#") for key in t2["votes"]) and reply.choices[0].message.content
 
-    usc = await client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=haiku,
-        max_tokens=24,
-        temperature=0.8,
-        seed=0,
-        extra_body={"aggregate": "usc", "parallelism": 3},
-    )
+    usc = await sample(client, haiku, 24, aggregate="usc", parallelism=3)
     t2 = usc.model_extra["t2"]
     assert t2["aggregate"] == "usc" and t2["usc"]["passes"] == 1
     assert 0 < t2["usc"]["completion_tokens"] <= 4
-    plain = await client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=haiku,
-        max_tokens=24,
-        temperature=0.8,
-        seed=0,
-        extra_body={"parallelism": 3},
-    )
+    plain = await sample(client, haiku, 24, parallelism=3)
     # The pass's tokens are billed: its prompt (the request's own + the candidates) and its answer.
     assert usc.usage.prompt_tokens == plain.usage.prompt_tokens + t2["usc"]["prompt_tokens"]
     assert t2["usc"]["prompt_tokens"] > plain.usage.prompt_tokens
