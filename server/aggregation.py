@@ -59,8 +59,9 @@ class Aggregator:
         """Samples the vote stops at, whatever the policy (None: the policy decides)."""
         return None
 
-    def gated(self, open_ended: bool) -> None:
-        """The head's gate (estimator.gate) read the prompt's states before any sample."""
+    def gated(self, route: str) -> None:
+        """The head's gate (estimator.gate) routed the prompt ("answerable", "open_ended",
+        "unfamiliar") from its states, before any sample finished."""
 
     def ran_for(self, winner: str | None) -> str:
         """What the `t2` object reports as the aggregate that ran, given the winning key."""
@@ -125,11 +126,12 @@ def usc_choice(text: str, candidates: int) -> int | None:
 
 
 class AutoAggregator(Aggregator):
-    """A sample with an explicit answer (strict extraction) votes with it; one without votes
-    with its consensus group. The final vote counts the answers when there are any (the
-    free-text samples then abstain) and the groups otherwise. A request is open-ended when the head's gate says so, or, without a gate,
-    when the first finished sample has no answer: then an `auto` vote stops at
-    `open_ended_parallelism` samples."""
+    """A sample with an explicit answer (strict extraction; lenient once the head's gate has
+    called the prompt answerable) votes with it; one without votes with its consensus
+    group. The final vote counts the answers when there are any (the free-text samples then
+    abstain) and the groups otherwise. A request is open-ended when the head's gate says so,
+    or, without a gate, when the first finished sample has no answer: then an `auto` vote
+    stops at `open_ended_parallelism` samples."""
 
     name: ClassVar[str] = "auto"
 
@@ -144,8 +146,13 @@ class AutoAggregator(Aggregator):
     def sample_limit(self) -> int | None:
         return self.open_ended_parallelism if self.open_ended else None
 
-    def gated(self, open_ended: bool) -> None:
-        self.open_ended = open_ended  # it saw the prompt itself: it outranks the first sample
+    def gated(self, route: str) -> None:
+        self.open_ended = route == "open_ended"  # the gate saw the prompt: it outranks the first sample
+        if route == "answerable":
+            # The gate called the prompt answerable: read answers as the head's labels did
+            # (the lenient rule, which also reads a number out of a worked solution). The
+            # strict rule stays for requests no gate vouched for.
+            self.answers = AnswerAggregator(strict=False)
 
     def key(self, text: str) -> str | None:
         answer = self.answers.key(text)

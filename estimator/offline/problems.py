@@ -1,4 +1,4 @@
-"""Graded problems with checkable answers, and a loader for users' own JSONL data.
+"""Graded problems with checkable answers (users' own data: estimator.offline.datasets).
 
 The built-in generator is deterministic by seed and spans difficulty levels chosen so that
 a small model's per-question accuracy ranges from ~0 to ~1 (single-digit sums, comparisons
@@ -10,16 +10,16 @@ adding questions does not reshuffle the others.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from server.voting import normalize_answer
 
 SPLITS = ("train", "validation", "test")
 PROMPT_SUFFIX = "\nGive the final answer as 'Answer: <answer>'."
+# How a question becomes the user message, for the generator and for users' data alike.
+DEFAULT_TEMPLATE = "{question}" + PROMPT_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Problem:
     family: str
     level: int
     split: str
+    source: str = "builtin"  # the data set it came from (what leave-one-out holds out)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -162,7 +163,9 @@ DEFAULT_FAMILIES = [
 ]
 
 
-def generate(count: int, seed: int = 0, families: list[str] | None = None) -> list[Problem]:
+def generate(
+    count: int, seed: int = 0, families: list[str] | None = None, template: str = DEFAULT_TEMPLATE
+) -> list[Problem]:
     """`count` distinct problems, cycling over the families (deterministic by seed)."""
     names = families or DEFAULT_FAMILIES
     unknown = set(names) - set(FAMILIES)
@@ -193,37 +196,13 @@ def generate(count: int, seed: int = 0, families: list[str] | None = None) -> li
         assert gold is not None
         digest = hashlib.sha256(question.encode()).hexdigest()[:12]
         out.append(
-            Problem(f"{family}-{digest}", question + PROMPT_SUFFIX, gold, family, level, split_of(question))
+            Problem(
+                f"{family}-{digest}",
+                template.format(question=question),
+                gold,
+                family,
+                level,
+                split_of(question),
+            )
         )
     return out
-
-
-def load_jsonl(
-    path: str | Path, question_key: str = "question", answer_key: str = "answer"
-) -> Iterator[Problem]:
-    """Problems from a JSONL file of {question, answer} rows (GSM8K/MATH style).
-
-    GSM8K answers end in `#### N`; that final value is the gold answer. Rows whose answer
-    does not normalise are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            row = json.loads(line)
-            question = str(row[question_key])
-            raw = str(row[answer_key])
-            if "####" in raw:
-                raw = raw.rsplit("####", 1)[1]
-            gold = normalize_answer(raw)
-            if gold is None:
-                continue
-            digest = hashlib.sha256(question.encode()).hexdigest()[:12]
-            yield Problem(
-                str(row.get("id", f"{Path(path).stem}-{line_no}-{digest}")),
-                question,
-                gold,
-                str(row.get("family", Path(path).stem)),
-                int(row.get("level", 0)),
-                str(row.get("split", split_of(question))),
-            )

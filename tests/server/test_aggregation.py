@@ -76,6 +76,17 @@ def test_auto_votes_on_explicit_answers_and_groups_free_text():
     assert auto.pick("7", ["a", "b", "c"]) is None  # an answer: the vote's own pick
 
 
+def test_auto_reads_answers_as_the_labels_did_once_the_gate_calls_the_prompt_answerable():
+    worked = "We need the apples in the basket.\nAdding 3 and 4 gives 7 apples in the basket, which is the total we want."
+    for route, expected in (("answerable", "7"), ("unfamiliar", None), ("open_ended", None)):
+        auto = aggregation.AutoAggregator(open_ended_parallelism=2)
+        auto.gated(route)
+        key = auto.key(worked)
+        # Lenient (the head's labels' rule) only where the gate vouched for the prompt.
+        assert (key if key not in auto.text_keys else None) == expected
+        assert auto.sample_limit == (2 if route == "open_ended" else None)
+
+
 def test_consensus_groups_similar_texts_and_returns_the_medoid():
     agg = aggregation.ConsensusAggregator()
     texts = [

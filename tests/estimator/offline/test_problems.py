@@ -1,4 +1,3 @@
-import json
 from collections import Counter
 
 import pytest
@@ -8,7 +7,6 @@ from estimator.offline.problems import (
     FAMILIES,
     PROMPT_SUFFIX,
     generate,
-    load_jsonl,
     split_of,
 )
 from server.voting import extract_answer
@@ -47,16 +45,3 @@ def test_split_is_stable():
 def test_unknown_family():
     with pytest.raises(ValueError):
         generate(3, families=["nope"])
-
-
-def test_load_jsonl_gsm8k_style(tmp_path):
-    path = tmp_path / "data.jsonl"
-    rows = [
-        {"question": "Tom has 3 cats and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
-        {"question": "Half of 3?", "answer": "\\frac{3}{2}"},
-        {"question": "Bad row", "answer": ""},
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    problems = list(load_jsonl(path))
-    assert [p.answer for p in problems] == ["5", "1.5"]
-    assert all(p.split in {"train", "validation", "test"} for p in problems)

@@ -1,0 +1,91 @@
+"""Leave-one-dataset-out (estimator/offline/leave_one_out.py) on synthetic labelled sources."""
+
+import json
+
+import numpy as np
+import pytest
+
+from estimator.offline import leave_one_out as loo
+from estimator.offline.labels import expected_accuracy, sample_optimal_n
+from estimator.offline.training import TrainConfig
+
+
+def synthetic(sources: dict[str, float], per_source: int = 60, layers: int = 3, hidden: int = 8):
+    """Per source, pools whose gold share is drawn around `p`; the states carry N*/N_max."""
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=hidden)
+    records, states = [], []
+    for name, p in sources.items():
+        for i in range(per_source):
+            share = float(np.clip(rng.normal(p, 0.2), 0.0, 1.0))
+            answers = ["7" if rng.random() < share else str(rng.integers(1, 4)) for _ in range(16)]
+            accuracy = expected_accuracy(answers, "7")
+            n_star = sample_optimal_n(accuracy, 0.0)
+            records.append(
+                {
+                    "answers": answers,
+                    "tokens": [int(t) for t in rng.integers(5, 48, size=16)],
+                    "answer": "7",
+                    "accuracy": [float(a) for a in accuracy],
+                    "n_star": n_star,
+                    "source": name,
+                    "split": ("train", "train", "train", "validation", "test")[i % 5],
+                }
+            )
+            x = rng.normal(size=(layers, hidden)) + 3 * (n_star / 16) * direction
+            states.append(x.astype(np.float32))
+    return records, np.stack(states)
+
+
+def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
+    records, states = synthetic({"easy": 0.8, "mixed": 0.45, "hard": 0.2})
+    result = loo.leave_one_out(
+        records, states, config=TrainConfig(epochs=15), stopping_folds=2, orderings=8, default=8
+    )
+    assert set(result["sources"]) == {"easy", "hard", "mixed"}
+    for name, row in result["sources"].items():
+        others = [r for r in records if r["source"] != name]
+        assert row["trained_on"] == {
+            "train": sum(r["split"] == "train" for r in others),
+            "validation": sum(r["split"] == "validation" for r in others),
+        }
+        assert row["questions"] == sum(r["source"] == name for r in records)  # every split of it
+        policies = row["policies"]
+        assert policies["fixed N_max"]["samples"] == 16
+        assert 1 <= policies["T2"]["samples"] <= 16 and 1 <= policies["T2+learned"]["samples"] <= 16
+        assert policies["oracle N*"]["accuracy"] >= policies["fixed N_max"]["accuracy"] - 1e-9
+    mean = result["mean"]
+    assert mean["t2_sample_share"] == pytest.approx(mean["policies"]["T2"]["samples"] / 16)
+    loo.write_report(result, tmp_path / "loo")
+    assert json.loads((tmp_path / "loo.json").read_text())["n_max"] == 16
+    assert (tmp_path / "loo.png").stat().st_size > 0
+    table = loo.report_table(result)
+    assert "mean over sources" in table and ("met" in table or "missed" in table)
+
+
+def test_the_gate_sends_unfamiliar_questions_to_the_default_and_is_reported():
+    records, states = synthetic({"a": 0.7, "b": 0.4}, per_source=50)
+    far = [{**r, "source": "far"} for r in records[:20]]  # the same pools, states far away
+    far_states = states[:20] + 40.0
+    open_prompts = [{"split": s} for s in ("train", "validation") * 30]
+    open_states = np.random.default_rng(5).normal(size=(60, *states.shape[1:])).astype(np.float32) - 40.0
+    result = loo.leave_one_out(
+        records + far,
+        np.concatenate([states, far_states]),
+        config=TrainConfig(epochs=10),
+        stopping_folds=2,
+        orderings=4,
+        open_ended=(open_prompts, open_states),
+        default=8,
+        sources=["far"],
+    )
+    row = result["sources"]["far"]
+    assert row["gate"] == {"unfamiliar": 1.0}
+    # Unfamiliar: T2 launches the safe default for every question, whatever the head guessed.
+    assert row["policies"]["T2"]["samples"] == 8
+
+
+def test_one_source_is_refused():
+    records, states = synthetic({"only": 0.5}, per_source=10)
+    with pytest.raises(ValueError, match="two sources"):
+        loo.leave_one_out(records, states, config=TrainConfig(epochs=2), stopping_folds=2, orderings=2)
