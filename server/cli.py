@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.set_defaults(host="127.0.0.1", port=0, default_max_tokens=512)
     _add_engine_args(label)
     _add_parallelism_args(label)
+    # Labels vote with extracted answers (what the shipped head is trained on) unless told
+    # otherwise; `--aggregate consensus|auto` labels the keys those aggregators vote with.
+    label.set_defaults(aggregate="answer")
 
     train = sub.add_parser("train", help="train the T2 head (per-layer probes) on labeled states")
     train.add_argument(
@@ -513,6 +516,10 @@ def label(args: argparse.Namespace) -> None:
         asyncio.run(_label_open_ended(settings, args.out))
         return
     template = args.prompt_template or DEFAULT_TEMPLATE
+    if args.aggregate == "usc":
+        raise SystemExit(
+            "t2serve label: --aggregate usc picks a sample in an extra pass; label with consensus"
+        )
     try:
         if args.data == "builtin":
             families = args.families.split(",") if args.families else None
@@ -546,6 +553,7 @@ def label(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         seed=args.seed,
         prompt_template=template,
+        aggregate=args.aggregate,
     )
 
     async def run() -> None:

@@ -14,6 +14,7 @@ stop run on free text unchanged.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 MAX_CHARS = 1000
@@ -70,6 +71,11 @@ class ConsensusKeys:
         key = f"#{len(self.firsts) + 1}: {' '.join(text.split())[:KEY_CHARS]}"
         self.firsts.append((key, text))
         return key
+
+
+def is_group_key(key: str) -> bool:
+    """Whether a vote key names a similarity group (ConsensusKeys) rather than an answer."""
+    return re.match(r"#\d+: ", key) is not None
 
 
 def medoid(texts: list[str]) -> int:

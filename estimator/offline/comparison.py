@@ -18,7 +18,7 @@ import numpy as np
 
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
-from estimator.offline.labels import TYPES, sample_type
+from estimator.offline.labels import TYPES, gold_of, sample_type
 from estimator.offline.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
 from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
 
@@ -77,7 +77,7 @@ def policy_grid(
 
 def pools(records: list[dict], predictions: np.ndarray) -> list[Pool]:
     return [
-        Pool(r["answers"], r["tokens"], r["answer"], float(p))
+        Pool(r["answers"], r["tokens"], gold_of(r), float(p))
         for r, p in zip(records, predictions, strict=True)
     ]
 

@@ -3,7 +3,8 @@
 The server votes on normalised keys (server.voting.normalize_answer): "0.5", "1/2" and
 "\\frac{1}{2}" are already one key, but "\\frac{\\pi}{2}" and "\\pi/2", or "5\\sqrt{2}" and
 "\\sqrt{50}", are not. Labels grade each distinct key against the gold answer with
-`math-verify` (symbolic equivalence via sympy) and count an equivalent key as the gold one.
+`math-verify` (symbolic equivalence via sympy) and count every equivalent key as correct
+(estimator.offline.labeling.correct_keys; they stay separate keys, as in the server's vote).
 math-verify bounds its own parsing with SIGALRM, which works only in a process's main
 thread, and sympy can still hang on hostile input: the checks run in one worker process,
 each bounded by `timeout` seconds; a check that runs over counts as "not equivalent" and the
@@ -13,7 +14,6 @@ worker is replaced.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
 
 TIMEOUT_S = 10.0
 
@@ -53,10 +53,6 @@ class Grader:
         if pair not in self._cache:
             self._cache[pair] = self._check(gold, answer)
         return self._cache[pair]
-
-    def canonical(self, answers: Sequence[str | None], gold: str) -> list[str | None]:
-        """`answers` with every key equivalent to `gold` written as `gold` (what A_x(N) counts)."""
-        return [gold if a is not None and self.equivalent(a, gold) else a for a in answers]
 
     def _check(self, gold: str, answer: str) -> bool:
         if self._pool is None:

@@ -31,6 +31,8 @@ from estimator.offline.labels import (
     sample_type,
 )
 from estimator.offline.problems import DEFAULT_TEMPLATE, Problem
+from server import consensus
+from server.voting import extract_answer
 
 LABELS_FILE = "labels.json"
 
@@ -47,6 +49,9 @@ class LabelConfig:
     # How the questions were put to the model (estimator.offline.problems): recorded so the
     # head knows the prompt format its labels saw.
     prompt_template: str = DEFAULT_TEMPLATE
+    # What the samples vote with (server.aggregation): "answer" (what the shipped head is
+    # trained on), "consensus" or "auto" to label and compare policies on other keys.
+    aggregate: str = "answer"
 
 
 def _sha256(path: Path) -> str:
@@ -67,24 +72,44 @@ def shard_complete(out: Path, index: int) -> bool:
         return False
 
 
+def correct_keys(
+    answers: list[str | None], texts: list[str], gold: str, grader: Grader | None = None
+) -> list[str]:
+    """The distinct vote keys that are right. An answer key is right when it is the gold
+    answer or (with a grader) equivalent to it; a similarity group's key (consensus, auto)
+    when the answer its medoid states - the sample the server would return - is."""
+    right = []
+    for key in dict.fromkeys(a for a in answers if a is not None):
+        stated: str | None = key
+        if consensus.is_group_key(key):
+            members = [t for a, t in zip(answers, texts, strict=True) if a == key]
+            stated = extract_answer(members[consensus.medoid(members)])
+        if stated is not None and (
+            stated == gold or (grader is not None and grader.equivalent(stated, gold))
+        ):
+            right.append(key)
+    return right
+
+
 def label_record(
     problem: Problem,
     answers: list[str | None],
     tokens: list[int],
     config: LabelConfig,
     grader: Grader | None = None,
+    texts: list[str] | None = None,
 ) -> dict:
-    """One question's label. With a grader, sampled keys equivalent to the gold answer
-    (math-verify) are stored as the gold key, so `answers` are what A_x(N) counted."""
-    if grader is not None:
-        answers = grader.canonical(answers, problem.answer)
+    """One question's label: the samples' vote keys, the keys that are right (`gold_keys`,
+    correct_keys) and the A_x(N) curve they give."""
+    gold = correct_keys(answers, texts or [""] * len(answers), problem.answer, grader)
     if config.tau > 0:
-        accuracy = expected_accuracy_mc(answers, problem.answer, tau=config.tau, seed=config.seed)
+        accuracy = expected_accuracy_mc(answers, gold, tau=config.tau, seed=config.seed)
     else:
-        accuracy = expected_accuracy(answers, problem.answer)
+        accuracy = expected_accuracy(answers, gold)
     return {
         **problem.to_json(),
         "answers": answers,
+        "gold_keys": gold,
         "tokens": tokens,
         "accuracy": [round(float(a), 6) for a in accuracy],
         "n_star": sample_optimal_n(accuracy, config.eps),
@@ -114,14 +139,21 @@ async def label_shard(
         if result.states is None:
             raise RuntimeError(f"no hidden states captured for {problem.id}")
         samples = result.choices[0].samples
-        return [s.answer for s in samples], [s.num_tokens for s in samples], result.states
+        return samples, result.states
 
     results = await asyncio.gather(*(one(k, p) for k, p in enumerate(problems)))
     records = [
-        label_record(problem, answers, tokens, config, grader)
-        for problem, (answers, tokens, _) in zip(problems, results, strict=True)
+        label_record(
+            problem,
+            [s.answer for s in samples],
+            [s.num_tokens for s in samples],
+            config,
+            grader,
+            texts=[s.text for s in samples],
+        )
+        for problem, (samples, _) in zip(problems, results, strict=True)
     ]
-    return records, np.stack([states for _, _, states in results])
+    return records, np.stack([states for _, states in results])
 
 
 def write_shard(out: Path, index: int, records: list[dict], states: np.ndarray) -> None:
@@ -168,11 +200,10 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
         "fingerprint": engine.info.fingerprint,
     }
     prepare_output(out, config, model, problems)
-    # Labels grade the answers the lenient rule extracts (server.voting), whatever --aggregate says.
     thinker = ParallelThinker(
         engine,
         ParallelismSettings(
-            default_parallelism=config.n_max, max_parallelism=config.n_max, aggregate="answer"
+            default_parallelism=config.n_max, max_parallelism=config.n_max, aggregate=config.aggregate
         ),
     )
     shards = [problems[i : i + config.shard_size] for i in range(0, len(problems), config.shard_size)]
@@ -255,8 +286,9 @@ def load_label_sets(folders: list[Path]) -> tuple[list[dict], np.ndarray, dict]:
     Questions that appear in several folders are kept once (the first); since splits are a
     hash of the question text, a repeated question always falls in the same split."""
     headers = [json.loads((Path(f) / LABELS_FILE).read_text()) for f in folders]
-    for header in headers:  # labels written before the template was recorded used the default
+    for header in headers:  # labels written before these were recorded used the defaults
         header["config"].setdefault("prompt_template", DEFAULT_TEMPLATE)
+        header["config"].setdefault("aggregate", "answer")
     first = headers[0]
     # Runs may differ in shard size and in seed (a second seed is how a pool grows); the
     # sampling itself (N_max, temperature, max tokens, A_x(N) method) must be the same.

@@ -28,7 +28,7 @@ A(N) is at most 0.5 / sqrt(tau), so the default tau = 10,000 keeps it <= 0.005).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from math import comb
 
 import numpy as np
@@ -41,6 +41,21 @@ MONOTONE_TOL = 0.0
 _TOL = 1e-9
 
 
+# The correct vote key(s) of a question: its gold answer, or (labels keyed by another
+# aggregator, or graded by math-verify) every distinct key judged correct.
+Gold = str | Collection[str]
+MC_ORDERINGS = 4_000  # A(N) by Monte Carlo when several keys are correct (no exact DP)
+
+
+def gold_keys(gold: Gold) -> frozenset[str]:
+    return frozenset((gold,)) if isinstance(gold, str) else frozenset(gold)
+
+
+def gold_of(record: dict) -> frozenset[str]:
+    """A label record's correct keys (`gold_keys`, else its gold `answer`)."""
+    return gold_keys(record.get("gold_keys") or record["answer"])
+
+
 def _class_sizes(answers: Sequence[str | None], gold: str) -> tuple[int, list[int], int]:
     counts = Counter(a for a in answers if a is not None)
     n_gold = counts.pop(gold, 0)
@@ -48,10 +63,16 @@ def _class_sizes(answers: Sequence[str | None], gold: str) -> tuple[int, list[in
     return n_gold, sorted(counts.values(), reverse=True), abstain
 
 
-def expected_accuracy(answers: Sequence[str | None], gold: str) -> np.ndarray:
-    """Exact A(N) for N = 1..len(answers) (index N-1), fractional ties."""
+def expected_accuracy(answers: Sequence[str | None], gold: Gold) -> np.ndarray:
+    """A(N) for N = 1..len(answers) (index N-1), fractional ties: exact when at most one of
+    the gold keys was sampled, else by Monte Carlo (MC_ORDERINGS, fixed seed)."""
+    present = gold_keys(gold) & set(answers)
+    if len(present) > 1:
+        return expected_accuracy_mc(answers, present, tau=MC_ORDERINGS, seed=0)
     n_max = len(answers)
-    n_gold, others, abstain = _class_sizes(answers, gold)
+    if not present:
+        return np.zeros(n_max)
+    n_gold, others, abstain = _class_sizes(answers, next(iter(present)))
     result = np.zeros(n_max)
     if n_gold == 0:
         return result
@@ -80,17 +101,18 @@ def expected_accuracy(answers: Sequence[str | None], gold: str) -> np.ndarray:
 
 
 def expected_accuracy_mc(
-    answers: Sequence[str | None], gold: str, tau: int = 10_000, seed: int = 0, chunk: int = 2_000
+    answers: Sequence[str | None], gold: Gold, tau: int = 10_000, seed: int = 0, chunk: int = 2_000
 ) -> np.ndarray:
     """Monte Carlo A(N) for N = 1..len(answers): tau random orderings of the pool, every
-    prefix length at once (fractional ties, as in `expected_accuracy`)."""
+    prefix length at once (fractional ties, as in `expected_accuracy`: a tie is worth the
+    share of its keys that are correct)."""
     n_max = len(answers)
     labels = sorted({a for a in answers if a is not None})
-    if gold not in labels:
+    gold_ids = [i for i, a in enumerate(labels) if a in gold_keys(gold)]
+    if not gold_ids:
         return np.zeros(n_max)
     index = {a: i for i, a in enumerate(labels)}
     classes = np.array([index[a] if a is not None else -1 for a in answers])
-    gold_id = index[gold]
     onehot = np.zeros((n_max, len(labels)), dtype=np.int32)
     voting = classes >= 0
     onehot[np.nonzero(voting)[0], classes[voting]] = 1
@@ -103,8 +125,8 @@ def expected_accuracy_mc(
         counts = np.cumsum(onehot[order], axis=1)  # [m, N, K]: votes after the first N samples
         top = counts.max(axis=2)
         at_top = counts == top[..., None]
-        gold_top = at_top[..., gold_id] & (top > 0)
-        total += np.where(gold_top, 1.0 / at_top.sum(axis=2), 0.0).sum(axis=0)
+        gold_top = at_top[..., gold_ids].sum(axis=2) * (top > 0)
+        total += (gold_top / at_top.sum(axis=2)).sum(axis=0)
         done += m
     return total / tau
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.gate_fit import fit_gate
+from estimator.offline.labels import gold_of
 from estimator.offline.replay import OUTCOMES, Pool, replay_matrix
 from estimator.offline.stopping_fit import fit_stopping
 from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
@@ -139,7 +140,7 @@ def score_source(
     trusted = [
         float(p) if routes is None or routes[i] == "answerable" else None for i, p in enumerate(predictions)
     ]
-    pools = [Pool(r["answers"], r["tokens"], r["answer"], p) for r, p in zip(records, trusted, strict=True)]
+    pools = [Pool(r["answers"], r["tokens"], gold_of(r), p) for r, p in zip(records, trusted, strict=True)]
     policies = {"fixed N_max": Fixed(n_max), "T2": T2(margin), "T2+learned": LearnedStop(table)}
     matrix = replay_matrix(
         pools, list(policies.values()), orderings=orderings, seed=seed, default=default, desc="replay"

@@ -8,7 +8,8 @@ interface (estimator.stopping) over every ordering, capped at N_max (the pool is
     finished  = samples whose answers the vote used (a prefix of the ordering)
     launched  = samples started; launched - finished were aborted when the vote was decided
     correct   = the server's vote (server.voting.majority_vote, tie rule "first seen wins")
-                over the finished answers names the gold answer
+                over the finished answers names the gold answer (one of the correct keys,
+                for labels keyed by another aggregator or graded by math-verify)
     rounds    = latency in sample durations: every sample takes one unit, a sample launched
                 in reaction to a result starts when that result arrives (Fixed/T2: 1 round;
                 one-at-a-time Adaptive-Consistency: one round per sample)
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from estimator.offline.labels import Gold, gold_keys
 from estimator.stopping import Budget, Policy, Tally
 from server.voting import majority_vote
 
@@ -43,7 +45,7 @@ class Pool:
 
     answers: list[str | None]
     tokens: list[int]
-    gold: str
+    gold: Gold  # the correct key, or keys (estimator.offline.labels.gold_of)
     prediction: float | None = None
 
 
@@ -90,11 +92,12 @@ class PoolReplay:
         # correct[r, k]: the vote over the first k samples of ordering r names the gold answer.
         self.correct = np.zeros((len(orderings), n_max + 1))
         votes: dict[tuple, bool] = {}  # orderings share prefixes: vote each prefix once
+        correct = gold_keys(pool.gold)
         for r, seq in enumerate(self.sequences):
             for k in range(1, n_max + 1):
                 prefix = seq[:k]
                 if prefix not in votes:
-                    votes[prefix] = majority_vote(list(prefix)).answer == pool.gold
+                    votes[prefix] = majority_vote(list(prefix)).answer in correct
                 self.correct[r, k] = votes[prefix]
 
     def replay(self, policy: Policy) -> dict[str, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from estimator.learned_stopping import State, StoppingTable
+from estimator.offline.labels import gold_of
 from estimator.offline.replay import Pool, PoolReplay, orderings_for
 from estimator.stopping import Tally
 
@@ -56,7 +57,7 @@ def fit_stopping(
         list(zip(records, orders, strict=True)), desc="stopping table", unit="q", disable=not progress
     )
     for record, order in rows:
-        replay = PoolReplay(Pool(record["answers"], record["tokens"], record["answer"]), order, default=n_max)
+        replay = PoolReplay(Pool(record["answers"], record["tokens"], gold_of(record)), order, default=n_max)
         visits: dict[int, int] = {}
         correct: dict[int, float] = {}
         moves: dict[int, int] = {}

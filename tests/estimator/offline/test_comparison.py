@@ -70,6 +70,47 @@ def test_compare_policies_selects_on_validation_and_writes_the_report(tmp_path):
     assert json.loads((tmp_path / "policies.json").read_text())["orderings"] == 10
 
 
+def test_the_comparison_runs_on_keys_from_any_aggregator():
+    """Records keyed by similarity groups, with several right groups (`gold_keys`): the
+    replayed fixed-N accuracy is the labels' own A(N)."""
+    from estimator.offline import comparison
+
+    rng = np.random.default_rng(4)
+    groups = ["#1: seven", "#2: it is 7", "#3: nine", "#4: no idea"]
+    records = []
+    for _ in range(10):
+        answers = [str(g) for g in rng.choice(groups, size=16, p=[0.3, 0.2, 0.4, 0.1])]
+        gold = ["#1: seven", "#2: it is 7"]
+        accuracy = expected_accuracy(answers, gold)
+        records.append(
+            {
+                "answers": answers,
+                "gold_keys": gold,
+                "answer": "7",
+                "tokens": [10] * 16,
+                "accuracy": list(accuracy),
+                "n_star": int(np.argmax(accuracy >= accuracy.max() - 1e-9)) + 1,
+            }
+        )
+    result = comparison.compare_policies(
+        ConstantHead(0.5),
+        records,
+        np.zeros((10, 1, 1)),
+        records,
+        np.zeros((10, 1, 1)),
+        orderings=400,
+        families=("fixed", "T2"),
+    )
+    rows = {r["knob"]: r for r in result["splits"]["test"]["rows"] if r["family"] == "fixed"}
+    for n in (1, 4, 16):
+        labelled = np.mean([r["accuracy"][n - 1] for r in records])
+        assert rows[f"N={n}"]["accuracy"] == pytest.approx(labelled, abs=0.04)
+    # Counting only the first group as right (the answer-string rule) scores lower.
+    assert rows["N=16"]["accuracy"] > np.mean(
+        [expected_accuracy(r["answers"], "#1: seven")[-1] for r in records]
+    )
+
+
 def test_samples_at_interpolates_on_the_pareto_front():
     from estimator.offline.comparison import pareto, samples_at
 

@@ -42,13 +42,18 @@ def test_numbers_and_abstentions_never_reach_the_worker():
     assert g._pool is None
 
 
-def test_canonical_writes_equivalents_as_the_gold_key(grader):
-    assert grader.canonical(["\\pi/2", None, "\\pi", "\\frac{\\pi}{2}"], "\\frac{\\pi}{2}") == [
-        "\\frac{\\pi}{2}",
-        None,
-        "\\pi",
-        "\\frac{\\pi}{2}",
-    ]
+def test_labels_count_every_equivalent_key_as_correct_and_keep_them_apart(grader):
+    from estimator.offline.labeling import LabelConfig, label_record
+    from estimator.offline.problems import Problem
+
+    problem = Problem("p", "q", "\\frac{\\pi}{2}", "f", 0, "test", "math")
+    answers = ["\\pi/2", None, "\\pi", "\\frac{\\pi}{2}"] * 4
+    record = label_record(problem, answers, [5] * 16, LabelConfig(), grader)
+    assert record["answers"] == answers  # the keys the server votes with, unchanged
+    assert record["gold_keys"] == ["\\pi/2", "\\frac{\\pi}{2}"]
+    # Two right keys of 4 samples each against one wrong key of 4: right most of the time.
+    assert 0.6 < record["accuracy"][-1] <= 1.0
+    assert label_record(problem, answers, [5] * 16, LabelConfig())["gold_keys"] == ["\\frac{\\pi}{2}"]
 
 
 def _hang(gold, answer):

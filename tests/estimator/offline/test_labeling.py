@@ -47,6 +47,37 @@ async def test_label_writes_verifiable_resumable_shards(engine, tmp_path, capsys
         load_labels(out)
 
 
+async def test_labels_keyed_by_consensus_grade_each_group_by_its_medoid(engine, tmp_path):
+    """`--aggregate consensus`: the stored keys are the similarity groups the server's vote
+    would see, and a group is right when its medoid states the gold answer."""
+    from server import consensus
+    from server.voting import extract_answer
+
+    problems = generate(3, seed=3, families=["add_small"])
+    config = LabelConfig(n_max=6, max_tokens=24, temperature=0.9, shard_size=3, aggregate="consensus")
+    records = await run_labeling(engine, problems, tmp_path / "labels", config)
+    header = json.loads((tmp_path / "labels" / "labels.json").read_text())
+    assert header["config"]["aggregate"] == "consensus"
+    texts_seen = 0
+    for r in records:
+        keys = [k for k in r["answers"] if k is not None]
+        assert keys and all(consensus.is_group_key(k) for k in keys)
+        assert set(r["gold_keys"]) <= set(keys)
+        # A(1) is the share of samples in a right group.
+        right = sum(k in r["gold_keys"] for k in r["answers"]) / 6
+        assert r["accuracy"][0] == pytest.approx(right, abs=1e-6)
+        texts_seen += len(keys)
+    assert texts_seen > 0
+    # The grading rule itself, on texts whose answers are known.
+    from estimator.offline.labeling import correct_keys
+
+    answers = ["#1: it is 7", "#2: no idea", "#1: it is 7"]
+    texts = ["It is 7.", "No idea, sorry", "It is 7, I think."]
+    assert extract_answer(texts[0]) == "7"
+    assert correct_keys(answers, texts, "7") == ["#1: it is 7"]
+    assert correct_keys(answers, texts, "8") == []
+
+
 async def test_label_refuses_to_mix_runs(engine, tmp_path):
     problems = generate(2, seed=2, families=["add_small"])
     out = tmp_path / "labels"

@@ -17,14 +17,16 @@ from server.voting import majority_vote
 
 
 def brute_force(answers, gold):
-    """Every N-subset of the pool; fractional credit for ties (the definition, literally)."""
+    """Every N-subset of the pool; fractional credit for ties (the definition, literally):
+    a tie is worth the share of its keys that are correct (`gold`: one key or a set)."""
+    right = {gold} if isinstance(gold, str) else set(gold)
     out = []
     for n in range(1, len(answers) + 1):
         credit = []
         for subset in combinations(answers, n):
             vote = majority_vote(list(subset))
             tied = [a for a, c in vote.votes.items() if vote.votes and c == max(vote.votes.values())]
-            credit.append(1 / len(tied) if gold in tied else 0.0)
+            credit.append(sum(a in right for a in tied) / len(tied) if tied else 0.0)
         out.append(np.mean(credit))
     return np.array(out)
 
@@ -51,6 +53,23 @@ def test_monte_carlo_within_standard_error(answers, gold):
     exact = expected_accuracy(answers, gold)
     mc = expected_accuracy_mc(answers, gold, tau=tau, seed=1)
     assert np.all(np.abs(mc - exact) <= 4 * 0.5 / np.sqrt(tau))
+
+
+MULTI_GOLD = [
+    (["1", "1", "2", None, "1.0", "3", "2", "1.0"], {"1", "1.0"}),
+    (["pi/2", "x", "x", "\\frac{pi}{2}", "x", "pi/2"], {"pi/2", "\\frac{pi}{2}"}),
+    (["#1: a", "#2: b", "#2: b", "#1: a", "#3: c"], {"#1: a", "#3: c"}),
+]
+
+
+@pytest.mark.parametrize(("answers", "gold"), MULTI_GOLD)
+def test_several_correct_keys_stay_apart_in_the_vote(answers, gold):
+    """Labels keyed by another aggregator, or graded by math-verify, can have several right
+    keys: A(N) (Monte Carlo then) matches brute force, and a one-key gold is still exact."""
+    got = expected_accuracy(answers, gold)
+    assert np.all(np.abs(got - brute_force(answers, gold)) <= 4 * 0.5 / np.sqrt(4_000))
+    one = sorted(gold)[:1]
+    np.testing.assert_allclose(expected_accuracy(answers, one), brute_force(answers, one[0]), atol=1e-12)
 
 
 def test_exact_handles_large_pools():

@@ -78,3 +78,11 @@ def test_vote_over_prefixes_uses_the_server_rule():
     pool = Pool(["2", "1", "1", "2"], [1, 1, 1, 1], gold="2")
     replay = PoolReplay(pool, np.array([[0, 1, 2, 3]]), default=4)
     assert list(replay.correct[0, 1:]) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_a_pool_with_several_correct_keys_counts_a_vote_for_any_of_them():
+    pool = Pool(["a", "b", "b", "c"], [1, 1, 1, 1], gold=frozenset({"a", "b"}), prediction=1.0)
+    replay = PoolReplay(pool, np.array([[3, 0, 1, 2], [0, 3, 1, 2]]), default=4)
+    # After one sample: "c" (wrong), then "a" (right); after all four "b" wins (right).
+    assert replay.correct[:, 1].tolist() == [0.0, 1.0]
+    assert replay.correct[:, 4].tolist() == [1.0, 1.0]
