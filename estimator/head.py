@@ -85,6 +85,13 @@ class T2Head:
         self.gate: Gate | None = None  # answerable / open-ended / unfamiliar (estimator.gate)
 
     @property
+    def sampling(self) -> dict:
+        """The sampling setup its labels were made with (temperature, max_tokens,
+        prompt_template; estimator.offline.labeling.LabelConfig), {} where not recorded."""
+        config = self.meta.labels.get("config", {})
+        return {k: config[k] for k in ("temperature", "max_tokens", "prompt_template") if k in config}
+
+    @property
     def identity(self) -> str:
         return (
             f"t2:{self.meta.model_name}:L{self.meta.num_layers}:d{self.meta.hidden_size}:n{self.meta.n_max}"

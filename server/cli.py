@@ -70,6 +70,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads-bind", help="CPU only: OpenMP core binding, e.g. 0-1 (default: all cores)")
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel thinking")
     g.add_argument(
@@ -90,6 +94,14 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1.5,
         help="N = round(N_max * prediction * margin) (default 1.5: matches fixed N_max on validation, README)",
+    )
+    g.add_argument(
+        "--estimator-temperature-tolerance",
+        type=_optional_float,
+        default=0.2,
+        help="a request whose temperature differs by more than this from the head's labels' (T = 0.3 "
+        "for the shipped head) gets --default-parallelism instead of the head's N ('none': never; "
+        "README 'Sampling setup')",
     )
     g.add_argument(
         "--policy",
@@ -397,6 +409,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             tie_break=args.tie_break,
             estimator_head=None if args.estimator_head == "none" else args.estimator_head,
             estimator_margin=args.estimator_margin,
+            estimator_temperature_tolerance=args.estimator_temperature_tolerance,
             policy=args.policy,
             reasoning_parser=args.reasoning_parser,
             tool_call_parser=args.tool_call_parser,

@@ -111,7 +111,10 @@ TIMEOUTS = Counter(
 )
 ESTIMATOR_FALLBACKS = Counter(
     "t2serve_estimator_fallbacks",
-    "Times the configured head could not be used and the default N was: load (at start-up) or predict.",
+    "Times the configured head could not be used and the default N was: load (at start-up), "
+    "predict, or temperature (the request samples unlike the head's labels).",
     ["reason"],
 )
+for _reason in ("load", "predict", "temperature"):  # exported at 0 before any request
+    ESTIMATOR_FALLBACKS.labels(_reason)
 ENGINE_HEALTHY = Gauge("t2serve_engine_healthy", "1 while the vLLM engine is alive, 0 once it died.")

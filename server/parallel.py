@@ -65,6 +65,9 @@ class Plan:
     prompts: int = 1
     greedy: bool = False  # every sample would be the same text: `auto` runs one
     aggregate: str = "answer"  # what free-text samples vote with (server.aggregation.REQUESTABLE)
+    # Why the head's prediction is not used ("temperature": the request samples unlike the
+    # head's labels); None: it is, where one runs.
+    estimator_fallback: str | None = None
 
     @property
     def minimum_samples(self) -> int:
@@ -128,6 +131,7 @@ class ThinkingResult:
     usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
     open_ended: bool = False  # `aggregate: auto` stopped the vote at --open-ended-parallelism
     gate: str | None = None  # where the head's gate sent the request (estimator.gate), if it ran
+    estimator_fallback: str | None = None  # why the head's prediction was not used (Plan)
 
     @property
     def samples(self) -> int:
@@ -227,6 +231,7 @@ class ParallelThinker:
             prompts,
             is_greedy(temperature),
             aggregate or self.settings.aggregate,
+            self._estimator_fallback(temperature) if mode == "auto" else None,
         )
         if plan.greedy and plan.minimum_samples > prompts:
             # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
@@ -238,6 +243,16 @@ class ParallelThinker:
                 code="invalid_value",
             )
         return plan
+
+    def _estimator_fallback(self, temperature: float | None) -> str | None:
+        """ "temperature" when the request samples too far from the head's labels' temperature
+        (None: vLLM's default, 1.0); the head's N* is then a guess for another distribution."""
+        tolerance = self.settings.estimator_temperature_tolerance
+        trained = getattr(self.estimator, "sampling", {}).get("temperature")
+        if tolerance is None or trained is None:
+            return None
+        requested = 1.0 if temperature is None else float(temperature)
+        return "temperature" if abs(requested - float(trained)) > tolerance + 1e-9 else None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -292,6 +307,8 @@ class ParallelThinker:
                     group.launch(0, 1, capture_tag=request_id)
                     states, capture_ms = await self._wait_states(states_future, group, expired, started)
                     prediction, estimator_ms = await self._timed_predict(states)
+                    if plan.estimator_fallback is not None:  # another sampling setup: the default N
+                        prediction = None
                     route = self._route(states) if plan.mode == "auto" else None
                     if route is not None:
                         aggregator.gated(route)
@@ -372,6 +389,7 @@ class ParallelThinker:
             usc=usc,
             open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
             gate=route,
+            estimator_fallback=plan.estimator_fallback if states_future is not None else None,
             reasoning_tokens=None
             if reader is None or not reader.has_reasoning
             else sum(

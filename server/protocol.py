@@ -186,6 +186,9 @@ class T2Info(BaseModel):
     aggregate: str = "answer"
     usc: dict[str, int] | None = None  # the self-consistency pass: passes, prompt/completion tokens
     gate: str | None = None  # answerable / open_ended / unfamiliar: where the head's gate sent it
+    # why `auto` used the default N instead of the head's prediction: "temperature" (the
+    # request samples unlike the head's labels, --estimator-temperature-tolerance)
+    estimator_fallback: str | None = None
     open_ended: bool | None = None  # `aggregate: auto` found free text and stopped early
     launched: int  # samples sent to the engine (all prompts and choices)
     finished: int  # of those, samples that finished and voted

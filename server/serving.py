@@ -426,6 +426,7 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         aggregate=first.aggregate,
         usc=first.usc,
         gate=first.gate,
+        estimator_fallback=first.estimator_fallback,
         open_ended=first.open_ended or None,
         launched=sum(r.launched for r in results),
         finished=sum(r.launched - r.aborted for r in results),
@@ -444,6 +445,8 @@ def record_result(result: ThinkingResult) -> None:
     metrics.SAMPLES_ABORTED.inc(result.aborted)
     metrics.POLICY_REQUESTS.labels(result.policy.partition(":")[0]).inc()
     metrics.AGGREGATES.labels(result.aggregate, str(result.open_ended).lower()).inc()
+    if result.estimator_fallback is not None:
+        metrics.ESTIMATOR_FALLBACKS.labels(result.estimator_fallback).inc()
     metrics.BASELINE_SAMPLES.inc(result.n_max * len(result.choices))
     metrics.GENERATED_TOKENS.inc(result.completion_tokens)
     metrics.CHOSEN_N.observe(result.n_used)

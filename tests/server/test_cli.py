@@ -72,18 +72,21 @@ def test_serve_command_end_to_end(model_dir):
         assert name == model_dir.name  # no --model: the embedded model, named after its folder
         # A question of the kind the shipped head was trained on (its gate: answerable).
         question = "What is 6 + 6?" + PROMPT_SUFFIX
-        reply = httpx.post(
-            f"{url}/v1/chat/completions",
-            json={"model": name, "messages": [{"role": "user", "content": question}], "max_tokens": 5},
-            timeout=None,
-        )
+        body = {"model": name, "messages": [{"role": "user", "content": question}], "max_tokens": 5}
+        # At the head's own temperature (0.3, what its labels were sampled at).
+        reply = httpx.post(f"{url}/v1/chat/completions", json={**body, "temperature": 0.3}, timeout=None)
         assert reply.status_code == 200, reply.text
         t2 = reply.json()["t2"]
         # No --estimator-head: the head shipped for the embedded model is loaded and picks N.
         assert t2["estimator"] == "t2" and t2["prediction"] is not None and t2["gate"] == "answerable"
+        assert t2["estimator_fallback"] is None
         margin = ParallelismSettings().estimator_margin  # the CLI's default
         n_wanted = round(t2["n_max"] * t2["prediction"] * margin)
         assert t2["n_used"] == max(1, min(n_wanted, t2["max_parallelism"]))
+        # No temperature: vLLM's default 1.0, far from the head's: the default N, and why.
+        t2 = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).json()["t2"]
+        assert t2["estimator_fallback"] == "temperature" and t2["prediction"] is None
+        assert t2["n_used"] == 2  # --default-parallelism
         fixed = httpx.post(
             f"{url}/v1/chat/completions",
             json={

@@ -134,8 +134,8 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     ids = render_chat(engine.tokenizer, [{"role": "user", "content": "What is 7 + 5?" + PROMPT_SUFFIX}])
     result = await thinker.run(
         ids,
-        SamplingParams(max_tokens=8, temperature=1.0, seed=5),
-        thinker.plan(policy="t2+learned:cost=0.001,margin=0.5"),
+        SamplingParams(max_tokens=8, temperature=0.3, seed=5),
+        thinker.plan(policy="t2+learned:cost=0.001,margin=0.5", temperature=0.3),  # the head's T
         request_id=uuid.uuid4().hex,
     )
     assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.prediction is not None
@@ -168,3 +168,45 @@ async def test_deadline_aborts_an_adaptive_policys_samples(client, engine, serve
     failed = "t2serve_request_timeouts_total{outcome=failed}"
     assert after[failed] - before.get(failed, 0.0) == 1
     assert after["t2serve_samples_in_flight{}"] == 0
+
+
+async def test_a_request_at_another_temperature_gets_the_default_n_not_the_heads_guess(
+    engine, server_settings
+):
+    """The shipped head's labels were sampled at T = 0.3; at T = 1.0 its N* is a guess for
+    another distribution (README "Sampling setup"): `auto` uses the default N, says why in
+    t2, and counts it."""
+    import uuid
+
+    from vllm import SamplingParams
+
+    from estimator.head import DEFAULT_HEAD, T2Head
+    from server import metrics
+    from server.parallel import ParallelThinker
+    from server.serving import record_result, render_chat, t2_info
+
+    head = T2Head.load(DEFAULT_HEAD)
+    assert head.sampling["temperature"] == 0.3
+    settings = server_settings.parallelism
+    ids = render_chat(engine.tokenizer, [{"role": "user", "content": "What is 3 + 4?" + PROMPT_SUFFIX}])
+    counter = metrics.ESTIMATOR_FALLBACKS.labels("temperature")
+    for tolerance, temperature, falls_back in ((0.2, 1.0, True), (0.2, 0.4, False), (None, 1.0, False)):
+        thinker = ParallelThinker(
+            engine, settings.model_copy(update={"estimator_temperature_tolerance": tolerance}), estimator=head
+        )
+        before = counter._value.get()
+        result = await thinker.run(
+            ids,
+            SamplingParams(max_tokens=4, temperature=temperature, seed=1),
+            thinker.plan(temperature=temperature),
+            request_id=uuid.uuid4().hex,
+        )
+        record_result(result)
+        info = t2_info([result])
+        if falls_back:
+            assert info.estimator_fallback == "temperature" and info.prediction is None
+            assert result.n_used == settings.default_parallelism
+            assert counter._value.get() == before + 1
+        else:
+            assert info.estimator_fallback is None and info.prediction is not None
+            assert counter._value.get() == before
