@@ -111,9 +111,9 @@ def choice_question(question: str, options: list[str]) -> str:
 
 def _row_problem(
     row: dict[str, Any], fmt: str, question_key: str, answer_key: str
-) -> tuple[str, str, str, int]:
-    """(question, raw gold answer, family, level) of one row."""
-    family, level = "", 0
+) -> tuple[str, str, str, int, tuple[str, ...]]:
+    """(question, raw gold answer, family, level, raw aliases) of one row."""
+    family, level, aliases = "", 0, ()
     if fmt == "gsm8k" or fmt == "jsonl":
         question, raw = str(row[question_key]), str(row[answer_key])
         if "####" in raw:
@@ -142,9 +142,12 @@ def _row_problem(
             question = str(row["question"])
         question = choice_question(question, options)
         family = str(row.get("type") or row.get("category") or row.get("subject") or "")
+        index = LETTERS.find(raw)
+        if 0 <= index < len(options) and options.count(options[index]) == 1:
+            aliases = (options[index],)  # the right option's own text
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    return question, str(raw), family, level
+    return question, str(raw), family, level, aliases
 
 
 @dataclass
@@ -178,8 +181,9 @@ def read(
                 continue
             row = json.loads(line)
             row_fmt = detect_format(row) if fmt == "auto" else fmt
-            question, raw, family, level = _row_problem(row, row_fmt, question_key, answer_key)
+            question, raw, family, level, raw_aliases = _row_problem(row, row_fmt, question_key, answer_key)
             gold = normalize_answer(raw)
+            aliases = tuple(a for a in map(normalize_answer, raw_aliases) if a is not None and a != gold)
             if gold is None or not question.strip():
                 skipped["no usable gold answer"] += 1
                 continue
@@ -199,6 +203,7 @@ def read(
                     level=level,
                     split=str(row.get("split") or split_of(question)),
                     source=source,
+                    aliases=aliases,
                 )
             )
     return Dataset(source, problems, skipped)

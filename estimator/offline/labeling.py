@@ -73,20 +73,25 @@ def shard_complete(out: Path, index: int) -> bool:
 
 
 def correct_keys(
-    answers: list[str | None], texts: list[str], gold: str, grader: Grader | None = None
+    answers: list[str | None],
+    texts: list[str],
+    gold: str,
+    grader: Grader | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> list[str]:
     """The distinct vote keys that are right. An answer key is right when it is the gold
-    answer or (with a grader) equivalent to it; a similarity group's key (consensus, auto)
-    when the answer its medoid states - the sample the server would return - is."""
+    answer, one of its aliases (a right option's value) or (with a grader) equivalent to
+    the gold answer; a similarity group's key (consensus, auto) when the answer its medoid
+    states - the sample the server would return - is."""
     right = []
     for key in dict.fromkeys(a for a in answers if a is not None):
         stated: str | None = key
         if consensus.is_group_key(key):
             members = [t for a, t in zip(answers, texts, strict=True) if a == key]
             stated = extract_answer(members[consensus.medoid(members)])
-        if stated is not None and (
-            stated == gold or (grader is not None and grader.equivalent(stated, gold))
-        ):
+        if stated is None:
+            continue
+        if stated == gold or stated in aliases or (grader is not None and grader.equivalent(stated, gold)):
             right.append(key)
     return right
 
@@ -101,7 +106,7 @@ def label_record(
 ) -> dict:
     """One question's label: the samples' vote keys, the keys that are right (`gold_keys`,
     correct_keys) and the A_x(N) curve they give."""
-    gold = correct_keys(answers, texts or [""] * len(answers), problem.answer, grader)
+    gold = correct_keys(answers, texts or [""] * len(answers), problem.answer, grader, tuple(problem.aliases))
     if config.tau > 0:
         accuracy = expected_accuracy_mc(answers, gold, tau=config.tau, seed=config.seed)
     else:

@@ -31,6 +31,9 @@ class Problem:
     level: int
     split: str
     source: str = "builtin"  # the data set it came from (what leave-one-out holds out)
+    # Other keys that are right: a multiple-choice question's right option stated by value
+    # ("450" for "(E) 450") is as right as its letter.
+    aliases: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)

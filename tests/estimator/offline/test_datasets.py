@@ -99,9 +99,9 @@ def test_multiple_choice_rows_become_the_generator_wording(tmp_path):
     )
     first, second = _read(path, template="{question}")
     assert first.question == "2 + 2 = ? Choose one: (A) 12 (B) 4 (C) 1 : 2 (D) 24 (E) 26"
-    assert first.answer == "B"
+    assert first.answer == "B" and first.aliases == ("4",)  # the right option by value is right too
     assert second.question == "Which is a gas? Choose one: (A) iron (B) helium (C) salt"
-    assert (second.answer, second.family) == ("B", "chem")
+    assert (second.answer, second.family, second.aliases) == ("B", "chem", ("helium",))
 
 
 def test_named_keys_template_max_answer_and_subset(tmp_path):

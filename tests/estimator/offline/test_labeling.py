@@ -76,6 +76,8 @@ async def test_labels_keyed_by_consensus_grade_each_group_by_its_medoid(engine, 
     assert extract_answer(texts[0]) == "7"
     assert correct_keys(answers, texts, "7") == ["#1: it is 7"]
     assert correct_keys(answers, texts, "8") == []
+    # A multiple-choice question: its letter and its right option's value are both right.
+    assert correct_keys(["E", "450", "266", None], [""] * 4, "E", aliases=("450",)) == ["E", "450"]
 
 
 async def test_label_refuses_to_mix_runs(engine, tmp_path):
