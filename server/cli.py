@@ -98,10 +98,10 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--estimator-temperature-tolerance",
         type=_optional_float,
-        default=0.2,
+        default=None,
         help="a request whose temperature differs by more than this from the head's labels' (T = 0.3 "
-        "for the shipped head) gets --default-parallelism instead of the head's N ('none': never; "
-        "README 'Sampling setup')",
+        "for the shipped head) gets --default-parallelism instead of the head's N (default: none, the "
+        "head is used at any temperature, which measured better; README 'Sampling setup')",
     )
     g.add_argument(
         "--policy",
@@ -613,6 +613,7 @@ def train(args: argparse.Namespace) -> None:
     val_records, val_states = _split(records, states, "validation")
     if not train_records or not val_records:
         raise SystemExit("t2serve train: the labels need both train and validation questions")
+    print(source_table(records))
     if args.gate_only:
         if not args.open_ended:
             raise SystemExit("t2serve train --gate-only needs --open-ended")
@@ -661,6 +662,26 @@ def train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}.safetensors and {args.out}.json")
     if args.open_ended:
         _fit_gate(args, train_states, val_states, header)
+
+
+def source_table(records: list[dict]) -> str:
+    """Questions per source and split, and each source's sample-type shares."""
+    from collections import Counter
+
+    from estimator.offline.labels import TYPES
+
+    sources = sorted({r.get("source", "builtin") for r in records})
+    names = [TYPES[t][:8] for t in TYPES]
+    lines = [f"{'source':<18} {'train':>6} {'val':>5} {'test':>5}  " + " ".join(f"{n:>8}" for n in names)]
+    for source in sources:
+        rows = [r for r in records if r.get("source", "builtin") == source]
+        splits = Counter(r["split"] for r in rows)
+        types = Counter(r["type"] for r in rows)
+        lines.append(
+            f"{source[:18]:<18} {splits['train']:6d} {splits['validation']:5d} {splits['test']:5d}  "
+            + " ".join(f"{types.get(t, 0) / len(rows):8.1%}" for t in TYPES)
+        )
+    return "\n".join(lines)
 
 
 def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) -> None:

@@ -67,9 +67,10 @@ class ParallelismSettings(BaseModel):
     # Safety margin: N = round(N_max * prediction * margin).
     estimator_margin: float = Field(default=1.5, gt=0)
     # A request whose temperature is farther than this from the one the head's labels were
-    # made at gets the default N instead of the head's guess (README "Sampling setup");
-    # None: always trust the head.
-    estimator_temperature_tolerance: float | None = Field(default=0.2, ge=0)
+    # made at gets the default N instead of the head's guess. None (the default): the head
+    # is used at any temperature, which measured better than falling back (README
+    # "Sampling setup").
+    estimator_temperature_tolerance: float | None = Field(default=None, ge=0)
     # Sampling policy for `auto` when a request names none (estimator/policy_spec.py).
     policy: str = "t2"
     # vLLM reasoning parser (e.g. "qwen3", "deepseek_v4"): samples are split into reasoning

@@ -245,8 +245,9 @@ class ParallelThinker:
         return plan
 
     def _estimator_fallback(self, temperature: float | None) -> str | None:
-        """ "temperature" when the request samples too far from the head's labels' temperature
-        (None: vLLM's default, 1.0); the head's N* is then a guess for another distribution."""
+        """Why the head's N is not used at this request temperature (None: vLLM's default,
+        1.0): "temperature" when it is too far from the one the head's labels were sampled at,
+        where the head's N* is a guess for another distribution; None otherwise."""
         tolerance = self.settings.estimator_temperature_tolerance
         trained = getattr(self.estimator, "sampling", {}).get("temperature")
         if tolerance is None or trained is None:
