@@ -668,13 +668,13 @@ def source_table(records: list[dict]) -> str:
     """Questions per source and split, and each source's sample-type shares."""
     from collections import Counter
 
-    from estimator.offline.labels import TYPES
+    from estimator.offline.labels import TYPES, source_of
 
-    sources = sorted({r.get("source", "builtin") for r in records})
+    sources = sorted({source_of(r) for r in records})
     names = [TYPES[t][:8] for t in TYPES]
     lines = [f"{'source':<18} {'train':>6} {'val':>5} {'test':>5}  " + " ".join(f"{n:>8}" for n in names)]
     for source in sources:
-        rows = [r for r in records if r.get("source", "builtin") == source]
+        rows = [r for r in records if source_of(r) == source]
         splits = Counter(r["split"] for r in rows)
         types = Counter(r["type"] for r in rows)
         lines.append(

@@ -56,6 +56,11 @@ def gold_of(record: dict) -> frozenset[str]:
     return gold_keys(record.get("gold_keys") or record["answer"])
 
 
+def source_of(record: dict) -> str:
+    """The data set a label record came from (records made before sources were recorded: the generator)."""
+    return record.get("source", "builtin")
+
+
 def _class_sizes(answers: Sequence[str | None], gold: str) -> tuple[int, list[int], int]:
     counts = Counter(a for a in answers if a is not None)
     n_gold = counts.pop(gold, 0)

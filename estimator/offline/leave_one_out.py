@@ -24,7 +24,7 @@ import numpy as np
 
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.gate_fit import fit_gate
-from estimator.offline.labels import gold_of
+from estimator.offline.labels import gold_of, source_of
 from estimator.offline.replay import OUTCOMES, Pool, replay_matrix
 from estimator.offline.stopping_fit import fit_stopping
 from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
@@ -35,10 +35,6 @@ from estimator.stopping import T2, Fixed, LearnedStop
 DEFAULT_MARGIN = 1.5
 DEFAULT_PARALLELISM = 8
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
-
-
-def source_of(record: dict) -> str:
-    return record.get("source", "builtin")
 
 
 def leave_one_out(
