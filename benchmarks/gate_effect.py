@@ -4,15 +4,16 @@ against the one before them, on the same seeded requests.
 Two servers on the embedded model with the shipped head, one after the other:
   before    --aggregate answer (the lenient rule) and the head without its gate
   default   the defaults: --aggregate auto, the head with its gate
-Each gets the same held-out math questions (the test split of the label folders given; the
-head never trained on them) `--draws` times with `parallelism: "auto"` at the head's own
+Each gets the same held-out math questions (the test split of the label folders given, or
+by default the test split of the generator runs the shipped head was labelled from: 600
+questions at seed 0 and 1200 at seed 1, as in the README; the head never trained on them) `--draws` times with `parallelism: "auto"` at the head's own
 sampling setup (T = 0.3, <= 48 tokens), draw d of question q seeded q * 1000 + d on both
 servers. Reported per server: accuracy (t2.answer against the gold answer), mean samples,
 and how often the gate routed a question each way; the difference default - before is the
 issue's target (<= 0.5 points of accuracy, <= 5 % of samples). Writes
 benchmarks/results/gate_effect.{json,png}.
 
-    .venv/bin/python benchmarks/gate_effect.py --labels labels/smollm2 --labels labels/smollm2-s1
+    .venv/bin/python benchmarks/gate_effect.py [--labels labels/smollm2 --labels labels/smollm2-s1]
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from benchmarks.common import RESULTS, ServerProcess  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--labels", type=Path, action="append", required=True, help="label folder(s); test split used"
+        "--labels",
+        type=Path,
+        action="append",
+        help="label folder(s), test split used (default: the generator's test split, no labels needed)",
     )
     p.add_argument("--draws", type=int, default=2, help="seeded requests per question and server")
     p.add_argument("--questions", type=int, default=0, help="at most this many test questions (0: all)")
@@ -56,6 +60,25 @@ def head_without_gate(folder: Path) -> Path:
         if source.is_file():
             shutil.copy(source, folder / source.name)
     return folder / head.name
+
+
+def test_questions(labels: list[Path] | None) -> list[dict]:
+    """{"question", "answer"} of each held-out test question, in a fixed order."""
+    if labels:
+        from estimator.offline.labeling import load_label_sets
+
+        records, _, _ = load_label_sets(labels)
+        return [r for r in records if r["split"] == "test"]
+    from estimator.offline.problems import generate
+
+    seen: set[str] = set()
+    questions = []
+    for count, seed in ((600, 0), (1200, 1)):  # the README's label runs for the shipped head
+        for problem in generate(count, seed=seed):
+            if problem.split == "test" and problem.question not in seen:
+                seen.add(problem.question)
+                questions.append({"question": problem.question, "answer": problem.answer})
+    return questions
 
 
 async def replay(server: ServerProcess, questions: list[dict], draws: int, concurrency: int) -> list[dict]:
@@ -114,18 +137,16 @@ def summary(rows: list[dict]) -> dict:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    from estimator.offline.labeling import load_label_sets
     from server.model_store import prepare_embedded_model
 
-    records, _, _ = load_label_sets(args.labels)
-    questions = [r for r in records if r["split"] == "test"]
+    questions = test_questions(args.labels)
     if args.questions:
         questions = questions[: args.questions]
     model_dir = prepare_embedded_model()
     results: dict = {
         "questions": len(questions),
         "draws": args.draws,
-        "labels": [str(f) for f in args.labels],
+        "labels": [str(f) for f in args.labels or []] or "builtin generator (600 @ seed 0, 1200 @ seed 1)",
     }
     with tempfile.TemporaryDirectory() as tmp:
         configs = {

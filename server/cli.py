@@ -715,6 +715,7 @@ def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) 
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    from estimator.gate import Gate
     from estimator.head import T2Head
     from estimator.offline.evaluation import evaluate as run_evaluation
     from estimator.offline.evaluation import report_table, write_report
@@ -731,7 +732,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if not test_records:
         raise SystemExit("t2serve evaluate: no test-split questions in the labels")
     head = T2Head.load(args.head)
-    result = run_evaluation(head, train_records, test_records, test_states)
+    result = run_evaluation(head, train_records, test_records, test_states, gate=Gate.load(args.head))
     if args.server:
         import asyncio
 

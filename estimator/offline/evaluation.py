@@ -3,7 +3,8 @@
 Every policy is scored on the same labeled pools with the exact expected accuracy A_x(N)
 (no sampling noise): a policy that gives question x N_x samples scores mean_x A_x(N_x).
 Policies: fixed N_max (standard parallel thinking), fixed N_D (system-optimal N, chosen on
-the train split), the T2 estimator, the estimator with safety margins, and the oracle N*_x.
+the train split), the T2 estimator, the estimator with safety margins, the server's default
+`auto` (T2 x1.5 behind the head's gate, when the head has one), and the oracle N*_x.
 Costs: mean N, C_mem = mean N / N_max, C_time = expected generated tokens / those of N_max.
 """
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from estimator.gate import Gate
 from estimator.head import T2Head
 from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
+from estimator.offline.leave_one_out import DEFAULT_MARGIN, DEFAULT_PARALLELISM, OPEN_ENDED_PARALLELISM
 from estimator.stopping import choose_parallelism
 
 MARGINS = (1.25, 1.5, 2.0)
@@ -34,7 +37,17 @@ def score(n_per_question: np.ndarray, accuracy: np.ndarray, mean_tokens: np.ndar
     }
 
 
-def evaluate(head: T2Head, train: list[dict], test: list[dict], test_states: np.ndarray) -> dict:
+def gated(n: np.ndarray, routes: list[str]) -> np.ndarray:
+    """The server's N behind the gate: unfamiliar -> the safe default, open-ended -> one sample."""
+    out = n.copy()
+    out[np.array([r == "unfamiliar" for r in routes])] = DEFAULT_PARALLELISM
+    out[np.array([r == "open_ended" for r in routes])] = OPEN_ENDED_PARALLELISM
+    return out
+
+
+def evaluate(
+    head: T2Head, train: list[dict], test: list[dict], test_states: np.ndarray, gate: Gate | None = None
+) -> dict:
     n_max = len(test[0]["accuracy"])
     if head.meta.n_max != n_max:
         raise ValueError(f"head was trained for N_max={head.meta.n_max}, labels have N_max={n_max}")
@@ -55,8 +68,11 @@ def evaluate(head: T2Head, train: list[dict], test: list[dict], test_states: np.
         f"fixed N_D={n_d}": score(np.full(len(test), n_d), acc, tokens),
         "T2 estimator": score(chosen(1.0), acc, tokens),
         **{f"T2 x{m:g} margin": score(chosen(m), acc, tokens) for m in MARGINS},
-        "oracle N*": score(n_star, acc, tokens),
     }
+    routes = [gate.route(s) for s in test_states] if gate is not None else None
+    if routes is not None:
+        policies[f"T2 x{DEFAULT_MARGIN:g} + gate"] = score(gated(chosen(DEFAULT_MARGIN), routes), acc, tokens)
+    policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]
     margin_curve = [
         {"margin": float(m), **score(chosen(float(m)), acc, tokens)} for m in np.linspace(0.5, 4.0, 15)
@@ -78,6 +94,7 @@ def evaluate(head: T2Head, train: list[dict], test: list[dict], test_states: np.
             ],
         },
         "type_shares": {TYPES[t]: types.get(t, 0) / len(test) for t in TYPES},
+        "gate": None if routes is None else {r: routes.count(r) / len(routes) for r in sorted(set(routes))},
         "estimator_mean_n_over_oracle": policies["T2 estimator"]["mean_n"] / float(n_star.mean()),
         "head": head.identity,
     }
@@ -100,6 +117,8 @@ def report_table(result: dict) -> str:
         f"estimator mean N / oracle mean N* = {result['estimator_mean_n_over_oracle']:.2f}"
     )
     lines.append("types: " + "  ".join(f"{k} {v:.1%}" for k, v in result["type_shares"].items()))
+    if result.get("gate"):
+        lines.append("gate routes: " + "  ".join(f"{k} {v:.1%}" for k, v in result["gate"].items()))
     if "server" in result:
         s = result["server"]
         lines.append(f"through the server ({s['url']}, {s['concurrency']} in flight):")

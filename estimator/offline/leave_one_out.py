@@ -10,8 +10,9 @@ question of S through the policies a user gets by default:
   T2+learned        policy "t2+learned" at its default knobs
   oracle N*         each question's own sample-optimal N (a bound, not a policy)
 Where the fold's gate calls a question unfamiliar, T2 and T2+learned start from the
-server's safe default N instead of the head's guess, as the server does; how often the gate
-fires is reported per source. Accuracy is the mean over `orderings` random finishing orders
+server's safe default N instead of the head's guess, and where it calls one open-ended they
+get one sample (--open-ended-parallelism), as the server does; how often the gate fires is
+reported per source. Accuracy is the mean over `orderings` random finishing orders
 of each pool (estimator.offline.replay); MAE is |N_max * prediction - N*|.
 """
 
@@ -34,6 +35,7 @@ from estimator.stopping import T2, Fixed, LearnedStop
 # the offline pipeline does not import the server's settings.
 DEFAULT_MARGIN = 1.5
 DEFAULT_PARALLELISM = 8
+OPEN_ENDED_PARALLELISM = 1
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
 
 
@@ -145,11 +147,18 @@ def score_source(
         pools, list(policies.values()), orderings=orderings, seed=seed, default=default, desc="  replay"
     )
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
+    accuracy = np.array([r["accuracy"] for r in records])
+    if routes is not None:
+        # The server stops an open-ended request's vote at --open-ended-parallelism samples.
+        cut = np.array([route == "open_ended" for route in routes])
+        for i, name in enumerate(policies):
+            if name != "fixed N_max":
+                matrix[cut, i, a] = accuracy[cut, OPEN_ENDED_PARALLELISM - 1]
+                matrix[cut, i, n] = OPEN_ENDED_PARALLELISM
     out = {
         name: {"accuracy": float(matrix[:, i, a].mean()), "samples": float(matrix[:, i, n].mean())}
         for i, name in enumerate(policies)
     }
-    accuracy = np.array([r["accuracy"] for r in records])
     n_star = np.array([r["n_star"] for r in records])
     out["oracle N*"] = {
         "accuracy": float(accuracy[np.arange(len(records)), n_star - 1].mean()),

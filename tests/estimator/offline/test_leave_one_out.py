@@ -63,26 +63,36 @@ def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
     assert "mean over sources" in table and ("met" in table or "missed" in table)
 
 
-def test_the_gate_sends_unfamiliar_questions_to_the_default_and_is_reported():
+def test_the_gate_sends_unfamiliar_questions_to_the_default_and_open_ended_ones_to_one_sample():
     records, states = synthetic({"a": 0.7, "b": 0.4}, per_source=50)
     far = [{**r, "source": "far"} for r in records[:20]]  # the same pools, states far away
     far_states = states[:20] + 40.0
+    prose = [{**r, "source": "prose"} for r in records[20:40]]  # the same pools, open-ended states
     open_prompts = [{"split": s} for s in ("train", "validation") * 30]
-    open_states = np.random.default_rng(5).normal(size=(60, *states.shape[1:])).astype(np.float32) - 40.0
+    rng = np.random.default_rng(5)
+    open_states = rng.normal(size=(60, *states.shape[1:])).astype(np.float32) - 40.0
+    prose_states = rng.normal(size=(20, *states.shape[1:])).astype(np.float32) - 40.0
     result = loo.leave_one_out(
-        records + far,
-        np.concatenate([states, far_states]),
+        records + far + prose,
+        np.concatenate([states, far_states, prose_states]),
         config=TrainConfig(epochs=10),
         stopping_folds=2,
         orderings=4,
         open_ended=(open_prompts, open_states),
         default=8,
-        sources=["far"],
+        sources=["far", "prose"],
     )
     row = result["sources"]["far"]
     assert row["gate"] == {"unfamiliar": 1.0}
     # Unfamiliar: T2 launches the safe default for every question, whatever the head guessed.
     assert row["policies"]["T2"]["samples"] == 8
+    row = result["sources"]["prose"]
+    assert row["gate"] == {"open_ended": 1.0}
+    # Open-ended: one sample under the default policies (its exact A_x(1)); fixed N_max keeps 16.
+    single = np.mean([r["accuracy"][0] for r in prose])
+    for name in ("T2", "T2+learned"):
+        assert row["policies"][name] == pytest.approx({"accuracy": single, "samples": 1.0})
+    assert row["policies"]["fixed N_max"]["samples"] == 16
 
 
 def test_one_source_is_refused():
