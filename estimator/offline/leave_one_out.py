@@ -37,6 +37,9 @@ DEFAULT_MARGIN = 1.5
 DEFAULT_PARALLELISM = 8
 OPEN_ENDED_PARALLELISM = 1
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
+# T2 is also replayed at these margins (same heads, same orderings): what margin would hold
+# off the training distribution.
+SWEEP_MARGINS = (1.0, 1.5, 2.0, 2.5, 3.0)
 
 
 def leave_one_out(
@@ -51,6 +54,7 @@ def leave_one_out(
     margin: float = DEFAULT_MARGIN,
     default: int = DEFAULT_PARALLELISM,
     sources: list[str] | None = None,
+    sweep: tuple[float, ...] = SWEEP_MARGINS,
 ) -> dict:
     config = config or TrainConfig()
     n_max = len(records[0]["accuracy"])
@@ -112,6 +116,7 @@ def leave_one_out(
             seed=seed,
             margin=margin,
             default=default,
+            sweep=sweep,
         )
         rows[held]["trained_on"] = {"train": len(rest_train), "validation": len(rest_val)}
         tqdm.write(format_row(held, rows[held]))
@@ -123,6 +128,7 @@ def leave_one_out(
         "tolerance": TOLERANCE,
         "sources": rows,
         "mean": mean_over_sources(rows),
+        "margin_sweep": margin_sweep(rows),
     }
 
 
@@ -136,6 +142,7 @@ def score_source(
     seed: int,
     margin: float,
     default: int,
+    sweep: tuple[float, ...] = (),
 ) -> dict:
     n_max = len(records[0]["accuracy"])
     trusted = [
@@ -143,21 +150,34 @@ def score_source(
     ]
     pools = [Pool(r["answers"], r["tokens"], gold_of(r), p) for r, p in zip(records, trusted, strict=True)]
     policies = {"fixed N_max": Fixed(n_max), "T2": T2(margin), "T2+learned": LearnedStop(table)}
+    swept = {f"T2 x{m:g}": T2(m) for m in sweep}
     matrix = replay_matrix(
-        pools, list(policies.values()), orderings=orderings, seed=seed, default=default, desc="  replay"
+        pools,
+        [*policies.values(), *swept.values()],
+        orderings=orderings,
+        seed=seed,
+        default=default,
+        desc="  replay",
     )
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
     accuracy = np.array([r["accuracy"] for r in records])
     if routes is not None:
         # The server stops an open-ended request's vote at --open-ended-parallelism samples.
         cut = np.array([route == "open_ended" for route in routes])
-        for i, name in enumerate(policies):
+        for i, name in enumerate([*policies, *swept]):
             if name != "fixed N_max":
                 matrix[cut, i, a] = accuracy[cut, OPEN_ENDED_PARALLELISM - 1]
                 matrix[cut, i, n] = OPEN_ENDED_PARALLELISM
     out = {
         name: {"accuracy": float(matrix[:, i, a].mean()), "samples": float(matrix[:, i, n].mean())}
         for i, name in enumerate(policies)
+    }
+    sweep_out = {
+        float(m): {
+            "accuracy": float(matrix[:, len(policies) + j, a].mean()),
+            "samples": float(matrix[:, len(policies) + j, n].mean()),
+        }
+        for j, m in enumerate(sweep)
     }
     n_star = np.array([r["n_star"] for r in records])
     out["oracle N*"] = {
@@ -171,6 +191,7 @@ def score_source(
         "mean_estimate": float(np.mean(predictions) * n_max),
         "mean_n_star": float(n_star.mean()),
         "accuracy_at_1": float(accuracy[:, 0].mean()),
+        "t2_margins": sweep_out,
     }
     if routes is not None:
         result["gate"] = {route: routes.count(route) / len(routes) for route in sorted(set(routes))}
@@ -196,6 +217,28 @@ def mean_over_sources(rows: dict[str, dict]) -> dict:
         "t2_meets_target": mean["T2"]["accuracy"] >= fixed["accuracy"] - TOLERANCE
         and mean["T2"]["samples"] <= 0.5 * fixed["samples"],
     }
+
+
+def margin_sweep(rows: dict[str, dict]) -> list[dict]:
+    """T2 at each swept margin, averaged over the held-out sources, against fixed N_max."""
+    margins = next(iter(rows.values())).get("t2_margins", {})
+    fixed = np.mean([r["policies"]["fixed N_max"]["accuracy"] for r in rows.values()])
+    n_max = np.mean([r["policies"]["fixed N_max"]["samples"] for r in rows.values()])
+    out = []
+    for m in margins:
+        accuracy = float(np.mean([r["t2_margins"][m]["accuracy"] for r in rows.values()]))
+        samples = float(np.mean([r["t2_margins"][m]["samples"] for r in rows.values()]))
+        out.append(
+            {
+                "margin": m,
+                "accuracy": accuracy,
+                "samples": samples,
+                "accuracy_gap": accuracy - float(fixed),
+                "sample_share": samples / float(n_max),
+                "meets_target": bool(accuracy >= fixed - TOLERANCE and samples <= 0.5 * n_max),
+            }
+        )
+    return out
 
 
 def format_row(name: str, row: dict) -> str:
@@ -226,6 +269,11 @@ def report_table(result: dict) -> str:
         f"T2 vs fixed N_max: {100 * mean['t2_accuracy_gap']:+.1f} points at {mean['t2_sample_share']:.0%} of its "
         f"samples (target: >= -1 point at <= 50%): {'met' if mean['t2_meets_target'] else 'missed'}"
     )
+    for m in result.get("margin_sweep", []):
+        lines.append(
+            f"  T2 x{m['margin']:<4g} {m['accuracy']:.3f} /{m['samples']:5.2f}: {100 * m['accuracy_gap']:+.1f} points "
+            f"at {m['sample_share']:.0%} ({'met' if m['meets_target'] else 'missed'})"
+        )
     return "\n".join(lines)
 
 

@@ -54,8 +54,16 @@ def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
         assert policies["fixed N_max"]["samples"] == 16
         assert 1 <= policies["T2"]["samples"] <= 16 and 1 <= policies["T2+learned"]["samples"] <= 16
         assert policies["oracle N*"]["accuracy"] >= policies["fixed N_max"]["accuracy"] - 1e-9
+        # The margin sweep replays T2 on the same orderings: its x1.5 is the T2 column.
+        assert row["t2_margins"][1.5] == pytest.approx(policies["T2"])
+        samples = [row["t2_margins"][m]["samples"] for m in loo.SWEEP_MARGINS]
+        assert samples == sorted(samples)
     mean = result["mean"]
     assert mean["t2_sample_share"] == pytest.approx(mean["policies"]["T2"]["samples"] / 16)
+    sweep = {m["margin"]: m for m in result["margin_sweep"]}
+    assert list(sweep) == list(loo.SWEEP_MARGINS)
+    assert sweep[1.5]["accuracy_gap"] == pytest.approx(mean["t2_accuracy_gap"])
+    assert sweep[1.5]["meets_target"] == mean["t2_meets_target"]
     loo.write_report(result, tmp_path / "loo")
     assert json.loads((tmp_path / "loo.json").read_text())["n_max"] == 16
     assert (tmp_path / "loo.png").stat().st_size > 0
