@@ -67,6 +67,11 @@ class Gate:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+def route_shares(routes: list[Route]) -> dict[str, float]:
+    """How often each route was taken, over a set of questions."""
+    return {route: routes.count(route) / len(routes) for route in sorted(set(routes))}
+
+
 def gate_path(head_path: str | Path) -> Path:
     path = Path(head_path)
     path = path.with_suffix("") if path.suffix in {".json", ".safetensors"} else path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.gate import Gate
+from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
 from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
 from estimator.offline.leave_one_out import DEFAULT_MARGIN, DEFAULT_PARALLELISM, OPEN_ENDED_PARALLELISM
@@ -94,7 +94,7 @@ def evaluate(
             ],
         },
         "type_shares": {TYPES[t]: types.get(t, 0) / len(test) for t in TYPES},
-        "gate": None if routes is None else {r: routes.count(r) / len(routes) for r in sorted(set(routes))},
+        "gate": None if routes is None else route_shares(routes),
         "estimator_mean_n_over_oracle": policies["T2 estimator"]["mean_n"] / float(n_star.mean()),
         "head": head.identity,
     }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from estimator.gate import route_shares
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.gate_fit import fit_gate
 from estimator.offline.labels import gold_of, source_of
@@ -194,7 +195,7 @@ def score_source(
         "t2_margins": sweep_out,
     }
     if routes is not None:
-        result["gate"] = {route: routes.count(route) / len(routes) for route in sorted(set(routes))}
+        result["gate"] = route_shares(routes)
     return result
 
 
