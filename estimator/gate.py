@@ -8,7 +8,10 @@ One layer of the captured states decides, before any sample is drawn:
                questions than `radius` (per-dimension z-distance, the 99th percentile of
                the training questions' own): the head's guess is not trusted, the server
                uses its safe default N
-  answerable   otherwise: the head's N
+  answerable   otherwise: the head's N, its margin raised by `margin_scale` as the state
+               nears the radius: from `far_from` x radius (x1) to the radius (x `far_scale`);
+               a head's guesses are worse for questions less like its training ones, and
+               familiar questions keep the margin chosen for them (README, leave-one-out)
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Gate:
     bias: float
     radius: float  # z-distance beyond which a question is unfamiliar
     threshold: float = 0.5
+    far_from: float = 1.0  # fraction of `radius` where the margin starts to rise (1: never)
+    far_scale: float = 1.0  # the margin's multiple at the radius
     fitted: dict | None = None  # what it was fitted on, and its held-out scores
 
     def __post_init__(self) -> None:
@@ -51,6 +56,13 @@ class Gate:
     def distance(self, states: np.ndarray) -> np.ndarray:
         z = self.z(states)
         return np.sqrt((z**2).mean(axis=1))
+
+    def margin_scale(self, states: np.ndarray) -> np.ndarray:
+        """[B] multiples of the T2 margin for states [B, L, d] (or one request's [L, d])."""
+        if self.far_from >= 1 or self.far_scale == 1:
+            return np.ones(len(self.z(states)), dtype=np.float32)
+        rise = np.clip((self.distance(states) / self.radius - self.far_from) / (1 - self.far_from), 0, 1)
+        return 1 + (self.far_scale - 1) * rise
 
     def route(self, states: np.ndarray) -> Route:
         """Where one request's [L, d] states send it."""

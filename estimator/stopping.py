@@ -232,6 +232,7 @@ class Budget:
     n_max: int  # the N_max the prediction is relative to (the head's)
     default: int  # samples when there is no prediction
     cap: int  # most samples this vote may launch (max_parallelism, lowered under load)
+    margin_scale: float = 1.0  # the T2 margin's multiple for this request (estimator.gate)
 
     def __post_init__(self) -> None:
         if self.cap < 1 or self.n_max < 1 or self.default < 1:
@@ -374,7 +375,11 @@ class T2:
 
     def first_launch(self, budget: Budget) -> int:
         return choose_parallelism(
-            budget.prediction, n_max=budget.n_max, default=budget.default, cap=budget.cap, margin=self.margin
+            budget.prediction,
+            n_max=budget.n_max,
+            default=budget.default,
+            cap=budget.cap,
+            margin=self.margin * budget.margin_scale,
         )
 
     def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:

@@ -131,6 +131,7 @@ class ThinkingResult:
     usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
     open_ended: bool = False  # `aggregate: auto` stopped the vote at --open-ended-parallelism
     gate: str | None = None  # where the head's gate sent the request (estimator.gate), if it ran
+    margin_scale: float | None = None  # the gate's multiple of the T2 margin (answerable requests)
     estimator_fallback: str | None = None  # why the head's prediction was not used (Plan)
 
     @property
@@ -277,6 +278,7 @@ class ParallelThinker:
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
         prediction = states = capture_ms = estimator_ms = load_cap = route = None
         gate_cap = plan.cap  # the gate lowers it for open-ended prompts
+        margin_scale = None  # the gate raises T2's margin for questions far from the head's
         timed_out = False
         late: list[Sample] = []  # finished after their vote stopped, or never finished
 
@@ -295,7 +297,7 @@ class ParallelThinker:
             def budget() -> Budget:
                 """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
                 cap = plan.cap if plan.mode == "fixed" else self._scaled_cap(plan, own=group.running())
-                return self._budget(prediction, min(cap, gate_cap))
+                return self._budget(prediction, min(cap, gate_cap), margin_scale)
 
             # Capture only when someone reads the states: they cost the engine step time.
             capture = want_states or (
@@ -317,8 +319,10 @@ class ParallelThinker:
                         gate_cap = min(plan.cap, self.settings.open_ended_parallelism)
                     elif route == "unfamiliar":  # the head's guess is not trusted: the safe default N
                         prediction = None
+                    elif route == "answerable" and prediction is not None:
+                        margin_scale = float(self.estimator.gate.margin_scale(states)[0])
                 if plan.mode == "auto" and not expired.done():
-                    load_cap = self._first_cap(plan, prediction, own=group.running())
+                    load_cap = self._first_cap(plan, prediction, margin_scale, own=group.running())
                 for c in range(plan.n_choices):
                     if expired.done():
                         break
@@ -390,6 +394,7 @@ class ParallelThinker:
             usc=usc,
             open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
             gate=route,
+            margin_scale=margin_scale,
             estimator_fallback=plan.estimator_fallback if states_future is not None else None,
             reasoning_tokens=None
             if reader is None or not reader.has_reasoning
@@ -456,8 +461,14 @@ class ParallelThinker:
             metrics.TIMEOUTS.labels("partial").inc()
         return choices
 
-    def _budget(self, prediction: float | None, cap: int) -> Budget:
-        return Budget(prediction, n_max=self.n_max, default=self.settings.default_parallelism, cap=cap)
+    def _budget(self, prediction: float | None, cap: int, margin_scale: float | None = None) -> Budget:
+        return Budget(
+            prediction,
+            n_max=self.n_max,
+            default=self.settings.default_parallelism,
+            cap=cap,
+            margin_scale=margin_scale or 1.0,
+        )
 
     def _scaled_cap(self, plan: Plan, own: int) -> int:
         """The per-choice cap after the load curve (1 when greedy: more samples would only
@@ -470,7 +481,7 @@ class ParallelThinker:
             plan.cap, self.samples_in_flight - own, self.samples_limit, choices=plan.n_choices
         )
 
-    def _first_cap(self, plan: Plan, prediction: float | None, own: int) -> int:
+    def _first_cap(self, plan: Plan, prediction: float | None, margin_scale: float | None, own: int) -> int:
         """The cap when an `auto` request first chooses N (with `own` samples of its own
         running: sample 0, when it carried the capture), recorded in metrics, with the request
         counted as load-reduced when the cap lowers its first launch."""
@@ -478,8 +489,8 @@ class ParallelThinker:
         if self.samples_limit is not None and not plan.greedy:
             metrics.LOAD_CAP.observe(scaled)
             first = plan.policy.first_launch
-            if scaled < plan.cap and first(self._budget(prediction, scaled)) < first(
-                self._budget(prediction, plan.cap)
+            if scaled < plan.cap and first(self._budget(prediction, scaled, margin_scale)) < first(
+                self._budget(prediction, plan.cap, margin_scale)
             ):
                 metrics.LOAD_REDUCED.inc()
         return scaled

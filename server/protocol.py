@@ -186,6 +186,9 @@ class T2Info(BaseModel):
     aggregate: str = "answer"
     usc: dict[str, int] | None = None  # the self-consistency pass: passes, prompt/completion tokens
     gate: str | None = None  # answerable / open_ended / unfamiliar: where the head's gate sent it
+    # answerable: the multiple of T2's margin the gate applied (1 near the head's training
+    # questions, rising toward the unfamiliarity radius; estimator.gate)
+    margin_scale: float | None = None
     # why `auto` used the default N instead of the head's prediction: "temperature" (the
     # request samples unlike the head's labels, --estimator-temperature-tolerance)
     estimator_fallback: str | None = None

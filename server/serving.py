@@ -426,6 +426,7 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         aggregate=first.aggregate,
         usc=first.usc,
         gate=first.gate,
+        margin_scale=first.margin_scale,
         estimator_fallback=first.estimator_fallback,
         open_ended=first.open_ended or None,
         launched=sum(r.launched for r in results),

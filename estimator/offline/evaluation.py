@@ -4,7 +4,7 @@ Every policy is scored on the same labeled pools with the exact expected accurac
 (no sampling noise): a policy that gives question x N_x samples scores mean_x A_x(N_x).
 Policies: fixed N_max (standard parallel thinking), fixed N_D (system-optimal N, chosen on
 the train split), the T2 estimator, the estimator with safety margins, the server's default
-`auto` (T2 x1.5 behind the head's gate, when the head has one), and the oracle N*_x.
+`auto` (T2 x1.5 behind the head's gate, with the gate's margin multiple, when the head has one), and the oracle N*_x.
 Costs: mean N, C_mem = mean N / N_max, C_time = expected generated tokens / those of N_max.
 """
 
@@ -58,9 +58,13 @@ def evaluate(
     predictions = head.predict_batch(test_states)
     per_layer = head.predict_layers(test_states).numpy()
 
-    def chosen(margin: float) -> np.ndarray:
+    def chosen(margin: float, scale: np.ndarray | None = None) -> np.ndarray:
+        scale = np.ones(len(predictions)) if scale is None else scale
         return np.array(
-            [choose_parallelism(p, n_max=n_max, default=n_max, cap=n_max, margin=margin) for p in predictions]
+            [
+                choose_parallelism(p, n_max=n_max, default=n_max, cap=n_max, margin=margin * float(k))
+                for p, k in zip(predictions, scale, strict=True)
+            ]
         )
 
     policies = {
@@ -71,7 +75,10 @@ def evaluate(
     }
     routes = [gate.route(s) for s in test_states] if gate is not None else None
     if routes is not None:
-        policies[f"T2 x{DEFAULT_MARGIN:g} + gate"] = score(gated(chosen(DEFAULT_MARGIN), routes), acc, tokens)
+        # As the server runs it: the gate's margin multiple where it trusts the head.
+        policies[f"T2 x{DEFAULT_MARGIN:g} + gate"] = score(
+            gated(chosen(DEFAULT_MARGIN, gate.margin_scale(test_states)), routes), acc, tokens
+        )
     policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]
     margin_curve = [

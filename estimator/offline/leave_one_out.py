@@ -12,8 +12,10 @@ question of S through the policies a user gets by default:
 Where the fold's gate calls a question unfamiliar, T2 and T2+learned start from the
 server's safe default N instead of the head's guess, and where it calls one open-ended they
 get one sample (--open-ended-parallelism), as the server does; how often the gate fires is
-reported per source. Accuracy is the mean over `orderings` random finishing orders
-of each pool (estimator.offline.replay); MAE is |N_max * prediction - N*|.
+reported per source; where it trusts the head, T2's margin is multiplied by the gate's
+margin_scale (larger far from the training questions). Fixed N and T2 are scored with the
+exact A_x(N); T2+learned by the mean over `orderings` random finishing orders of each pool
+(estimator.offline.replay). MAE is |N_max * prediction - N*|.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def leave_one_out(
         table = fit_stopping(train_records, predictions_cf, seed=seed, progress=False)
         test_records = [records[i] for i in test]
         predictions = head.predict_batch(states[test])
-        routes = None
+        routes = scales = None
         if open_ended is not None:
             prompts, open_states = open_ended
             kind = np.array([p["split"] for p in prompts])
@@ -108,11 +110,13 @@ def leave_one_out(
                 layers=list(range(states.shape[1])),
             )
             routes = [gate.route(s) for s in states[test]]
+            scales = gate.margin_scale(states[test])
         rows[held] = score_source(
             test_records,
             predictions,
             table,
             routes,
+            margin_scales=scales,
             orderings=orderings,
             seed=seed,
             margin=margin,
@@ -139,6 +143,7 @@ def score_source(
     table: StoppingTable,
     routes: list[str] | None,
     *,
+    margin_scales: np.ndarray | None = None,
     orderings: int,
     seed: int,
     margin: float,
@@ -149,7 +154,11 @@ def score_source(
     trusted = [
         float(p) if routes is None or routes[i] == "answerable" else None for i, p in enumerate(predictions)
     ]
-    pools = [Pool(r["answers"], r["tokens"], gold_of(r), p) for r, p in zip(records, trusted, strict=True)]
+    scales = np.ones(len(records)) if margin_scales is None else np.asarray(margin_scales)
+    pools = [
+        Pool(r["answers"], r["tokens"], gold_of(r), p, float(k))
+        for r, p, k in zip(records, trusted, scales, strict=True)
+    ]
     policies = {"fixed N_max": Fixed(n_max), "T2": T2(margin), "T2+learned": LearnedStop(table)}
     swept = {f"T2 x{m:g}": T2(m) for m in sweep}
     matrix = replay_matrix(
@@ -162,6 +171,12 @@ def score_source(
     )
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
     accuracy = np.array([r["accuracy"] for r in records])
+    # Fixed N and T2 choose N before decoding: score them with the exact A_x(N), free of the
+    # orderings' noise (the replay converges to it; estimator.offline.replay).
+    for i, policy in enumerate([*policies.values(), *swept.values()]):
+        if not policy.adapts:
+            chosen = matrix[:, i, n].astype(int)
+            matrix[:, i, a] = accuracy[np.arange(len(records)), chosen - 1]
     if routes is not None:
         # The server stops an open-ended request's vote at --open-ended-parallelism samples.
         cut = np.array([route == "open_ended" for route in routes])

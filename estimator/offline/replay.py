@@ -47,6 +47,7 @@ class Pool:
     tokens: list[int]
     gold: Gold  # the correct key, or keys (estimator.offline.labels.gold_of)
     prediction: float | None = None
+    margin_scale: float = 1.0  # the gate's multiple of T2's margin (estimator.gate)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class PoolReplay:
     def __init__(self, pool: Pool, orderings: np.ndarray, default: int):
         self.pool = pool
         n_max = len(pool.answers)
-        self.budget = Budget(pool.prediction, n_max=n_max, default=default, cap=n_max)
+        self.budget = Budget(
+            pool.prediction, n_max=n_max, default=default, cap=n_max, margin_scale=pool.margin_scale
+        )
         self.orderings = orderings
         self.sequences = [tuple(pool.answers[j] for j in order) for order in orderings]
         self.token_rows = np.asarray(pool.tokens, dtype=np.int64)[orderings]  # [R, N_max]

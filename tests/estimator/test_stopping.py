@@ -1,6 +1,8 @@
 """Sampling policies (estimator/stopping.py): criteria and decisions; `drive` (the offline
 replay's driver) checks that every policy keeps the launch/stop protocol."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,13 @@ def test_fixed_and_t2_launch_their_n_and_wait_for_all():
     assert T2(1.0).first_launch(Budget(None, n_max=16, default=8, cap=16)) == 8
     assert T2(1.0).on_result(tally("1", "1"), 4, BUDGET) == WAIT
     assert T2(1.0).on_result(tally("1", "1", "1", "1"), 4, BUDGET) == STOP
+
+
+def test_the_gates_margin_scale_multiplies_t2s_margin_in_every_policy_that_launches_t2():
+    far = dataclasses.replace(BUDGET, margin_scale=2.0)
+    assert T2(1.0).first_launch(far) == T2(2.0).first_launch(BUDGET) == 8
+    assert Composition("beta", 0.9, margin=1.0).first_launch(far) == 8
+    assert T2(1.0).first_launch(dataclasses.replace(far, prediction=None)) == far.default  # no head: default
 
 
 def test_esc_stops_on_a_unanimous_window_only():

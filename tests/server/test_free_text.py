@@ -8,6 +8,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from estimator.gate import Gate
+from estimator.head import DEFAULT_HEAD
 from estimator.offline.open_ended import KINDS, open_ended_prompts
 from tests.conftest import MODEL_NAME
 from tests.server.test_api import QUESTION
@@ -62,6 +64,13 @@ async def test_open_ended_prompts_get_one_sample_under_auto(engine, shipped_head
     assert t2["samples"] == t2["launched"] == t2["n_used"]  # every launched sample voted
     if t2["gate"] == "unfamiliar":  # the head's guess is not trusted: the default N
         assert t2["n_used"] == shipped_head.parallelism.default_parallelism and t2["prediction"] is None
+    else:  # the head's N, at the margin times the gate's multiple (>= 1, <= the head's far scale)
+        gate = Gate.load(DEFAULT_HEAD)
+        assert 1.0 <= t2["margin_scale"] <= gate.far_scale
+        margin = shipped_head.parallelism.estimator_margin * t2["margin_scale"]
+        assert t2["n_used"] == min(
+            max(1, round(t2["n_max"] * t2["prediction"] * margin)), t2["max_parallelism"]
+        )
 
 
 # At a client-forced N the strict rule alone must keep list numbering and code out of the
