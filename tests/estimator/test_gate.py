@@ -18,15 +18,20 @@ def states(rng, count: int, shift: float, layers: int = 3, d: int = 8) -> np.nda
     return x
 
 
-def test_the_gate_learns_which_prompts_are_open_ended_and_flags_unfamiliar_ones(tmp_path):
-    rng = np.random.default_rng(0)
-    gate = fit_gate(
+def fitted_gate(rng) -> Gate:
+    """A gate on toy states: questions at shift 0, open-ended prompts at shift 4."""
+    return fit_gate(
         states(rng, 200, 0.0),
         states(rng, 200, 4.0),
         states(rng, 50, 0.0),
         states(rng, 50, 4.0),
         layers=[0, 1, 2],
     )
+
+
+def test_the_gate_learns_which_prompts_are_open_ended_and_flags_unfamiliar_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    gate = fitted_gate(rng)
     assert gate.layer == 1 and gate.fitted["validation"]["accuracy"] > 0.9
     assert gate.route(states(rng, 1, 4.0)[0]) == "open_ended"
     assert gate.route(states(rng, 1, 0.0)[0]) == "answerable"
@@ -52,13 +57,7 @@ def test_the_open_ended_prompts_are_deterministic_split_and_of_every_kind():
 
 def test_the_margin_rises_only_for_questions_far_from_the_training_ones():
     rng = np.random.default_rng(1)
-    gate = fit_gate(
-        states(rng, 200, 0.0),
-        states(rng, 200, 4.0),
-        states(rng, 50, 0.0),
-        states(rng, 50, 4.0),
-        layers=[0, 1, 2],
-    )
+    gate = fitted_gate(rng)
     assert (gate.far_from, gate.far_scale) == (FAR_FROM, FAR_SCALE) and FAR_SCALE > 1
 
     def at(fraction: float) -> np.ndarray:
