@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --leave-one-out: a `t2serve label --data open-ended` folder, to fit each fold's gate",
     )
     evaluate.add_argument(
+        "--held-out",
+        action="append",
+        metavar="SOURCE",
+        help="with --leave-one-out: score only these sources (repeatable; default: every source), "
+        "e.g. one labelled after every choice was made",
+    )
+    evaluate.add_argument(
         "--loo-out",
         type=Path,
         default=Path("benchmarks/results/leave_one_out"),
@@ -791,6 +798,7 @@ def _leave_one_out(args: argparse.Namespace, records: list[dict], states) -> Non
             orderings=max(args.orderings // 4, 10),
             seed=args.replay_seed,
             open_ended=open_ended,
+            sources=args.held_out,
         )
     except ValueError as exc:
         raise SystemExit(f"t2serve evaluate --leave-one-out: {exc}") from exc

@@ -107,3 +107,23 @@ def test_one_source_is_refused():
     records, states = synthetic({"only": 0.5}, per_source=10)
     with pytest.raises(ValueError, match="two sources"):
         loo.leave_one_out(records, states, config=TrainConfig(epochs=2), stopping_folds=2, orderings=2)
+
+
+def test_t2_is_scored_with_the_exact_accuracy_and_the_gates_multiple_raises_its_n():
+    from estimator.offline.stopping_fit import fit_stopping
+
+    records, _ = synthetic({"a": 0.5}, per_source=30)
+    predictions = np.full(len(records), 0.25)  # 16 * 0.25 * 1.5 = 6 samples
+    table = fit_stopping(records, predictions, seed=0, progress=False)
+    answerable = ["answerable"] * len(records)
+    kwargs = {"orderings": 3, "seed": 0, "margin": 1.5, "default": 8, "sweep": (1.0,)}
+    plain = loo.score_source(records, predictions, table, answerable, **kwargs)
+    far = loo.score_source(
+        records, predictions, table, answerable, margin_scales=np.full(len(records), 2.0), **kwargs
+    )
+    accuracy = np.array([r["accuracy"] for r in records])
+    # Three orderings would be noisy; T2 chooses N before decoding, so it is A_x(N) exactly.
+    assert plain["policies"]["T2"] == pytest.approx({"accuracy": accuracy[:, 5].mean(), "samples": 6.0})
+    assert far["policies"]["T2"] == pytest.approx({"accuracy": accuracy[:, 11].mean(), "samples": 12.0})
+    assert far["t2_margins"][1.0]["samples"] == 8.0  # the multiple applies to every swept margin
+    assert far["policies"]["fixed N_max"] == plain["policies"]["fixed N_max"]
