@@ -4,7 +4,8 @@ Every policy is scored on the same labeled pools with the exact expected accurac
 (no sampling noise): a policy that gives question x N_x samples scores mean_x A_x(N_x).
 Policies: fixed N_max (standard parallel thinking), fixed N_D (system-optimal N, chosen on
 the train split), the T2 estimator, the estimator with safety margins, the server's default
-`auto` (T2 x1.5 behind the head's gate, with the gate's margin multiple, when the head has one), and the oracle N*_x.
+`auto` (T2 x1.5 behind the head's gate, with the gate's margin multiple, when the head has
+one), and the oracle N*_x.
 Costs: mean N, C_mem = mean N / N_max, C_time = expected generated tokens / those of N_max.
 """
 

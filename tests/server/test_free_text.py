@@ -11,6 +11,7 @@ from openai import AsyncOpenAI
 from estimator.gate import Gate
 from estimator.head import DEFAULT_HEAD
 from estimator.offline.open_ended import KINDS, open_ended_prompts
+from estimator.stopping import choose_parallelism
 from tests.conftest import MODEL_NAME
 from tests.server.test_api import QUESTION
 from tests.server.test_hardening import serve
@@ -68,8 +69,12 @@ async def test_open_ended_prompts_get_one_sample_under_auto(engine, shipped_head
         gate = Gate.load(DEFAULT_HEAD)
         assert 1.0 <= t2["margin_scale"] <= gate.far_scale
         margin = shipped_head.parallelism.estimator_margin * t2["margin_scale"]
-        assert t2["n_used"] == min(
-            max(1, round(t2["n_max"] * t2["prediction"] * margin)), t2["max_parallelism"]
+        assert t2["n_used"] == choose_parallelism(
+            t2["prediction"],
+            n_max=t2["n_max"],
+            default=shipped_head.parallelism.default_parallelism,
+            cap=t2["max_parallelism"],
+            margin=margin,
         )
 
 
