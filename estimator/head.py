@@ -13,7 +13,8 @@ the best single layer (plain inverse-variance weighting over all layers only gua
 harmonic mean of the layer MSEs).
 
 Saved as `<name>.safetensors` (tensors) + `<name>.json` (model identity, N_max, layer MSEs,
-chosen layers, training config). `T2Head.load` refuses a head whose model does not match.
+chosen layers, training config, the T2 margin chosen on validation). `T2Head.load` refuses a
+head whose model does not match.
 A head may carry a learned stopping table, `<name>.stopping.safetensors`
 (estimator.learned_stopping), fitted for it by `t2serve train`; saving a head removes a
 table left beside an earlier head, since the table is only valid for the head it was fitted with.
@@ -48,6 +49,10 @@ class HeadMeta:
     combined_val_mse: float | None = None
     train_config: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)
+    # T2's margin for this head, chosen on its validation split (estimator.offline.margin_fit;
+    # None: heads trained before, which get the server's 1.5) and what it was chosen on.
+    margin: float | None = None
+    margin_fit: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 

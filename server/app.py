@@ -88,10 +88,16 @@ def create_app(
                 "identity": head.identity if head is not None else "",
                 "n_max": str(thinker.n_max),
                 "layers": ",".join(map(str, head.meta.layers)) if head is not None else "",
+                "margin": f"{thinker.margin:g}" if head is not None else "",
             }
         )
         if head is not None:
-            logger.info("estimator head loaded: %s (layers %s)", head.identity, head.meta.layers)
+            logger.info(
+                "estimator head loaded: %s (layers %s, T2 margin %g)",
+                head.identity,
+                head.meta.layers,
+                thinker.margin,
+            )
         else:
             logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
         app.state.serving = OpenAIServing(live, thinker, settings)

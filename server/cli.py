@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from estimator.stopping import policy_names
 from server.config import EngineSettings, LimitSettings, ParallelismSettings, ServerSettings
+
+if TYPE_CHECKING:
+    from estimator.gate import Gate
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -92,8 +96,9 @@ def _add_parallelism_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--estimator-margin",
         type=float,
-        default=1.5,
-        help="N = round(N_max * prediction * margin) (default 1.5: matches fixed N_max on validation, README)",
+        default=None,
+        help="N = round(N_max * prediction * margin) (default: the head's own, chosen on its validation "
+        "split by `t2serve train`; 1.5 for a head without one)",
     )
     g.add_argument(
         "--estimator-temperature-tolerance",
@@ -296,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         "t2+learned); 0: no table",
     )
     train.add_argument(
+        "--margin-tolerance",
+        type=float,
+        default=0.005,
+        help="the head's T2 margin: the smallest whose validation accuracy is within this of fixed "
+        "N_max's (estimator/offline/margin_fit.py)",
+    )
+    train.add_argument(
         "--stopping-bandwidth",
         type=float,
         default=1.0,
@@ -326,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="with --leave-one-out: score only these sources (repeatable; default: every source), "
         "e.g. one labelled after every choice was made",
+    )
+    evaluate.add_argument(
+        "--margin",
+        type=float,
+        help="with --leave-one-out: T2's margin in every fold (default: each fold's own, chosen on its "
+        "validation split as `t2serve train` does)",
     )
     evaluate.add_argument(
         "--loo-out",
@@ -611,8 +629,11 @@ def _split(records: list[dict], states, split: str):
 
 
 def train(args: argparse.Namespace) -> None:
+    import numpy as np
 
+    from estimator.gate import gate_path
     from estimator.offline.labeling import load_label_sets
+    from estimator.offline.margin_fit import fit_margin
     from estimator.offline.training import TrainConfig, fit, targets
 
     records, states, header = load_label_sets(args.labels)
@@ -624,7 +645,8 @@ def train(args: argparse.Namespace) -> None:
     if args.gate_only:
         if not args.open_ended:
             raise SystemExit("t2serve train --gate-only needs --open-ended")
-        _fit_gate(args, train_states, val_states, header)
+        _fit_gate(args, train_states, val_states, header).save(args.out)
+        print(f"wrote {gate_path(args.out)}")
         return
     config = TrainConfig(
         ratio=args.ratio, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed
@@ -640,7 +662,18 @@ def train(args: argparse.Namespace) -> None:
         labels_info=header,
     )
     head.meta.model_fingerprint = header["model"].get("fingerprint", "")
+    gate = _fit_gate(args, train_states, val_states, header) if args.open_ended else None
+    # The margin is chosen as the server will run it: times the gate's multiple.
+    fitted = fit_margin(
+        np.array([r["accuracy"] for r in val_records]),
+        head.predict_batch(val_states),
+        scales=gate.margin_scale(val_states) if gate is not None else None,
+        tolerance=args.margin_tolerance,
+    )
+    head.meta.margin, head.meta.margin_fit = fitted["margin"], fitted
     head.save(args.out)
+    if gate is not None:
+        gate.save(args.out)  # after the head: saving a head removes the gate of an earlier one
     if args.stopping_folds > 1:
         from estimator.offline.stopping_fit import fit_stopping
         from estimator.offline.training import cross_fitted_predictions
@@ -666,9 +699,12 @@ def train(args: argparse.Namespace) -> None:
     print(
         f"combined over {len(head.meta.layers)} layers {head.meta.layers}: {head.meta.combined_val_mse:.4f}"
     )
-    print(f"wrote {args.out}.safetensors and {args.out}.json")
-    if args.open_ended:
-        _fit_gate(args, train_states, val_states, header)
+    print(
+        f"T2 margin {fitted['margin']:g} (validation: accuracy {fitted['accuracy']:.3f} at "
+        f"{fitted['samples']:.2f} samples, fixed N_max {fitted['fixed_accuracy']:.3f}, tolerance "
+        f"{fitted['tolerance']:g}{'' if fitted['met'] else ', not met: the grid largest'})"
+    )
+    print(f"wrote {args.out}.safetensors and {args.out}.json" + (f", {gate_path(args.out)}" if gate else ""))
 
 
 def source_table(records: list[dict]) -> str:
@@ -691,12 +727,12 @@ def source_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) -> None:
+def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) -> Gate:
+    """The answerable/open-ended gate on the labels' states and `--open-ended`'s (not saved)."""
     import json
 
     import numpy as np
 
-    from estimator.gate import gate_path
     from estimator.offline.gate_fit import fit_gate
     from estimator.offline.open_ended import load_states
 
@@ -714,11 +750,10 @@ def _fit_gate(args: argparse.Namespace, train_states, val_states, header: dict) 
         states[split == "validation"],
         layers=list(range(model["num_layers"])),
     )
-    gate.save(args.out)
     print(
         f"gate: layer {gate.layer}, radius {gate.radius:.2f}; validation {json.dumps(gate.fitted['validation'])}"
     )
-    print(f"wrote {gate_path(args.out)}")
+    return gate
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -799,6 +834,7 @@ def _leave_one_out(args: argparse.Namespace, records: list[dict], states) -> Non
             seed=args.replay_seed,
             open_ended=open_ended,
             sources=args.held_out,
+            margin=args.margin,
         )
     except ValueError as exc:
         raise SystemExit(f"t2serve evaluate --leave-one-out: {exc}") from exc

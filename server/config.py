@@ -49,6 +49,10 @@ class EngineSettings(BaseModel):
     capture_slots: int = Field(default=64, ge=1)
 
 
+# T2's margin for a head that carries none (heads trained before margins were fitted).
+DEFAULT_ESTIMATOR_MARGIN = 1.5
+
+
 class ParallelismSettings(BaseModel):
     """How many samples a request gets."""
 
@@ -64,8 +68,9 @@ class ParallelismSettings(BaseModel):
     # T2 head: a path (without suffix) to <head>.safetensors/.json; "default" = the head
     # shipped for the embedded model, loaded only when it matches the served model; None = off.
     estimator_head: str | None = "default"
-    # Safety margin: N = round(N_max * prediction * margin).
-    estimator_margin: float = Field(default=1.5, gt=0)
+    # Safety margin: N = round(N_max * prediction * margin). None: the margin stored in the
+    # head (chosen on its validation split by `t2serve train`), else DEFAULT_ESTIMATOR_MARGIN.
+    estimator_margin: float | None = Field(default=None, gt=0)
     # A request whose temperature is farther than this from the one the head's labels were
     # made at gets the default N instead of the head's guess. None (the default): the head
     # is used at any temperature, which measured better than falling back (README

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scaled_cap
 from server import aggregation, metrics, sampling, vllm_api
-from server.config import ParallelismSettings
+from server.config import DEFAULT_ESTIMATOR_MARGIN, ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
 from server.samples import InFlight, Sample, SampleGroup
@@ -188,12 +188,21 @@ class ParallelThinker:
         meta = getattr(self.estimator, "meta", None)
         return int(meta.n_max) if meta is not None else self.settings.default_parallelism
 
+    @property
+    def margin(self) -> float:
+        """T2's margin: --estimator-margin, else the head's own (chosen on its validation
+        split), else DEFAULT_ESTIMATOR_MARGIN."""
+        if self.settings.estimator_margin is not None:
+            return self.settings.estimator_margin
+        head_margin = getattr(getattr(self.estimator, "meta", None), "margin", None)
+        return float(head_margin) if head_margin is not None else DEFAULT_ESTIMATOR_MARGIN
+
     def parse_policy(self, spec: str) -> Policy:
         """A policy spec with the server's defaults (`fixed`: N_max; T2's margin); ValueError if bad."""
         return parse_policy(
             spec,
             fixed_n=self.n_max,
-            margin=self.settings.estimator_margin,
+            margin=self.margin,
             stopping=getattr(self.estimator, "stopping", None),
         )
 

@@ -4,8 +4,8 @@ Every policy is scored on the same labeled pools with the exact expected accurac
 (no sampling noise): a policy that gives question x N_x samples scores mean_x A_x(N_x).
 Policies: fixed N_max (standard parallel thinking), fixed N_D (system-optimal N, chosen on
 the train split), the T2 estimator, the estimator with safety margins, the server's default
-`auto` (T2 x1.5 behind the head's gate, with the gate's margin multiple, when the head has
-one), and the oracle N*_x.
+`auto` (T2 at the head's margin behind the head's gate, with the gate's margin multiple,
+when the head has one), and the oracle N*_x.
 Costs: mean N, C_mem = mean N / N_max, C_time = expected generated tokens / those of N_max.
 """
 
@@ -76,9 +76,11 @@ def evaluate(
     }
     routes = [gate.route(s) for s in test_states] if gate is not None else None
     if routes is not None:
-        # As the server runs it: the gate's margin multiple where it trusts the head.
-        policies[f"T2 x{DEFAULT_MARGIN:g} + gate"] = score(
-            gated(chosen(DEFAULT_MARGIN, gate.margin_scale(test_states)), routes), acc, tokens
+        # As the server runs it: the head's margin (or the server's for a head without one),
+        # times the gate's multiple where it trusts the head.
+        margin = head.meta.margin if head.meta.margin is not None else DEFAULT_MARGIN
+        policies[f"T2 x{margin:g} + gate"] = score(
+            gated(chosen(margin, gate.margin_scale(test_states)), routes), acc, tokens
         )
     policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]

@@ -6,7 +6,8 @@ train and validation splits as `t2serve train` does (but cross-fitting the stopp
 predictions in 2 folds rather than 5: each fit takes ~40 s on 2 cores), then replay every
 question of S through the policies a user gets by default:
   fixed N_max       standard parallel thinking
-  T2                the server's default `auto` policy (policy "t2", --estimator-margin)
+  T2                the server's default `auto` policy (policy "t2" at the fold's own margin,
+                    chosen on the fold's validation split as `t2serve train` does)
   T2+learned        policy "t2+learned" at its default knobs
   oracle N*         each question's own sample-optimal N (a bound, not a policy)
 Where the fold's gate calls a question unfamiliar, T2 and T2+learned start from the
@@ -29,13 +30,15 @@ from estimator.gate import route_shares
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.gate_fit import fit_gate
 from estimator.offline.labels import gold_of, source_of
+from estimator.offline.margin_fit import fit_margin
 from estimator.offline.replay import OUTCOMES, Pool, replay_matrix
 from estimator.offline.stopping_fit import fit_stopping
 from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
 from estimator.stopping import T2, Fixed, LearnedStop
 
 # The server's defaults (server.config.ParallelismSettings / estimator.stopping.LearnedStop);
-# the offline pipeline does not import the server's settings.
+# the offline pipeline does not import the server's settings. DEFAULT_MARGIN: a head without
+# its own margin.
 DEFAULT_MARGIN = 1.5
 DEFAULT_PARALLELISM = 8
 OPEN_ENDED_PARALLELISM = 1
@@ -54,7 +57,7 @@ def leave_one_out(
     orderings: int = 50,
     seed: int = 0,
     open_ended: tuple[list[dict], np.ndarray] | None = None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     default: int = DEFAULT_PARALLELISM,
     sources: list[str] | None = None,
     sweep: tuple[float, ...] = SWEEP_MARGINS,
@@ -98,7 +101,7 @@ def leave_one_out(
         table = fit_stopping(train_records, predictions_cf, seed=seed, progress=False)
         test_records = [records[i] for i in test]
         predictions = head.predict_batch(states[test])
-        routes = scales = None
+        routes = scales = gate = None
         if open_ended is not None:
             prompts, open_states = open_ended
             kind = np.array([p["split"] for p in prompts])
@@ -111,6 +114,14 @@ def leave_one_out(
             )
             routes = [gate.route(s) for s in states[test]]
             scales = gate.margin_scale(states[test])
+        # margin None: the fold's own, chosen on its validation split (margin_fit).
+        fold_margin = margin
+        if fold_margin is None:
+            fold_margin = fit_margin(
+                np.array([records[i]["accuracy"] for i in rest_val]),
+                head.predict_batch(states[rest_val]),
+                scales=gate.margin_scale(states[rest_val]) if gate is not None else None,
+            )["margin"]
         rows[held] = score_source(
             test_records,
             predictions,
@@ -119,16 +130,17 @@ def leave_one_out(
             margin_scales=scales,
             orderings=orderings,
             seed=seed,
-            margin=margin,
+            margin=fold_margin,
             default=default,
             sweep=sweep,
         )
+        rows[held]["margin"] = fold_margin
         rows[held]["trained_on"] = {"train": len(rest_train), "validation": len(rest_val)}
         tqdm.write(format_row(held, rows[held]))
     return {
         "n_max": n_max,
         "orderings": orderings,
-        "margin": margin,
+        "margin": margin if margin is not None else "each fold's, chosen on its validation split",
         "default_parallelism": default,
         "tolerance": TOLERANCE,
         "sources": rows,
@@ -261,7 +273,7 @@ def format_row(name: str, row: dict) -> str:
     cells = "  ".join(f"{p['accuracy']:.3f} /{p['samples']:5.2f}" for p in row["policies"].values())
     gate = row.get("gate")
     fired = f"  {1 - gate.get('answerable', 0):6.0%}" if gate is not None else ""
-    return f"{name[:18]:<18} {row['questions']:5d}  {cells}  {row['mae_n']:5.2f}{fired}"
+    return f"{name[:18]:<18} {row['questions']:5d}  {row['margin']:6g}  {cells}  {row['mae_n']:5.2f}{fired}"
 
 
 def report_table(result: dict) -> str:
@@ -271,13 +283,14 @@ def report_table(result: dict) -> str:
     gated = any("gate" in r for r in rows.values())
     lines = [
         f"leave-one-dataset-out, N_max {result['n_max']}, accuracy / mean samples "
-        f"({result['orderings']} orderings per pool), T2 margin {result['margin']:g}",
-        f"{'held-out source':<18} {'qs':>5}  {head}  {'MAE N':>5}" + ("  gate fired" if gated else ""),
+        f"({result['orderings']} orderings per pool), T2 margin: {result['margin']}",
+        f"{'held-out source':<18} {'qs':>5}  {'margin':>6}  {head}  {'MAE N':>5}"
+        + ("  gate fired" if gated else ""),
     ]
     lines += [format_row(name, row) for name, row in rows.items()]
     mean = result["mean"]
     lines.append(
-        f"{'mean over sources':<18} {'':>5}  "
+        f"{'mean over sources':<18} {'':>5}  {'':>6}  "
         + "  ".join(f"{p['accuracy']:.3f} /{p['samples']:5.2f}" for p in mean["policies"].values())
         + f"  {mean['mae_n']:5.2f}"
     )

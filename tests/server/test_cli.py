@@ -10,9 +10,9 @@ import sys
 import httpx
 import pytest
 
+from estimator.head import DEFAULT_HEAD, T2Head
 from estimator.offline.problems import PROMPT_SUFFIX
 from server.cli import build_parser, settings_from_args
-from server.config import ParallelismSettings
 from tests.conftest import ROOT, free_port, poll_until, start_server, wait_healthy
 
 
@@ -80,8 +80,10 @@ def test_serve_command_end_to_end(model_dir):
         # No --estimator-head: the head shipped for the embedded model is loaded and picks N.
         assert t2["estimator"] == "t2" and t2["prediction"] is not None and t2["gate"] == "answerable"
         assert t2["estimator_fallback"] is None
-        margin = ParallelismSettings().estimator_margin  # the CLI's default
-        n_wanted = round(t2["n_max"] * t2["prediction"] * margin)
+        # No --estimator-margin: the shipped head's own, times the gate's multiple.
+        margin = T2Head.load(DEFAULT_HEAD).meta.margin
+        assert margin is not None and t2["policy"] == f"T2:margin={margin:g}"
+        n_wanted = round(t2["n_max"] * t2["prediction"] * margin * t2["margin_scale"])
         assert t2["n_used"] == max(1, min(n_wanted, t2["max_parallelism"]))
         # No temperature: vLLM's default 1.0, farther than the tolerance asked for: the default N, and why.
         t2 = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).json()["t2"]
@@ -163,3 +165,43 @@ async def test_self_test_command_reports_and_sets_the_exit_status(engine, capsys
 def test_serve_parser_has_the_self_test_and_capture_flags(model_dir):
     args = build_parser().parse_args(["serve", "--self-test", "--no-capture"])
     assert args.self_test is True and settings_from_args(args).engine.capture is False
+
+
+def test_train_command_stores_the_margin_chosen_on_validation(tmp_path, capsys):
+    """`t2serve train` writes the head's own T2 margin: the smallest on the grid whose
+    validation accuracy is within the tolerance of fixed N_max's (pure data, no engine)."""
+    import numpy as np
+
+    from estimator.offline.labeling import LabelConfig, label_record, prepare_output, write_shard
+    from estimator.offline.margin_fit import MARGIN_GRID
+    from estimator.offline.problems import generate
+    from server.cli import main
+
+    config = LabelConfig(n_max=8)
+    problems = generate(60, seed=0)
+    rng = np.random.default_rng(0)
+    # Question i is right in a share of its samples that rises with i; its states say so (noisily).
+    shares = np.linspace(0.2, 1.0, len(problems))
+    records = []
+    for p, share in zip(problems, shares, strict=True):
+        answers = [p.answer if rng.random() < share else "wrong" for _ in range(config.n_max)]
+        records.append(label_record(p, answers, [3] * config.n_max, config))
+    states = (shares[:, None, None] + rng.normal(0, 0.3, (len(problems), 3, 4))).astype(np.float32)
+    model = {"name": "m", "num_layers": 3, "hidden_size": 4, "fingerprint": "f"}
+    prepare_output(tmp_path / "labels", config, model, problems)
+    write_shard(tmp_path / "labels", 0, records, states)
+
+    head_path = tmp_path / "head"
+    labels = ["--labels", str(tmp_path / "labels"), "--out", str(head_path), "--epochs", "5"]
+    main(["train", *labels, "--stopping-folds", "0", "--margin-tolerance", "0.01"])
+    assert "T2 margin" in capsys.readouterr().out
+    head = T2Head.load(head_path)
+    fitted = head.meta.margin_fit
+    assert head.meta.margin == fitted["margin"] and head.meta.margin in MARGIN_GRID
+    validation = [r for r in records if r["split"] == "validation"]
+    assert fitted["questions"] == len(validation) and fitted["tolerance"] == 0.01
+    assert fitted["fixed_accuracy"] == pytest.approx(np.mean([r["accuracy"][-1] for r in validation]))
+    # The rule: the chosen margin is the first on the curve within the line (or the last).
+    line = fitted["fixed_accuracy"] - 0.01
+    first_within = next((p["margin"] for p in fitted["curve"] if p["accuracy"] >= line), MARGIN_GRID[-1])
+    assert head.meta.margin == first_within

@@ -9,7 +9,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from estimator.gate import Gate
-from estimator.head import DEFAULT_HEAD
+from estimator.head import DEFAULT_HEAD, T2Head
 from estimator.offline.open_ended import KINDS, open_ended_prompts
 from estimator.stopping import choose_parallelism
 from tests.conftest import MODEL_NAME
@@ -68,7 +68,7 @@ async def test_open_ended_prompts_get_one_sample_under_auto(engine, shipped_head
     else:  # the head's N, at the margin times the gate's multiple (>= 1, <= the head's far scale)
         gate = Gate.load(DEFAULT_HEAD)
         assert 1.0 <= t2["margin_scale"] <= gate.far_scale
-        margin = shipped_head.parallelism.estimator_margin * t2["margin_scale"]
+        margin = T2Head.load(DEFAULT_HEAD).meta.margin * t2["margin_scale"]  # the head's own margin
         assert t2["n_used"] == choose_parallelism(
             t2["prediction"],
             n_max=t2["n_max"],

@@ -41,6 +41,26 @@ def answers(result, choice: int = 0) -> list[str | None]:
 # -- plans --------------------------------------------------------------------------------
 
 
+def test_t2_margin_is_the_flag_else_the_heads_own_else_the_default():
+    from types import SimpleNamespace
+
+    from estimator.stopping import T2
+    from server.config import DEFAULT_ESTIMATOR_MARGIN
+
+    def head(margin):
+        return SimpleNamespace(meta=SimpleNamespace(n_max=16, margin=margin), stopping=None)
+
+    settings = ParallelismSettings()
+    assert ParallelThinker(None, settings, estimator=head(1.375)).margin == 1.375
+    assert ParallelThinker(None, settings, estimator=head(None)).margin == DEFAULT_ESTIMATOR_MARGIN
+    assert ParallelThinker(None, settings).margin == DEFAULT_ESTIMATOR_MARGIN
+    flagged = ParallelThinker(None, ParallelismSettings(estimator_margin=2.0), estimator=head(1.375))
+    assert flagged.margin == 2.0
+    # It is the margin `auto` runs T2 at, and the one a spec without `margin=` gets.
+    thinker = ParallelThinker(None, settings, estimator=head(1.375))
+    assert thinker.default_policy == T2(1.375) and thinker.parse_policy("t2+beta").margin == 1.375
+
+
 def test_plan_resolves_once_what_a_request_asks_for():
     thinker = thinker_for(None)
     fixed = thinker.plan(3, n_choices=2, prompts=2, policy="esc:window=2")

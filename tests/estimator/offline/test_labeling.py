@@ -144,7 +144,7 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
     )
     assert result.estimator == "t2" and result.prediction is not None
     assert result.n_max == 6
-    assert result.n_used == max(1, min(round(6 * result.prediction * settings.estimator_margin), 16))
+    assert result.n_used == max(1, min(round(6 * result.prediction * thinker.margin), 16))
     # The prediction comes from this request's own captured states.
     assert result.prediction == pytest.approx(loaded.predict(result.states), abs=1e-6)
 

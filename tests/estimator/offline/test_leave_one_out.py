@@ -7,6 +7,7 @@ import pytest
 
 from estimator.offline import leave_one_out as loo
 from estimator.offline.labels import expected_accuracy, sample_optimal_n
+from estimator.offline.margin_fit import MARGIN_GRID
 from estimator.offline.training import TrainConfig
 
 
@@ -40,10 +41,11 @@ def synthetic(sources: dict[str, float], per_source: int = 60, layers: int = 3, 
 def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
     records, states = synthetic({"easy": 0.8, "mixed": 0.45, "hard": 0.2})
     result = loo.leave_one_out(
-        records, states, config=TrainConfig(epochs=15), stopping_folds=2, orderings=8, default=8
+        records, states, config=TrainConfig(epochs=15), stopping_folds=2, orderings=8, default=8, margin=1.5
     )
     assert set(result["sources"]) == {"easy", "hard", "mixed"}
     for name, row in result["sources"].items():
+        assert row["margin"] == 1.5  # given: every fold runs T2 at it
         others = [r for r in records if r["source"] != name]
         assert row["trained_on"] == {
             "train": sum(r["split"] == "train" for r in others),
@@ -90,6 +92,9 @@ def test_the_gate_sends_unfamiliar_questions_to_the_default_and_open_ended_ones_
         default=8,
         sources=["far", "prose"],
     )
+    # No margin given: each fold's own, chosen on its validation split as `t2serve train` does.
+    assert all(row["margin"] in MARGIN_GRID for row in result["sources"].values())
+    assert "each fold's" in result["margin"]
     row = result["sources"]["far"]
     assert row["gate"] == {"unfamiliar": 1.0}
     # Unfamiliar: T2 launches the safe default for every question, whatever the head guessed.

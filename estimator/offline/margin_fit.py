@@ -1,0 +1,59 @@
+"""`t2serve train`: the head's own T2 margin, chosen on its validation split.
+
+The server's `auto` gives a question N = clamp(round(N_max * prediction * margin * scale), 1,
+N_max) (estimator.stopping.choose_parallelism; `scale` is the gate's multiple, 1 near the
+training questions). A global margin suits one head and not the next: a head that predicts
+N* well needs less of it. So each head carries the smallest margin on a grid whose exact
+validation accuracy (mean A_x(N_x), no sampling noise) is within `tolerance` of fixed
+N_max's on the same questions; where none is, the largest margin of the grid (the closest
+to fixed N_max). `--estimator-margin` overrides it; a head without one gets 1.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from estimator.stopping import choose_parallelism
+
+MARGIN_GRID = tuple(float(m) for m in np.arange(1.0, 3.0001, 0.125))
+TOLERANCE = 0.005  # half a point: the built-in test split's no-regression line
+
+
+def fit_margin(
+    accuracy: np.ndarray,
+    predictions: np.ndarray,
+    *,
+    scales: np.ndarray | None = None,
+    tolerance: float = TOLERANCE,
+    grid: tuple[float, ...] = MARGIN_GRID,
+) -> dict:
+    """The margin for a head, from its validation questions' accuracy curves A_x(1..N_max)
+    [B, N_max] and its predictions [B] (N*/N_max). Returns the margin and what it was chosen on."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    n_questions, n_max = accuracy.shape
+    scales = np.ones(n_questions) if scales is None else np.asarray(scales, dtype=np.float64)
+    rows = np.arange(n_questions)
+    fixed = float(accuracy[:, -1].mean())
+    curve = []
+    for margin in grid:
+        n = np.array(
+            [
+                choose_parallelism(float(p), n_max=n_max, default=n_max, cap=n_max, margin=margin * float(k))
+                for p, k in zip(predictions, scales, strict=True)
+            ]
+        )
+        curve.append(
+            {"margin": margin, "accuracy": float(accuracy[rows, n - 1].mean()), "samples": float(n.mean())}
+        )
+    within = [point for point in curve if point["accuracy"] >= fixed - tolerance]
+    chosen = within[0] if within else curve[-1]
+    return {
+        "margin": chosen["margin"],
+        "tolerance": tolerance,
+        "questions": n_questions,
+        "fixed_accuracy": fixed,
+        "accuracy": chosen["accuracy"],
+        "samples": chosen["samples"],
+        "met": bool(within),
+        "curve": curve,
+    }
