@@ -97,11 +97,10 @@ def main() -> None:
 
     from estimator.head import DEFAULT_HEAD, T2Head
     from estimator.stopping import choose_parallelism
-    from server.config import DEFAULT_ESTIMATOR_MARGIN
     from server.engine import cpu_has_native_bf16
 
     head = T2Head.load(DEFAULT_HEAD)
-    margin = head.meta.margin or DEFAULT_ESTIMATOR_MARGIN  # what the server runs it at
+    margin = head.margin  # what the server runs it at
     states: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

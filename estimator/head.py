@@ -34,6 +34,9 @@ from torch import nn
 from estimator.gate import Gate, gate_path
 from estimator.learned_stopping import StoppingTable, table_path
 
+# T2's margin for a head that carries none (heads trained before margins were fitted).
+DEFAULT_MARGIN = 1.5
+
 
 @dataclass
 class HeadMeta:
@@ -50,7 +53,7 @@ class HeadMeta:
     train_config: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)
     # T2's margin for this head, chosen on its validation split (estimator.offline.margin_fit;
-    # None: heads trained before, which get the server's 1.5) and what it was chosen on.
+    # None: heads trained before, which get DEFAULT_MARGIN) and what it was chosen on.
     margin: float | None = None
     margin_fit: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -95,6 +98,11 @@ class T2Head:
         prompt_template; estimator.offline.labeling.LabelConfig), {} where not recorded."""
         config = self.meta.labels.get("config", {})
         return {k: config[k] for k in ("temperature", "max_tokens", "prompt_template") if k in config}
+
+    @property
+    def margin(self) -> float:
+        """T2's margin for this head: its own, chosen on validation, else DEFAULT_MARGIN."""
+        return self.meta.margin if self.meta.margin is not None else DEFAULT_MARGIN
 
     @property
     def identity(self) -> str:

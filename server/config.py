@@ -49,10 +49,6 @@ class EngineSettings(BaseModel):
     capture_slots: int = Field(default=64, ge=1)
 
 
-# T2's margin for a head that carries none (heads trained before margins were fitted).
-DEFAULT_ESTIMATOR_MARGIN = 1.5
-
-
 class ParallelismSettings(BaseModel):
     """How many samples a request gets."""
 
@@ -69,7 +65,7 @@ class ParallelismSettings(BaseModel):
     # shipped for the embedded model, loaded only when it matches the served model; None = off.
     estimator_head: str | None = "default"
     # Safety margin: N = round(N_max * prediction * margin). None: the margin stored in the
-    # head (chosen on its validation split by `t2serve train`), else DEFAULT_ESTIMATOR_MARGIN.
+    # head (chosen on its validation split by `t2serve train`; estimator.head.T2Head.margin).
     estimator_margin: float | None = Field(default=None, gt=0)
     # A request whose temperature is farther than this from the one the head's labels were
     # made at gets the default N instead of the head's guess. None (the default): the head

@@ -35,10 +35,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from estimator.head import DEFAULT_MARGIN
 from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scaled_cap
 from server import aggregation, metrics, sampling, vllm_api
-from server.config import DEFAULT_ESTIMATOR_MARGIN, ParallelismSettings
+from server.config import ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
 from server.samples import InFlight, Sample, SampleGroup
@@ -190,12 +191,10 @@ class ParallelThinker:
 
     @property
     def margin(self) -> float:
-        """T2's margin: --estimator-margin, else the head's own (chosen on its validation
-        split), else DEFAULT_ESTIMATOR_MARGIN."""
+        """T2's margin: --estimator-margin, else the head's (T2Head.margin), else DEFAULT_MARGIN."""
         if self.settings.estimator_margin is not None:
             return self.settings.estimator_margin
-        head_margin = getattr(getattr(self.estimator, "meta", None), "margin", None)
-        return float(head_margin) if head_margin is not None else DEFAULT_ESTIMATOR_MARGIN
+        return getattr(self.estimator, "margin", DEFAULT_MARGIN)
 
     def parse_policy(self, spec: str) -> Policy:
         """A policy spec with the server's defaults (`fixed`: N_max; T2's margin); ValueError if bad."""

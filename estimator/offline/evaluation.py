@@ -20,8 +20,8 @@ import numpy as np
 from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
 from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
-from estimator.offline.leave_one_out import DEFAULT_MARGIN, DEFAULT_PARALLELISM, OPEN_ENDED_PARALLELISM
-from estimator.stopping import choose_parallelism
+from estimator.offline.leave_one_out import DEFAULT_PARALLELISM, OPEN_ENDED_PARALLELISM
+from estimator.offline.margin_fit import t2_parallelism
 
 MARGINS = (1.25, 1.5, 2.0)
 
@@ -60,13 +60,7 @@ def evaluate(
     per_layer = head.predict_layers(test_states).numpy()
 
     def chosen(margin: float, scale: np.ndarray | None = None) -> np.ndarray:
-        scale = np.ones(len(predictions)) if scale is None else scale
-        return np.array(
-            [
-                choose_parallelism(p, n_max=n_max, default=n_max, cap=n_max, margin=margin * float(k))
-                for p, k in zip(predictions, scale, strict=True)
-            ]
-        )
+        return t2_parallelism(predictions, n_max, margin, scale)
 
     policies = {
         f"fixed N_max={n_max}": score(np.full(len(test), n_max), acc, tokens),
@@ -76,11 +70,9 @@ def evaluate(
     }
     routes = [gate.route(s) for s in test_states] if gate is not None else None
     if routes is not None:
-        # As the server runs it: the head's margin (or the server's for a head without one),
-        # times the gate's multiple where it trusts the head.
-        margin = head.meta.margin if head.meta.margin is not None else DEFAULT_MARGIN
-        policies[f"T2 x{margin:g} + gate"] = score(
-            gated(chosen(margin, gate.margin_scale(test_states)), routes), acc, tokens
+        # As the server runs it: the head's margin, times the gate's multiple where it trusts the head.
+        policies[f"T2 x{head.margin:g} + gate"] = score(
+            gated(chosen(head.margin, gate.margin_scale(test_states)), routes), acc, tokens
         )
     policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]

@@ -37,9 +37,7 @@ from estimator.offline.training import TrainConfig, cross_fitted_predictions, fi
 from estimator.stopping import T2, Fixed, LearnedStop
 
 # The server's defaults (server.config.ParallelismSettings / estimator.stopping.LearnedStop);
-# the offline pipeline does not import the server's settings. DEFAULT_MARGIN: a head without
-# its own margin.
-DEFAULT_MARGIN = 1.5
+# the offline pipeline does not import the server's settings.
 DEFAULT_PARALLELISM = 8
 OPEN_ENDED_PARALLELISM = 1
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"

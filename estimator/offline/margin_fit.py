@@ -19,6 +19,20 @@ MARGIN_GRID = tuple(float(m) for m in np.arange(1.0, 3.0001, 0.125))
 TOLERANCE = 0.005  # half a point: the built-in test split's no-regression line
 
 
+def t2_parallelism(
+    predictions: np.ndarray, n_max: int, margin: float, scales: np.ndarray | None = None
+) -> np.ndarray:
+    """N per question as the server's T2 gives it at this margin (times each question's gate
+    multiple in `scales`), capped at N_max as the labels' pools are."""
+    scales = np.ones(len(predictions)) if scales is None else scales
+    return np.array(
+        [
+            choose_parallelism(float(p), n_max=n_max, default=n_max, cap=n_max, margin=margin * float(k))
+            for p, k in zip(predictions, scales, strict=True)
+        ]
+    )
+
+
 def fit_margin(
     accuracy: np.ndarray,
     predictions: np.ndarray,
@@ -31,17 +45,11 @@ def fit_margin(
     [B, N_max] and its predictions [B] (N*/N_max). Returns the margin and what it was chosen on."""
     accuracy = np.asarray(accuracy, dtype=np.float64)
     n_questions, n_max = accuracy.shape
-    scales = np.ones(n_questions) if scales is None else np.asarray(scales, dtype=np.float64)
     rows = np.arange(n_questions)
     fixed = float(accuracy[:, -1].mean())
     curve = []
     for margin in grid:
-        n = np.array(
-            [
-                choose_parallelism(float(p), n_max=n_max, default=n_max, cap=n_max, margin=margin * float(k))
-                for p, k in zip(predictions, scales, strict=True)
-            ]
-        )
+        n = t2_parallelism(predictions, n_max, margin, scales)
         curve.append(
             {"margin": margin, "accuracy": float(accuracy[rows, n - 1].mean()), "samples": float(n.mean())}
         )

@@ -42,18 +42,17 @@ def answers(result, choice: int = 0) -> list[str | None]:
 
 
 def test_t2_margin_is_the_flag_else_the_heads_own_else_the_default():
-    from types import SimpleNamespace
-
+    from estimator.head import DEFAULT_MARGIN, HeadMeta, LayerProbes, T2Head
     from estimator.stopping import T2
-    from server.config import DEFAULT_ESTIMATOR_MARGIN
 
     def head(margin):
-        return SimpleNamespace(meta=SimpleNamespace(n_max=16, margin=margin), stopping=None)
+        meta = HeadMeta("m", 2, 8, 16, 1 / 8, layers=[1], weights=[1.0], margin=margin)
+        return T2Head(LayerProbes(2, 8), meta)
 
     settings = ParallelismSettings()
     assert ParallelThinker(None, settings, estimator=head(1.375)).margin == 1.375
-    assert ParallelThinker(None, settings, estimator=head(None)).margin == DEFAULT_ESTIMATOR_MARGIN
-    assert ParallelThinker(None, settings).margin == DEFAULT_ESTIMATOR_MARGIN
+    assert ParallelThinker(None, settings, estimator=head(None)).margin == DEFAULT_MARGIN
+    assert ParallelThinker(None, settings).margin == DEFAULT_MARGIN
     flagged = ParallelThinker(None, ParallelismSettings(estimator_margin=2.0), estimator=head(1.375))
     assert flagged.margin == 2.0
     # It is the margin `auto` runs T2 at, and the one a spec without `margin=` gets.
