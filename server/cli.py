@@ -249,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of problems (builtin: default 600; data files: default all, else the first "
         "COUNT in a stable hash order)",
     )
-    label.add_argument("--families", help="builtin: comma-separated problem families (default: all)")
+    label.add_argument(
+        "--families",
+        help="comma-separated problem families to keep (default: all): the generator's, or a data "
+        "file's (e.g. TabMWP's multi_choice)",
+    )
     label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
     label.add_argument("--n-max", type=int, default=16)
     label.add_argument("--temperature", type=float, default=0.3)
@@ -570,6 +574,7 @@ def label(args: argparse.Namespace) -> None:
                 question_key=args.question_key,
                 answer_key=args.answer_key,
                 max_answer=args.max_answer,
+                families=args.families.split(",") if args.families else None,
             )
             problems = dataset.problems
             left_out = ", ".join(f"{n} {why}" for why, n in dataset.skipped.items()) or "none"

