@@ -43,42 +43,26 @@ def test_questions(count: int, seed: int) -> list[str]:
 
 async def capture(dtype: str, questions: list[str], out: Path) -> None:
     from tqdm import tqdm
-    from vllm import SamplingParams
 
-    from server.config import EngineSettings, ParallelismSettings
-    from server.engine import Engine
+    from estimator.offline.engine_runs import EngineRuns, started_engine
+    from server.config import EngineSettings
     from server.model_store import prepare_embedded_model
-    from server.parallel import ParallelThinker
-    from server.serving import render_chat
 
     model = prepare_embedded_model()
-    engine = await Engine.start(
-        EngineSettings(model=str(model), served_model_name=model.name, dtype=dtype, max_model_len=1024)
-    )
-    try:
-        thinker = ParallelThinker(engine, ParallelismSettings(estimator_head=None, aggregate="answer"))
-        plan = thinker.plan(1)
+    settings = EngineSettings(model=str(model), served_model_name=model.name, dtype=dtype, max_model_len=1024)
+    async with started_engine(settings) as engine:
+        runs = EngineRuns(engine)
         bar = tqdm(total=len(questions), desc=f"capture {dtype}", unit="q")
 
-        async def one(k: int, question: str) -> np.ndarray:
-            ids = render_chat(engine.tokenizer, [{"role": "user", "content": question}])
-            result = await thinker.run(
-                ids, SamplingParams(max_tokens=1, temperature=0.0), plan, request_id=f"q{k}", want_states=True
-            )
+        async def one(question: str) -> np.ndarray:
+            states = await runs.states(question)
             bar.update()
-            if result.states is None:
-                raise RuntimeError(f"no states for question {k}")
-            return result.states
+            return states
 
-        states = []
-        for start in range(0, len(questions), 32):  # 32 prompts in flight at a time
-            batch = questions[start : start + 32]
-            states += await asyncio.gather(*(one(start + i, q) for i, q in enumerate(batch)))
+        states = await asyncio.gather(*(one(q) for q in questions))
         bar.close()
         np.save(out, np.stack(states))
         print(json.dumps({"engine_dtype": engine.info.dtype}))
-    finally:
-        await engine.shutdown()
 
 
 def main() -> None:

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sse_starlette import EventSourceResponse
 
 from estimator.head import load_head
 from server import metrics
-from server.admission import Admission, Ticket
+from server.admission import Admission
 from server.auth import KeyBeforeBody, require_api_key, require_metrics_key
 from server.body_limit import BodyLimit
 from server.config import ServerSettings
-from server.engine import Engine, engine_dead_error
-from server.errors import APIError, error_response, install_error_handlers
-from server.parallel import ParallelThinker, Plan
+from server.engine import Engine
+from server.errors import APIError, engine_dead_error, error_response, install_error_handlers
+from server.parallel import ParallelThinker
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -32,12 +29,11 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
 )
+from server.requests import RequestContext, handle
 from server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)
@@ -144,15 +140,13 @@ def create_app(
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(request, "chat", body, serving, lambda plan: serving.chat(body, plan))
+        return await handle(request, RequestContext("chat", body), serving)
 
     @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(
         body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
     ) -> Response:
-        return await respond(
-            request, "completion", body, serving, lambda plan: serving.completion(body, plan)
-        )
+        return await handle(request, RequestContext("completion", body), serving)
 
     app.include_router(v1)
     return app
@@ -204,127 +198,3 @@ def get_serving(request: Request) -> OpenAIServing:
         metrics.REJECTED.labels("engine_dead").inc()
         raise engine_dead_error()
     return serving
-
-
-async def respond(
-    request: Request,
-    endpoint: str,
-    body: SamplingFields,
-    serving: OpenAIServing,
-    make_work: Callable[[Plan], Awaitable[Any]],
-) -> Response:
-    """Resolve the request's plan (400/404 before it queues), admit it (server.admission) for
-    the plan's minimum samples, then run the endpoint's work, cancelling it (and so its
-    engine requests) if the client leaves, while queued or running.
-
-    Non-streaming work is raced against the client's disconnect; a streaming body is
-    cancelled by the server itself when the client goes away mid-stream."""
-    admission: Admission = request.app.state.admission
-    request_metrics = RequestMetrics(endpoint)
-
-    async def admitted_work() -> Any:
-        plan = serving.plan(body)
-        request_metrics.mode = plan.mode
-        request_metrics.ticket = await admission.acquire(plan.minimum_samples)
-        return await make_work(plan)
-
-    try:
-        result = await run_until_disconnect(request, admitted_work())
-    except ClientDisconnected:
-        request_metrics.done("cancelled")
-        return Response(status_code=499)
-    except BaseException:
-        request_metrics.done("error")
-        raise
-    if isinstance(result, AsyncIterator):
-        return TrackedStream(result, request_metrics, serving.settings.limits.sse_keepalive_s)
-    request_metrics.done("ok")
-    return JSONResponse(result.model_dump())
-
-
-class RequestMetrics:
-    """In-flight gauge, outcome counter and latency of one request; releases its admission."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.mode = "invalid"  # until the request's plan is resolved
-        self.started = time.monotonic()
-        self.ticket: Ticket | None = None
-        self.finished = False
-        metrics.REQUESTS_IN_FLIGHT.inc()
-
-    def done(self, outcome: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.ticket is not None:
-            self.ticket.release()
-        metrics.REQUESTS_IN_FLIGHT.dec()
-        metrics.REQUESTS.labels(self.endpoint, self.mode, outcome).inc()
-        metrics.REQUEST_SECONDS.labels(self.endpoint).observe(time.monotonic() - self.started)
-
-    async def track(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        outcome = "error"
-        try:
-            async for piece in stream:
-                yield piece
-            outcome = "ok"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            self.done(outcome)
-
-
-class TrackedStream(EventSourceResponse):
-    """An SSE response (sse-starlette) that sends comment keep-alives every `keepalive_s`
-    while the vote runs, and settles its request's metrics and admission even when the
-    client leaves before the body starts (then the body generator never runs its `finally`).
-    The stream's events arrive already framed (server.serving.sse) and pass through as bytes."""
-
-    def __init__(self, stream: AsyncIterator[str], request_metrics: RequestMetrics, keepalive_s: float):
-        async def framed() -> AsyncIterator[bytes]:
-            async for event in request_metrics.track(stream):
-                yield event.encode()
-
-        # sse-starlette pings at a default interval when given none; "off" is a ping too
-        # rare to matter, not a second code path.
-        super().__init__(framed(), ping=keepalive_s or 86_400, sep="\n")
-        self.request_metrics = request_metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.request_metrics.done("cancelled")  # no-op when the stream already settled
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it as soon as the client disconnects (the body has already
-    been read, so the next ASGI message can only be the disconnect)."""
-    task = asyncio.ensure_future(work)
-
-    async def wait_for_disconnect() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    listener = asyncio.ensure_future(wait_for_disconnect())
-    try:
-        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        listener.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnected()

@@ -24,13 +24,16 @@ import numpy as np
 from server import vllm_api
 from server.capture import WORKER_EXTENSION, capture_config
 from server.config import EngineSettings
-from server.errors import APIError
 
 logger = logging.getLogger(__name__)
 
 
-def engine_dead_error() -> APIError:
-    return APIError(503, "the inference engine has stopped; the server is shutting down", code="engine_dead")
+class EngineDead(RuntimeError):
+    """The engine's core process has stopped: nothing more can run (the server answers 503)."""
+
+
+class EngineRejected(ValueError):
+    """vLLM refused a request itself (its own checks): the client's fault."""
 
 
 # Defaults that make vLLM work well on a small CPU box; applied only on the CPU platform.
@@ -288,32 +291,16 @@ class Engine:
         `[num_layers, hidden_size]`, finite, not all zero. Raises CaptureSelfTestError
         naming the model and the mode, so a server never starts with a capture that
         silently produces nothing (then every `auto` request would wait for states)."""
-        import uuid
-
-        from server import sampling
-
-        tag = f"t2serve-self-test-{uuid.uuid4().hex}"
-        ids = list(self.tokenizer.encode(SELF_TEST_PROMPT))
-        params = sampling.capture_probe(tag)
-        future = self.expect_capture(tag)
-        try:
-            async for _ in self.generate(ids, params, f"{tag}-s0"):
-                pass
-            # The states leave the worker in the step that completes the prefill, before the
-            # request's output: a wait here is for the socket, bounded by --capture-timeout.
-            done, _ = await asyncio.wait({future}, timeout=self.settings.capture_timeout_s)
-        finally:
-            self.forget_capture(tag)
+        states = await self.prompt_states(list(self.tokenizer.encode(SELF_TEST_PROMPT)))
         expected = (self.info.num_layers, self.info.hidden_size)
         where = f"model {self.info.name!r} in {self.mode} mode ({self.info.dtype})"
-        if not done or future.cancelled():
+        if states is None:
             raise CaptureSelfTestError(
                 f"hidden-state capture self-test failed for {where}: no states arrived within "
                 f"{self.settings.capture_timeout_s:g} s. Try --enforce-eager (capture without "
                 "torch.compile/CUDA graphs) to tell a compiler problem from a model one, or serve with "
                 "--no-capture (no T2 estimate; `auto` then uses --default-parallelism)."
             )
-        states = future.result()
         if states.shape != expected or not np.isfinite(states).all() or not np.abs(states).sum() > 0:
             raise CaptureSelfTestError(
                 f"hidden-state capture self-test failed for {where}: states of shape {states.shape} "
@@ -325,6 +312,26 @@ class Engine:
             "dtype": self.info.dtype,
             "shape": list(states.shape),
         }
+
+    async def prompt_states(self, prompt_token_ids: list[int]) -> np.ndarray | None:
+        """The `[L, d]` float32 states of the prompt's last token, from a one-token greedy
+        probe tagged for capture (server.sampling.capture_probe); None if none arrive within
+        --capture-timeout. The probe fills the prefix cache for what follows."""
+        import uuid
+
+        from server import sampling
+
+        tag = f"t2serve-probe-{uuid.uuid4().hex}"
+        future = self.expect_capture(tag)
+        try:
+            async for _ in self.generate(prompt_token_ids, sampling.capture_probe(tag), f"{tag}-s0"):
+                pass
+            # The states leave the worker in the step that completes the prefill, before the
+            # request's output: a wait here is for the socket, bounded by --capture-timeout.
+            done, _ = await asyncio.wait({future}, timeout=self.settings.capture_timeout_s)
+        finally:
+            self.forget_capture(tag)
+        return future.result() if done and not future.cancelled() else None
 
     # -- requests -----------------------------------------------------------------------
 
@@ -361,9 +368,9 @@ class Engine:
             ):
                 yield output
         except EngineDeadError as exc:
-            raise engine_dead_error() from exc
-        except VLLMClientError as exc:  # vLLM refused the request itself: the client's fault
-            raise APIError(400, f"the engine rejected the request: {exc}", code="invalid_value") from exc
+            raise EngineDead(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise EngineRejected(str(exc)) from exc
 
     async def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.healthy:
@@ -381,6 +388,20 @@ class Engine:
     def num_unfinished_requests(self) -> int:
         """Requests the front end still tracks (each sample of an n>1 request counts)."""
         return self._llm.output_processor.get_num_unfinished_requests()
+
+    def generated_tokens(self, request_ids: list[str]) -> int:
+        """Tokens generated so far by these running requests (all samples of an n>1 one),
+        read from the front end's own request states: the samples run with final-only
+        output, so nothing else reports their progress before they end (a request budget,
+        server.budget, needs it). Pinned by tests/server/test_engine.py."""
+        processor = self._llm.output_processor
+        total = 0
+        for request_id in request_ids:
+            for internal_id in processor.external_req_ids.get(request_id, ()):
+                state = processor.request_states.get(internal_id)
+                if state is not None:
+                    total += state.detokenizer.num_output_tokens()
+        return total
 
     async def shutdown(self) -> None:
         await self._receiver.close()

@@ -50,6 +50,10 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def engine_dead_error() -> APIError:
+    return APIError(503, "the inference engine has stopped; the server is shutting down", code="engine_dead")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     return ErrorResponse(
         error=ErrorInfo(

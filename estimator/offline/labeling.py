@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from estimator.offline.engine_runs import EngineRuns, consensus, extract_answer, model_identity
 from estimator.offline.grading import Grader
 from estimator.offline.labels import (
     TYPES,
@@ -31,8 +31,6 @@ from estimator.offline.labels import (
     sample_type,
 )
 from estimator.offline.problems import DEFAULT_TEMPLATE, Problem
-from server import consensus
-from server.voting import extract_answer
 
 LABELS_FILE = "labels.json"
 
@@ -123,42 +121,33 @@ def label_record(
 
 
 async def label_shard(
-    engine, thinker, problems: list[Problem], config: LabelConfig, grader: Grader | None = None
+    runs: EngineRuns, problems: list[Problem], config: LabelConfig, grader: Grader | None = None
 ) -> tuple[list[dict], np.ndarray]:
     """Sample every problem of a shard concurrently; returns records and states [Q, L, d].
     Grading runs after the shard's samples are in (it may wait on math-verify's worker)."""
-    from vllm import SamplingParams
-
-    from server.serving import render_chat
-
-    plan = thinker.plan(config.n_max, max_parallelism=config.n_max)
-
-    async def one(k: int, problem: Problem):
-        ids = render_chat(engine.tokenizer, [{"role": "user", "content": problem.question}])
-        params = SamplingParams(
-            max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed * 1_000_003 + k
+    runs_out = await asyncio.gather(
+        *(
+            runs.sample(
+                problem.question,
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                seed=config.seed * 1_000_003 + k,
+            )
+            for k, problem in enumerate(problems)
         )
-        result = await thinker.run(
-            ids, params, plan, request_id=f"label-{uuid.uuid4().hex}", want_states=True
-        )
-        if result.states is None:
-            raise RuntimeError(f"no hidden states captured for {problem.id}")
-        samples = result.choices[0].samples
-        return samples, result.states
-
-    results = await asyncio.gather(*(one(k, p) for k, p in enumerate(problems)))
+    )
     records = [
         label_record(
             problem,
-            [s.answer for s in samples],
-            [s.num_tokens for s in samples],
+            [s.answer for s in run.samples],
+            [s.num_tokens for s in run.samples],
             config,
             grader,
-            texts=[s.text for s in samples],
+            texts=[s.text for s in run.samples],
         )
-        for problem, (samples, _) in zip(problems, results, strict=True)
+        for problem, run in zip(problems, runs_out, strict=True)
     ]
-    return records, np.stack([states for _, states in results])
+    return records, np.stack([run.states for run in runs_out])
 
 
 def write_shard(out: Path, index: int, records: list[dict], states: np.ndarray) -> None:
@@ -195,22 +184,8 @@ def prepare_output(out: Path, config: LabelConfig, model: dict, problems: list[P
 async def run_labeling(engine, problems: list[Problem], out: Path, config: LabelConfig) -> list[dict]:
     from tqdm import tqdm
 
-    from server.config import ParallelismSettings
-    from server.parallel import ParallelThinker
-
-    model = {
-        "name": engine.info.name,
-        "num_layers": engine.info.num_layers,
-        "hidden_size": engine.info.hidden_size,
-        "fingerprint": engine.info.fingerprint,
-    }
-    prepare_output(out, config, model, problems)
-    thinker = ParallelThinker(
-        engine,
-        ParallelismSettings(
-            default_parallelism=config.n_max, max_parallelism=config.n_max, aggregate=config.aggregate
-        ),
-    )
+    prepare_output(out, config, model_identity(engine), problems)
+    runs = EngineRuns(engine, n=config.n_max, aggregate=config.aggregate)
     shards = [problems[i : i + config.shard_size] for i in range(0, len(problems), config.shard_size)]
     todo = [i for i in range(len(shards)) if not shard_complete(out, i)]
     bar = tqdm(
@@ -222,7 +197,7 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
     started = time.monotonic()
     with Grader() as grader:
         for index in todo:
-            records, states = await label_shard(engine, thinker, shards[index], config, grader)
+            records, states = await label_shard(runs, shards[index], config, grader)
             write_shard(out, index, records, states)
             bar.update(len(records))
     bar.close()

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import itertools
 import random
-import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -89,30 +88,10 @@ def open_ended_prompts(count: int | None = None, seed: int = 0) -> list[OpenEnde
 
 async def capture_states(engine, questions: list[str]) -> np.ndarray:
     """Last-token states [Q, L, d] of each question's prompt, as the server renders it."""
-    from vllm import SamplingParams
+    from estimator.offline.engine_runs import EngineRuns
 
-    from server.config import ParallelismSettings
-    from server.parallel import ParallelThinker
-    from server.serving import render_chat
-
-    thinker = ParallelThinker(engine, ParallelismSettings(default_parallelism=1, max_parallelism=1))
-    plan = thinker.plan(1)
-
-    # Fewer prefills at once than the engine has capture slots (--capture-slots, 64).
-    gate = asyncio.Semaphore(32)
-
-    async def one(question: str) -> np.ndarray:
-        ids = render_chat(engine.tokenizer, [{"role": "user", "content": question}])
-        params = SamplingParams(max_tokens=1, temperature=0.0)
-        async with gate:
-            result = await thinker.run(
-                ids, params, plan, request_id=f"gate-{uuid.uuid4().hex}", want_states=True
-            )
-        if result.states is None:
-            raise RuntimeError(f"no hidden states captured for {question!r}")
-        return result.states
-
-    return np.stack(await asyncio.gather(*(one(q) for q in questions)))
+    runs = EngineRuns(engine)
+    return np.stack(await asyncio.gather(*(runs.states(q) for q in questions)))
 
 
 STATES_FILE = "open_ended.npz"

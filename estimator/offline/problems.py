@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from server.voting import normalize_answer
+from estimator.offline.engine_runs import normalize_answer
 
 SPLITS = ("train", "validation", "test")
 PROMPT_SUFFIX = "\nGive the final answer as 'Answer: <answer>'."

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from estimator.offline.engine_runs import majority_vote
 from estimator.offline.labels import Gold, gold_keys
 from estimator.stopping import Budget, Policy, Tally
-from server.voting import majority_vote
 
 
 @dataclass

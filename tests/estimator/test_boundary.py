@@ -68,3 +68,21 @@ def test_online_modules_import_neither_offline_nor_server(path):
         if name in {"estimator.offline", "server"} or name.startswith(("estimator.offline.", "server."))
     ]
     assert bad == [], f"{path.relative_to(ROOT)} imports {bad}"
+
+
+OFFLINE = sorted((ROOT / "estimator" / "offline").rglob("*.py"))
+CROSSING = ROOT / "estimator" / "offline" / "engine_runs.py"
+
+
+def test_offline_reaches_the_server_only_through_engine_runs():
+    assert CROSSING in OFFLINE
+    crossings = {
+        str(path.relative_to(ROOT)): sorted(
+            {n for n in imported_modules(path) if n == "server" or n.startswith("server.")}
+        )
+        for path in OFFLINE
+        if path != CROSSING
+    }
+    assert {path: names for path, names in crossings.items() if names} == {}
+    # ... and engine_runs does reach it: the check above is not vacuous.
+    assert any(n.startswith("server.") for n in imported_modules(CROSSING))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from server.capture import CAPTURE_KEY
-from server.errors import APIError
+from server.engine import EngineDead
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ScriptedEngine:
         try:
             for fate in fates:
                 if isinstance(fate, Fail):
-                    raise APIError(503, fate.message, code="engine_dead")
+                    raise EngineDead(fate.message)
             if any(isinstance(f, Hang) for f in fates):
                 await request.aborted.wait()
             else:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from server.app import ClientDisconnected, run_until_disconnect
+from server.requests import ClientDisconnected, run_until_disconnect
 from tests.conftest import wait_until
 
 

@@ -153,7 +153,7 @@ async def test_fan_out_reads_prompt_from_prefix_cache(capture_engine, server_set
         request_id=uuid.uuid4().hex,
     )
     assert result.mode == "auto" and result.n_used == server_settings.parallelism.default_parallelism
-    assert result.states is not None and result.capture_ms is not None
+    assert result.estimate.states is not None and result.estimate.capture_ms is not None
     assert result.samples == result.n_used
     # Every fan-out sample read all full blocks of the prompt from the cache.
     assert result.cached_tokens_per_sample == full_blocks

@@ -267,6 +267,45 @@ async def test_full_queue_is_429_and_a_leaver_frees_its_place(engine, server_set
     assert admission.reserved == 0 and admission.queued == 0
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        # The prompt is longer than the model's context: found when the prompt is rendered.
+        (
+            {"messages": [{"role": "user", "content": "seven " * 20_000}]},
+            "messages",
+            "context_length_exceeded",
+        ),
+        # vLLM's own checks of the built params (a log-prob count past its limit).
+        ({"logprobs": True, "top_logprobs": 10_000}, "top_logprobs", "invalid_value"),
+        # An aggregate that cannot apply to a constrained output.
+        (
+            {"response_format": {"type": "json_object"}, "aggregate": "consensus"},
+            "aggregate",
+            "invalid_value",
+        ),
+    ],
+)
+async def test_every_400_is_decided_before_the_request_queues(engine, server_settings, fields, param, code):
+    # The server is full and its queue never times out: a request that waited for a slot
+    # would still be waiting when the test looks.
+    settings = settings_with(server_settings, max_concurrent_requests=1, max_queue=2, queue_timeout_s=3600)
+    running = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 2, **LONG}
+    chat = "/v1/chat/completions"
+    async with serve(engine, settings) as (url, app), httpx.AsyncClient(timeout=None) as http:
+        admission = app.state.admission
+        holder = asyncio.ensure_future(http.post(f"{url}{chat}", json=running))
+        assert await wait_until(lambda: admission.active == 1)
+        body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 2, "parallelism": 1, **fields}
+        refused = asyncio.ensure_future(http.post(f"{url}{chat}", json=body))
+        assert await wait_until(lambda: refused.done() or admission.queued > 0)
+        assert admission.queued == 0 and refused.done()
+        error = assert_openai_error(refused.result(), 400, code)
+        assert error["param"] == param
+        holder.cancel()
+        assert await wait_until(lambda: admission.active == 0 and engine.num_unfinished_requests() == 0)
+
+
 async def test_a_long_wait_in_the_queue_is_503(engine, server_settings):
     # The holder decodes 1500 tokens and is only ever cancelled: the waiter's 0.2 s in the
     # queue runs out first on any machine.
@@ -428,19 +467,21 @@ async def test_deadline_votes_over_the_samples_that_finished(engine, server_sett
     from vllm import SamplingParams
 
     from server.parallel import Deadline, ParallelThinker
-    from server.serving import render_chat
+    from server.prompts import render_chat
 
-    thinker = ParallelThinker(FirstSampleQuick(engine), server_settings.parallelism)
+    # `auto` with no head: sample 0 goes out alone for its states, then the default N's other
+    # three as one request.
+    settings = server_settings.parallelism.model_copy(update={"default_parallelism": 4})
+    thinker = ParallelThinker(FirstSampleQuick(engine), settings)
     deadline = Deadline(None)  # ended by the test, once sample 0 has finished
     partial_before = metric("t2serve_request_timeouts_total", outcome="partial")
     task = asyncio.ensure_future(
         thinker.run(
             render_chat(engine.tokenizer, QUESTION),
             SamplingParams(max_tokens=1500, ignore_eos=True, temperature=1.0, seed=1),
-            thinker.plan(4),
+            thinker.plan("auto"),
             request_id=uuid.uuid4().hex,
             deadline=deadline,
-            want_states=True,  # sample 0 goes out as its own engine request
         )
     )
     generated_before = generated_tokens()

@@ -13,6 +13,7 @@ import pytest
 
 from estimator.stopping import ESC, Budget, Decision, Fixed, Tally
 from server.config import ParallelismSettings
+from server.engine import EngineDead
 from server.errors import APIError
 from server.parallel import Deadline, ParallelThinker, Plan
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -109,7 +110,7 @@ async def test_fixed_n_is_one_n_k_request_per_choice_with_seeds_spread():
     assert sorted((r.params.n, r.params.seed) for r in engine.requests.values()) == [(3, 10), (3, 13)]
     assert answers(result, 0) == ["5", "7", "7"] and answers(result, 1) == ["5", "7", "7"]
     assert result.choices[0].vote.answer == "7" and result.launched == 6 and result.aborted == 0
-    assert result.capture_ms is None  # a fixed N reads no states: nothing captured
+    assert result.estimate.capture_ms is None  # a fixed N reads no states: nothing captured
     assert thinker.samples_in_flight == 0
 
 
@@ -119,7 +120,9 @@ async def test_auto_captures_sample_zero_then_launches_the_rest():
     result = await thinker.run(PROMPT, params(seed=0), thinker.plan("auto"), request_id="r")
     sizes = {r.request_id: r.params.n for r in engine.requests.values()}
     assert sizes == {"r-s0": 1, "r-s1": 3}  # default N = 4: sample 0 alone, the rest as one request
-    assert result.states is not None and result.capture_ms is not None and result.n_used == 4
+    assert (
+        result.estimate.states is not None and result.estimate.capture_ms is not None and result.n_used == 4
+    )
     assert [s.number for s in result.choices[0].samples] == [0, 1, 2, 3]  # voted in launch order
 
 
@@ -128,7 +131,7 @@ async def test_missing_states_fall_back_to_the_default_n():
     engine.settings.capture_timeout_s = 60.0  # sample 0 ending must end the wait, not the timer
     thinker = thinker_for(engine)
     result = await thinker.run(PROMPT, params(), thinker.plan("auto"), request_id="r")
-    assert result.states is None and result.prediction is None and result.n_used == 4
+    assert result.estimate.states is None and result.estimate.prediction is None and result.n_used == 4
 
 
 async def test_esc_stops_on_a_unanimous_window_and_aborts_nothing_more():
@@ -213,7 +216,7 @@ async def test_deadline_timer_expires_by_itself():
 async def test_engine_error_mid_way_aborts_everything_and_settles_the_count():
     engine = ScriptedEngine(lambda i: Fail() if i == 2 else Hang())
     thinker = thinker_for(engine)
-    with pytest.raises(APIError, match="engine failed"):
+    with pytest.raises(EngineDead, match="engine failed"):
         await thinker.run(PROMPT, params(), thinker.plan(policy="esc:window=4"), request_id="r")
     assert thinker.samples_in_flight == 0
     assert engine.running() == [] and set(engine.aborted_ids) >= {"r-s0", "r-s1", "r-s3"}

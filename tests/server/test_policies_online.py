@@ -125,7 +125,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     from estimator.head import DEFAULT_HEAD, T2Head
     from estimator.stopping import Tally
     from server.parallel import ParallelThinker
-    from server.serving import render_chat
+    from server.prompts import render_chat
 
     head = T2Head.load(DEFAULT_HEAD)
     assert head.stopping is not None and head.stopping.n_max == head.meta.n_max
@@ -138,15 +138,15 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
         thinker.plan(policy="t2+learned:cost=0.001,margin=0.5", temperature=0.3),  # the head's T
         request_id=uuid.uuid4().hex,
     )
-    assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.prediction is not None
-    assert result.gate == "answerable"
+    assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.estimate.prediction is not None
+    assert result.estimate.gate == "answerable"
     assert 1 <= result.samples <= result.launched <= result.max_parallelism
     assert result.launched == result.samples + result.aborted
     # What the table said at the end: stop (or nothing left to launch under the cap).
     tally = Tally()
     for sample in result.choices[0].samples:
         tally.add(sample.answer)
-    assert head.stopping.should_stop(head.meta.n_max * result.prediction, tally.state(), 0.001) or (
+    assert head.stopping.should_stop(head.meta.n_max * result.estimate.prediction, tally.state(), 0.001) or (
         result.launched == result.max_parallelism
     )
     await assert_engine_idle(engine)
@@ -183,7 +183,8 @@ async def test_a_request_at_another_temperature_gets_the_default_n_not_the_heads
     from estimator.head import DEFAULT_HEAD, T2Head
     from server import metrics
     from server.parallel import ParallelThinker
-    from server.serving import record_result, render_chat, t2_info
+    from server.prompts import render_chat
+    from server.result import record, t2_info
 
     head = T2Head.load(DEFAULT_HEAD)
     assert head.sampling["temperature"] == 0.3
@@ -201,7 +202,7 @@ async def test_a_request_at_another_temperature_gets_the_default_n_not_the_heads
             thinker.plan(temperature=temperature),
             request_id=uuid.uuid4().hex,
         )
-        record_result(result)
+        record(result)
         info = t2_info([result])
         if falls_back:
             assert info.estimator_fallback == "temperature" and info.prediction is None

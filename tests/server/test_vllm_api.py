@@ -159,7 +159,7 @@ def test_chat_template_kwargs_reach_the_template(model_dir):
     """`chat_template_kwargs` (e.g. `enable_thinking`) are template variables, as in vLLM."""
     from transformers import AutoTokenizer
 
-    from server.serving import render_chat
+    from server.prompts import render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.chat_template = (

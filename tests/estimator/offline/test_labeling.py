@@ -98,7 +98,7 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
     from estimator.head import T2Head, load_head
     from estimator.offline.training import TrainConfig, fit, targets
     from server.parallel import ParallelThinker
-    from server.serving import render_chat
+    from server.prompts import render_chat
 
     problems = generate(12, seed=5, families=["add_small", "compare", "times"])
     out = tmp_path / "labels"
@@ -142,11 +142,11 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
         thinker.plan("auto"),
         request_id=uuid.uuid4().hex,
     )
-    assert result.estimator == "t2" and result.prediction is not None
+    assert result.estimator == "t2" and result.estimate.prediction is not None
     assert result.n_max == 6
-    assert result.n_used == max(1, min(round(6 * result.prediction * thinker.margin), 16))
+    assert result.n_used == max(1, min(round(6 * result.estimate.prediction * thinker.margin), 16))
     # The prediction comes from this request's own captured states.
-    assert result.prediction == pytest.approx(loaded.predict(result.states), abs=1e-6)
+    assert result.estimate.prediction == pytest.approx(loaded.predict(result.estimate.states), abs=1e-6)
 
 
 async def test_replay_through_server_measures_both_modes(server_url):

@@ -1,0 +1,167 @@
+"""One request's life, the same for every endpoint (SGLang's serving template):
+
+  prepare   every check, before the request waits for anything (server.serving): 404/400
+  admit     a slot and the plan's minimum samples (server.admission): 429/503
+  run       parallel thinking and the reply (server.serving), cancelled if the client leaves
+  respond   JSON, or an SSE stream with keep-alives while the vote runs
+
+One `RequestContext` carries the request from its route to its response: what it asked,
+what was prepared, its admission ticket, and its metrics (in-flight gauge, outcome,
+latency), settled exactly once however the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from server import metrics
+from server.admission import Admission, Ticket
+from server.parallel import Plan
+from server.protocol import SamplingFields
+
+if TYPE_CHECKING:
+    from server.serving import OpenAIServing, PromptSampling
+
+T = TypeVar("T")
+
+
+@dataclass
+class RequestContext:
+    """One request, from its route to its response."""
+
+    endpoint: Literal["chat", "completion"]
+    request: SamplingFields
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
+    # Prepared before admission (server.serving.OpenAIServing.prepare).
+    plan: Plan | None = None
+    prompts: list[list[int]] = field(default_factory=list)
+    sampling: list[PromptSampling] = field(default_factory=list)  # per prompt
+    timeout_s: float | None = None
+    # Admission, then the outcome.
+    ticket: Ticket | None = None
+    admitted: float | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        metrics.REQUESTS_IN_FLIGHT.inc()
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode if self.plan is not None else "invalid"
+
+    def done(self, outcome: str) -> None:
+        """Release the admission and record the outcome; later calls do nothing."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.ticket is not None:
+            self.ticket.release()
+        metrics.REQUESTS_IN_FLIGHT.dec()
+        metrics.REQUESTS.labels(self.endpoint, self.mode, outcome).inc()
+        metrics.REQUEST_SECONDS.labels(self.endpoint).observe(time.monotonic() - self.started)
+
+    async def track(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The stream, settling this request when it ends."""
+        outcome = "error"
+        try:
+            async for piece in stream:
+                yield piece
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.done(outcome)
+
+
+async def handle(request: Request, ctx: RequestContext, serving: OpenAIServing) -> Response:
+    """Prepare, admit and run one request; cancel it (and so its engine requests) if the
+    client leaves, while queued or running. Non-streaming work is raced against the
+    client's disconnect; a streaming body is cancelled by the server itself when the client
+    goes away mid-stream."""
+    admission: Admission = request.app.state.admission
+
+    async def admitted_work() -> Any:
+        serving.prepare(ctx)
+        assert ctx.plan is not None
+        ctx.ticket = await admission.acquire(ctx.plan.minimum_samples)
+        ctx.admitted = time.monotonic()
+        return await serving.run(ctx)
+
+    try:
+        result = await run_until_disconnect(request, admitted_work())
+    except ClientDisconnected:
+        ctx.done("cancelled")
+        return Response(status_code=499)
+    except BaseException:
+        ctx.done("error")
+        raise
+    if isinstance(result, AsyncIterator):
+        return TrackedStream(result, ctx, serving.settings.limits.sse_keepalive_s)
+    ctx.done("ok")
+    return JSONResponse(result.model_dump())
+
+
+class TrackedStream(EventSourceResponse):
+    """An SSE response (sse-starlette) that sends comment keep-alives every `keepalive_s`
+    while the vote runs, and settles its request even when the client leaves before the body
+    starts (then the body generator never runs its `finally`). The stream's events arrive
+    already framed (server.serving.sse) and pass through as bytes."""
+
+    def __init__(self, stream: AsyncIterator[str], ctx: RequestContext, keepalive_s: float):
+        async def framed() -> AsyncIterator[bytes]:
+            async for event in ctx.track(stream):
+                yield event.encode()
+
+        # sse-starlette pings at a default interval when given none; "off" is a ping too
+        # rare to matter, not a second code path.
+        super().__init__(framed(), ping=keepalive_s or 86_400, sep="\n")
+        self.ctx = ctx
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ctx.done("cancelled")  # no-op when the stream already settled
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it as soon as the client disconnects (the body has already
+    been read, so the next ASGI message can only be the disconnect)."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    listener = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        listener.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected()
