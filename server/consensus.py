@@ -1,5 +1,9 @@
 """Free-text consensus: samples grouped by similarity as they finish; the largest group wins
-and its medoid (the member most similar to the rest) is returned.
+and its medoid (the member most similar to the rest) is returned. When no group wins (the
+largest has one member, or ties with another) the vote falls back to minimum Bayes risk:
+every voter is pooled under one MBR key and the medoid of them all is returned, not
+whichever singleton the vote's tie rule would name (open-ended prompts at N = 8 rarely
+form a group at THRESHOLD; benchmarks/consensus_quality.py --open-ended measures the pick).
 
 Similarity is chrF (character n-gram F-score, n = 1..4, recall weighted by beta = 2, spaces
 ignored; over distinct n-grams, so the set operations run in C), chosen over word-level ROUGE-L by benchmarks/consensus_quality.py (README, "Free
@@ -15,6 +19,7 @@ stop run on free text unchanged.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import lru_cache
 
 MAX_CHARS = 1000
@@ -22,6 +27,8 @@ NGRAM = 4
 BETA = 2.0
 THRESHOLD = 0.7  # chosen on validation questions by benchmarks/consensus_quality.py
 KEY_CHARS = 40
+MBR_PREFIX = "mbr: "
+MBR_MIN_VOTERS = 3  # of two texts neither is closer to the rest: the vote's own rule picks
 
 
 @lru_cache(maxsize=4096)
@@ -89,3 +96,23 @@ def medoid(texts: list[str]) -> int:
             totals[i] += s
             totals[j] += s
     return max(range(len(texts)), key=lambda i: (totals[i], -i))
+
+
+def mbr_keys(keys: list[str | None], groups: list[str | None] | None = None) -> list[str | None] | None:
+    """`keys` with every voter (non-None key) pooled under one MBR key, when at least
+    MBR_MIN_VOTERS voted and no group of `groups` (default: `keys`) won: its largest has one
+    member or ties with another. None when a group won (or too few voted): the vote stands.
+    The key says what the pick is the medoid of and how large the largest group was."""
+    voters = sum(k is not None for k in keys)
+    sizes = Counter(k for k in (keys if groups is None else groups) if k is not None).most_common(2)
+    won = bool(sizes) and sizes[0][1] > 1 and (len(sizes) == 1 or sizes[1][1] < sizes[0][1])
+    if voters < MBR_MIN_VOTERS or won:
+        return None
+    largest = sizes[0][1] if sizes else 0
+    key = f"{MBR_PREFIX}medoid of {voters} (largest group {largest})"
+    return [None if k is None else key for k in keys]
+
+
+def is_mbr_key(key: str | None) -> bool:
+    """Whether a vote key is mbr_keys' pooled key."""
+    return key is not None and key.startswith(MBR_PREFIX)

@@ -221,6 +221,11 @@ def _short_final_number(text: str) -> str | None:
     return None
 
 
+def has_marked_answer(text: str) -> bool:
+    """Whether a completion marks its answer (rules 1-2: \\boxed{}, "Answer:", "####"...)."""
+    return bool(text) and _marked_answer(_ascii_digits(text[-MAX_SCAN_CHARS:])) is not None
+
+
 def _marked_answer(text: str) -> str | None:
     """Rules 1-2: a boxed answer, else the last answer phrase."""
     boxed = find_boxed(text)
@@ -240,6 +245,13 @@ def _marked_answer(text: str) -> str | None:
         if (number := _first_number(phrase)) is not None:
             return normalize_answer(number)
     return None
+
+
+def numbers_in(text: str) -> set[str]:
+    """The normalised keys of every number stated in `text` (e.g. a prompt's, so a vote can
+    tell an answer copied from it)."""
+    keys = (normalize_answer(m.group(0)) for m in _NUMBER_RE.finditer(_ascii_digits(text[:MAX_SCAN_CHARS])))
+    return {k for k in keys if k is not None}
 
 
 def _first_number(text: str) -> str | None:

@@ -1,6 +1,7 @@
 """Free-text requests on the real engine (server/aggregation.py, estimator/gate.py): the
 gate and `aggregate: auto` keep open-ended prompts from spending N or voting on stray
-numbers; `consensus` and `usc` pick among free-text samples."""
+numbers; `consensus` and `usc` pick among free-text samples, the medoid of all when no
+group forms."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from estimator.gate import Gate
 from estimator.head import DEFAULT_HEAD, T2Head
 from estimator.offline.open_ended import KINDS, open_ended_prompts
 from estimator.stopping import choose_parallelism
+from server import consensus
 from tests.conftest import MODEL_NAME
 from tests.server.test_api import QUESTION
 from tests.server.test_hardening import serve
@@ -93,26 +95,62 @@ async def test_no_vote_is_decided_by_a_stray_number(engine, server_settings, pro
         lenient = await sample(client, prompt, 48, parallelism=4, aggregate="answer")
     t2 = reply.model_extra["t2"]
     assert t2["samples"] == 4 and sum(t2["votes"].values()) == 4
-    assert all(key.startswith("#") for key in t2["votes"]), t2["votes"]  # similarity groups only
-    assert t2["aggregate"] == "auto:consensus" and t2["open_ended"] is None  # fixed N: not stopped
+    # Similarity groups only, or, when no group won, all four pooled for the MBR pick.
+    assert all(key.startswith(("#", "mbr: ")) for key in t2["votes"]), t2["votes"]
+    assert t2["aggregate"] == ("auto:mbr" if t2["answer"].startswith("mbr: ") else "auto:consensus")
+    assert t2["open_ended"] is None  # fixed N: not stopped
     # The same samples under the lenient rule (aggregate: answer) vote with numbers read out of them.
     lenient_t2 = lenient.model_extra["t2"]
     assert lenient_t2["aggregate"] == "answer" and any(not k.startswith("#") for k in lenient_t2["votes"])
 
 
+HAIKU = "Write a haiku about autumn leaves."
+
+
+async def test_a_forced_n_with_no_group_returns_the_medoid_of_all_samples(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": HAIKU}], add_generation_prompt=True, tokenize=False
+    )
+    ids = list(engine.tokenizer.encode(chat, add_special_tokens=False))
+    params = SamplingParams(max_tokens=32, temperature=0.8, seed=0)
+    result = await thinker.run(ids, params, thinker.plan(8, aggregate="consensus"), request_id="mbr-haiku")
+    (choice,) = result.choices
+    texts, keys = [s.text for s in choice.samples], [s.answer for s in choice.samples]
+    assert len(texts) == 8 and all(k is not None and k.startswith("#") for k in keys)
+    # Seeded haiku of 32 tokens do not repeat one another: no group of two wins.
+    assert consensus.mbr_keys(keys) is not None, keys
+    assert result.aggregate == "consensus:mbr" and choice.vote.votes == {choice.vote.answer: 8}
+    assert choice.vote.winner_index == consensus.medoid(texts)  # the medoid of all eight
+
+
+async def test_an_open_ended_request_at_a_forced_n_names_the_mbr_rule(engine, server_settings):
+    parallelism = server_settings.parallelism.model_copy(update={"aggregate": "auto"})
+    settings = server_settings.model_copy(update={"parallelism": parallelism})
+    async with serve(engine, settings) as (url, _), client_for(url) as client:
+        reply = await sample(client, HAIKU, 32, parallelism=8)
+    t2 = reply.model_extra["t2"]
+    assert t2["samples"] == 8 and t2["aggregate"] == "auto:mbr", t2
+    assert t2["answer"].startswith("mbr: medoid of 8") and t2["votes"] == {t2["answer"]: 8}
+    assert reply.choices[0].message.content
+
+
 async def test_consensus_with_esc_stopping_and_usc(client):
-    haiku = "Write a haiku about autumn leaves."
-    reply = await sample(client, haiku, 24, aggregate="consensus", policy="esc:window=2,max=6")
+    reply = await sample(client, HAIKU, 24, aggregate="consensus", policy="esc:window=2,max=6")
     t2 = reply.model_extra["t2"]
     assert t2["aggregate"] == "consensus" and t2["policy"].startswith("ESC")
     assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
     assert all(key.startswith("#") for key in t2["votes"]) and reply.choices[0].message.content
 
-    usc = await sample(client, haiku, 24, aggregate="usc", parallelism=3)
+    usc = await sample(client, HAIKU, 24, aggregate="usc", parallelism=3)
     t2 = usc.model_extra["t2"]
     assert t2["aggregate"] == "usc" and t2["usc"]["passes"] == 1
     assert 0 < t2["usc"]["completion_tokens"] <= 4
-    plain = await sample(client, haiku, 24, parallelism=3)
+    plain = await sample(client, HAIKU, 24, parallelism=3)
     # The pass's tokens are billed: its prompt (the request's own + the candidates) and its answer.
     assert usc.usage.prompt_tokens == plain.usage.prompt_tokens + t2["usc"]["prompt_tokens"]
     assert t2["usc"]["prompt_tokens"] > plain.usage.prompt_tokens

@@ -1,0 +1,161 @@
+"""Selection among free-text samples (server/consensus.py, server/aggregation.py): the
+largest similarity group's medoid, the minimum-Bayes-risk fallback when no group wins, and
+the `auto` rules that keep a stray or copied number from outvoting free text."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import aggregation, consensus
+from server.aggregation import AutoAggregator, ConsensusAggregator, USCAggregator, decide
+
+# Five tips no two of which reach the 0.7 similarity threshold. CENTRE shares a clause with
+# each of the first three (one edit from each), which share less with one another; the
+# last shares little with any: CENTRE is the medoid, and it is not the first sample.
+CENTRE = "Pack a warm scarf, drink hot cider, walk under the orange maples."
+SPREAD = [
+    "Pack a thermos of cocoa, drink hot cider, stroll past the red barns.",
+    "Bring a wool hat, sip spiced tea, walk under the orange maples.",
+    CENTRE,
+    "Pack a warm scarf, drink hot cider, photograph the quiet lakes at dawn.",
+    "Rake the lawn into piles and jump in them with your dog.",
+]
+
+
+def keyed(aggregator, texts: list[str]) -> list[str | None]:
+    return [aggregator.key(t) for t in texts]
+
+
+def test_the_medoid_is_the_text_closest_to_all_the_others():
+    totals = [sum(consensus.similarity(t, o) for o in SPREAD if o is not t) for t in SPREAD]
+    assert consensus.medoid(SPREAD) == SPREAD.index(CENTRE) == totals.index(max(totals))
+    assert consensus.medoid(list(reversed(SPREAD))) == len(SPREAD) - 1 - SPREAD.index(CENTRE)
+    # Equal totals: the first wins (three copies of one text, then two of another).
+    assert consensus.medoid(["a b c", "x y z", "a b c", "x y z"]) == 0
+    assert consensus.medoid(["only one"]) == 0 and consensus.medoid(["a", "b"]) == 0
+
+
+def test_no_group_formed_returns_the_medoid_of_all_samples():
+    agg = ConsensusAggregator()
+    keys = keyed(agg, SPREAD)
+    assert len(set(keys)) == len(SPREAD)  # every sample is its own group
+    vote = decide(agg, keys, SPREAD)
+    # Without the fallback the tie rule would return sample 0.
+    assert vote.winner_index == SPREAD.index(CENTRE) != 0
+    assert vote.answer == "mbr: medoid of 5 (largest group 1)" and vote.votes == {vote.answer: 5}
+    assert agg.ran_for(vote.answer) == "consensus:mbr"
+
+
+def test_tied_largest_groups_fall_back_to_the_medoid_of_all():
+    keys = ["#1: a", "#2: b", "#1: a", "#2: b", "#3: c", None]
+    pooled = consensus.mbr_keys(keys)
+    assert pooled == ["mbr: medoid of 5 (largest group 2)"] * 5 + [None]  # an abstention stays out
+    # A group that beats every other wins as before; so does a vote of two.
+    assert consensus.mbr_keys(["#1: a", "#1: a", "#2: b", "#3: c"]) is None
+    assert consensus.mbr_keys(["#1: a", "#1: a"]) is None
+    assert consensus.mbr_keys(["#1: a", "#2: b", None, None]) is None
+    assert consensus.mbr_keys(["#1: a", "#2: b", "#3: c"]) is not None
+
+
+def test_a_group_that_wins_returns_its_own_medoid():
+    texts = [SPREAD[0], CENTRE, CENTRE + " Enjoy!", SPREAD[4]]
+    agg = ConsensusAggregator()
+    keys = keyed(agg, texts)
+    assert keys[1] == keys[2] and len(set(keys)) == 3
+    vote = decide(agg, keys, texts)
+    assert vote.answer == keys[1] and vote.winner_index == 1 and vote.agreement == 0.5
+    assert agg.ran_for(vote.answer) == "consensus"
+
+
+def test_usc_names_the_mbr_fallback_when_it_ran():
+    agg = USCAggregator()
+    vote = decide(agg, keyed(agg, SPREAD), SPREAD)
+    assert agg.ran_for(vote.answer) == "usc:mbr" and agg.ran_for("#1: x") == "usc"
+
+
+TRANSLATIONS = [
+    "Je n'oublierai jamais les feuilles d'automne, rouges et dorées sous la pluie.\nC'était magnifique.",
+    "Besoin 1: voici.",
+    "Jamais je n'oublierai l'automne et ses feuilles qui tombent doucement.\nMerci.",
+    "Je ne vais jamais oublier les feuilles mortes de l'automne.\nVoilà la traduction.",
+    "Les feuilles d'automne resteront dans ma mémoire pour toujours.\nBonne journée.",
+]
+
+
+def test_a_lone_number_among_free_text_does_not_win():
+    auto = AutoAggregator()
+    keys = keyed(auto, TRANSLATIONS)
+    assert keys[1] == "1" and all(k in auto.text_keys for k in keys[:1] + keys[2:])  # the stray number
+    vote = decide(auto, keys, TRANSLATIONS)
+    assert vote.answer == "mbr: medoid of 5 (largest group 1)" and auto.ran_for(vote.answer) == "auto:mbr"
+    assert vote.winner_index != 1  # the medoid of the pool, not the stray line
+    assert vote.winner_index == consensus.medoid(TRANSLATIONS)
+
+
+def test_a_number_copied_from_the_prompt_does_not_win_over_free_text():
+    prompt = "Write a haiku about the winter of 2024."
+    texts = [
+        "Snow on the rooftops\nthe old year folds its white wings\nquiet streets at dusk",
+        "Winter 2024.",
+        "Cold breath on the glass\ncandles flicker in the dark\nthe kettle whistles",
+        "Frost on bare branches\nthe river sleeps under ice\ncrows call from the pines",
+        "A haiku for 2024.",
+    ]
+    without_prompt = AutoAggregator()
+    keys = keyed(without_prompt, texts)
+    assert keys[1] == keys[4] == "2024"  # two samples state it: without the prompt, it wins
+    assert decide(without_prompt, keys, texts).answer == "2024"
+    copied = AutoAggregator(prompt=prompt)
+    vote = decide(copied, keyed(copied, texts), texts)
+    assert vote.answer is not None and vote.answer.startswith("mbr: ")
+    assert texts[vote.winner_index].count("\n") == 2  # a haiku, not the copied number
+
+
+@pytest.mark.parametrize(
+    ("route", "counted"),
+    [(None, False), ("unfamiliar", False), ("open_ended", False), ("answerable", True)],
+)
+def test_the_gate_decides_whether_a_lone_answer_counts(route, counted):
+    auto = AutoAggregator()
+    if route is not None:
+        auto.gated(route)
+    texts = [TRANSLATIONS[0], "Il y a 12 feuilles.", TRANSLATIONS[2], TRANSLATIONS[3]]
+    keys = keyed(auto, texts)
+    assert keys[1] == "12"
+    vote = decide(auto, keys, texts)
+    assert (vote.answer == "12") is counted
+    assert auto.ran_for(vote.answer) == ("auto:answer" if counted else "auto:mbr")
+
+
+def test_answers_outrank_free_text_when_marked_agreed_or_in_the_majority():
+    ramble = "I think we should add the numbers together and see what happens next, slowly."
+    other = "Let us count the apples one by one and write each of them down on paper."
+    # One marked answer ("Answer:") among rambling: the prompt is answerable, the answer wins.
+    auto = AutoAggregator()
+    texts = [ramble, "3 + 4 = 7, so\nAnswer: 7", other]
+    vote = decide(auto, keyed(auto, texts), texts)
+    assert vote.answer == "7" and vote.winner_index == 1
+    # Two samples agree on an unmarked short answer among more free text: it wins.
+    auto = AutoAggregator()
+    texts = [ramble, "7", other, "It is 7.", "Counting takes a while, let me think again about this."]
+    vote = decide(auto, keyed(auto, texts), texts)
+    assert vote.answer == "7" and vote.votes == {"7": 2} and auto.ran_for(vote.answer) == "auto:answer"
+    # Answers in the majority (not a free-text prompt): a lone one still counts.
+    auto = AutoAggregator()
+    texts = ["7", "8", ramble]
+    assert decide(auto, keyed(auto, texts), texts).answer == "7"
+    # Even on an open-ended verdict, agreeing answers not copied from the prompt count.
+    auto = AutoAggregator(prompt="What is 3 + 4?")
+    auto.gated("open_ended")
+    texts = ["7", "It is 7.", ramble, other, "3"]
+    vote = decide(auto, keyed(auto, texts), texts)
+    assert vote.answer == "7" and vote.votes == {"7": 2}  # the copied "3" abstains
+
+
+def test_create_passes_the_prompt_to_auto():
+    from vllm import SamplingParams
+
+    auto = aggregation.create(SamplingParams(), "auto", 2, prompt="Tell me about the 3 bears, 1.5 of them.")
+    assert isinstance(auto, AutoAggregator) and auto.prompt_numbers == {"3", "1.5"}
+    assert auto.open_ended_parallelism == 2
+    assert aggregation.create(SamplingParams(), "auto").prompt_numbers == set()
