@@ -779,7 +779,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if not test_records:
         raise SystemExit("t2serve evaluate: no test-split questions in the labels")
     head = T2Head.load(args.head)
-    result = run_evaluation(head, train_records, test_records, test_states, gate=Gate.load(args.head))
+    result = run_evaluation(
+        head, train_records, test_records, test_states, gate=Gate.load(args.head), **_gate_fallbacks()
+    )
     if args.server:
         import asyncio
 
@@ -823,6 +825,11 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {args.policies_out}.json and {args.policies_out}.png")
 
 
+def _gate_fallbacks() -> dict[str, int]:
+    """The server's N where its gate does not trust the head, as offline replays score it."""
+    return ParallelismSettings().model_dump(include={"default_parallelism", "open_ended_parallelism"})
+
+
 def _leave_one_out(args: argparse.Namespace, records: list[dict], states) -> None:
     from estimator.offline import leave_one_out as loo
     from estimator.offline.open_ended import load_states
@@ -840,6 +847,7 @@ def _leave_one_out(args: argparse.Namespace, records: list[dict], states) -> Non
             open_ended=open_ended,
             sources=args.held_out,
             margin=args.margin,
+            **_gate_fallbacks(),
         )
     except ValueError as exc:
         raise SystemExit(f"t2serve evaluate --leave-one-out: {exc}") from exc

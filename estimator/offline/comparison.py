@@ -133,7 +133,7 @@ def compare_policies(
     test: list[dict],
     test_states: np.ndarray,
     *,
-    orderings: int = 200,
+    orderings: int,
     seed: int = 0,
     families: tuple[str, ...] = FAMILIES,
 ) -> dict:

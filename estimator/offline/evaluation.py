@@ -20,7 +20,6 @@ import numpy as np
 from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
 from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
-from estimator.offline.leave_one_out import DEFAULT_PARALLELISM, OPEN_ENDED_PARALLELISM
 from estimator.offline.margin_fit import t2_parallelism
 
 MARGINS = (1.25, 1.5, 2.0)
@@ -38,17 +37,29 @@ def score(n_per_question: np.ndarray, accuracy: np.ndarray, mean_tokens: np.ndar
     }
 
 
-def gated(n: np.ndarray, routes: list[str]) -> np.ndarray:
-    """The server's N behind the gate: unfamiliar -> the safe default, open-ended -> one sample."""
+def gated(
+    n: np.ndarray, routes: list[str], *, default_parallelism: int, open_ended_parallelism: int
+) -> np.ndarray:
+    """The server's N behind the gate: unfamiliar -> its safe default, open-ended -> its
+    open-ended N (server.config.ParallelismSettings)."""
     out = n.copy()
-    out[np.array([r == "unfamiliar" for r in routes])] = DEFAULT_PARALLELISM
-    out[np.array([r == "open_ended" for r in routes])] = OPEN_ENDED_PARALLELISM
+    out[np.array([r == "unfamiliar" for r in routes])] = default_parallelism
+    out[np.array([r == "open_ended" for r in routes])] = open_ended_parallelism
     return out
 
 
 def evaluate(
-    head: T2Head, train: list[dict], test: list[dict], test_states: np.ndarray, gate: Gate | None = None
+    head: T2Head,
+    train: list[dict],
+    test: list[dict],
+    test_states: np.ndarray,
+    gate: Gate | None = None,
+    *,
+    default_parallelism: int,
+    open_ended_parallelism: int,
 ) -> dict:
+    """Every policy on the test pools; behind `gate`, the server's default policy falls back to
+    `default_parallelism` (unfamiliar) and `open_ended_parallelism` (open-ended) as it does."""
     n_max = len(test[0]["accuracy"])
     if head.meta.n_max != n_max:
         raise ValueError(f"head was trained for N_max={head.meta.n_max}, labels have N_max={n_max}")
@@ -71,9 +82,12 @@ def evaluate(
     routes = [gate.route(s) for s in test_states] if gate is not None else None
     if routes is not None:
         # As the server runs it: the head's margin, times the gate's multiple where it trusts the head.
-        policies[f"T2 x{head.margin:g} + gate"] = score(
-            gated(chosen(head.margin, gate.margin_scale(test_states)), routes), acc, tokens
-        )
+        n = chosen(head.margin, gate.margin_scale(test_states))
+        fallbacks = {
+            "default_parallelism": default_parallelism,
+            "open_ended_parallelism": open_ended_parallelism,
+        }
+        policies[f"T2 x{head.margin:g} + gate"] = score(gated(n, routes, **fallbacks), acc, tokens)
     policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]
     margin_curve = [
@@ -183,7 +197,7 @@ def write_report(result: dict, out: Path) -> None:
 
 
 async def replay_through_server(
-    url: str, test: list[dict], *, n_max: int, temperature: float, max_tokens: int, concurrency: int = 8
+    url: str, test: list[dict], *, n_max: int, temperature: float, max_tokens: int, concurrency: int
 ) -> dict:
     """Wall-clock C_time: send the test questions through a running t2serve, once with
     `parallelism: "auto"` and once with fixed N_max, same sampling as the labels; report

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.gate import route_shares
+from estimator.gate import Gate, route_shares
+from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.gate_fit import fit_gate
 from estimator.offline.labels import gold_of, source_of
@@ -36,10 +37,6 @@ from estimator.offline.stopping_fit import fit_stopping
 from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
 from estimator.stopping import T2, Fixed, LearnedStop
 
-# The server's defaults (server.config.ParallelismSettings / estimator.stopping.LearnedStop);
-# the offline pipeline does not import the server's settings.
-DEFAULT_PARALLELISM = 8
-OPEN_ENDED_PARALLELISM = 1
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
 # T2 is also replayed at these margins (same heads, same orderings): what margin would hold
 # off the training distribution.
@@ -50,16 +47,20 @@ def leave_one_out(
     records: list[dict],
     states: np.ndarray,
     *,
+    default_parallelism: int,
+    open_ended_parallelism: int,
+    orderings: int,
     config: TrainConfig | None = None,
     stopping_folds: int = 2,
-    orderings: int = 50,
     seed: int = 0,
     open_ended: tuple[list[dict], np.ndarray] | None = None,
     margin: float | None = None,
-    default: int = DEFAULT_PARALLELISM,
     sources: list[str] | None = None,
     sweep: tuple[float, ...] = SWEEP_MARGINS,
 ) -> dict:
+    """Per held-out source, the heads fitted without it scored on it (module docstring).
+    `default_parallelism` and `open_ended_parallelism`: the server's N where the fold's gate
+    calls a question unfamiliar or open-ended (server.config.ParallelismSettings)."""
     config = config or TrainConfig()
     n_max = len(records[0]["accuracy"])
     source = np.array([source_of(r) for r in records])
@@ -76,40 +77,20 @@ def leave_one_out(
         rest_train = np.flatnonzero((source != held) & (split == "train"))
         rest_val = np.flatnonzero((source != held) & (split == "validation"))
         test = np.flatnonzero(source == held)
-        train_records = [records[i] for i in rest_train]
-        head = fit(
-            states[rest_train],
-            targets(train_records),
-            states[rest_val],
-            targets([records[i] for i in rest_val]),
-            model_name="",
-            n_max=n_max,
+        head, table, gate = fit_fold(
+            records,
+            states,
+            rest_train,
+            rest_val,
             config=config,
-            progress=False,
+            stopping_folds=stopping_folds,
+            seed=seed,
+            open_ended=open_ended,
         )
-        predictions_cf = cross_fitted_predictions(
-            states[rest_train],
-            targets(train_records),
-            states[rest_val],
-            targets([records[i] for i in rest_val]),
-            folds=stopping_folds,
-            config=config,
-            progress=False,
-        )
-        table = fit_stopping(train_records, predictions_cf, seed=seed, progress=False)
         test_records = [records[i] for i in test]
         predictions = head.predict_batch(states[test])
-        routes = scales = gate = None
-        if open_ended is not None:
-            prompts, open_states = open_ended
-            kind = np.array([p["split"] for p in prompts])
-            gate = fit_gate(
-                states[rest_train],
-                open_states[kind == "train"],
-                states[rest_val],
-                open_states[kind == "validation"],
-                layers=list(range(states.shape[1])),
-            )
+        routes = scales = None
+        if gate is not None:
             routes = [gate.route(s) for s in states[test]]
             scales = gate.margin_scale(states[test])
         # margin None: the fold's own, chosen on its validation split (margin_fit).
@@ -129,7 +110,8 @@ def leave_one_out(
             orderings=orderings,
             seed=seed,
             margin=fold_margin,
-            default=default,
+            default_parallelism=default_parallelism,
+            open_ended_parallelism=open_ended_parallelism,
             sweep=sweep,
         )
         rows[held]["margin"] = fold_margin
@@ -139,12 +121,61 @@ def leave_one_out(
         "n_max": n_max,
         "orderings": orderings,
         "margin": margin if margin is not None else "each fold's, chosen on its validation split",
-        "default_parallelism": default,
+        "default_parallelism": default_parallelism,
         "tolerance": TOLERANCE,
         "sources": rows,
         "mean": mean_over_sources(rows),
         "margin_sweep": margin_sweep(rows),
     }
+
+
+def fit_fold(
+    records: list[dict],
+    states: np.ndarray,
+    train: np.ndarray,
+    validation: np.ndarray,
+    *,
+    config: TrainConfig,
+    stopping_folds: int,
+    seed: int,
+    open_ended: tuple[list[dict], np.ndarray] | None,
+) -> tuple[T2Head, StoppingTable, Gate | None]:
+    """One fold's head, stopping table and (given open-ended states) gate, fitted on the
+    `train` and `validation` rows as `t2serve train` fits them."""
+    train_records = [records[i] for i in train]
+    val_targets = targets([records[i] for i in validation])
+    head = fit(
+        states[train],
+        targets(train_records),
+        states[validation],
+        val_targets,
+        model_name="",
+        n_max=len(records[0]["accuracy"]),
+        config=config,
+        progress=False,
+    )
+    predictions = cross_fitted_predictions(
+        states[train],
+        targets(train_records),
+        states[validation],
+        val_targets,
+        folds=stopping_folds,
+        config=config,
+        progress=False,
+    )
+    table = fit_stopping(train_records, predictions, seed=seed, progress=False)
+    gate = None
+    if open_ended is not None:
+        prompts, open_states = open_ended
+        kind = np.array([p["split"] for p in prompts])
+        gate = fit_gate(
+            states[train],
+            open_states[kind == "train"],
+            states[validation],
+            open_states[kind == "validation"],
+            layers=list(range(states.shape[1])),
+        )
+    return head, table, gate
 
 
 def score_source(
@@ -157,7 +188,8 @@ def score_source(
     orderings: int,
     seed: int,
     margin: float,
-    default: int,
+    default_parallelism: int,
+    open_ended_parallelism: int,
     sweep: tuple[float, ...] = (),
 ) -> dict:
     n_max = len(records[0]["accuracy"])
@@ -176,7 +208,7 @@ def score_source(
         [*policies.values(), *swept.values()],
         orderings=orderings,
         seed=seed,
-        default=default,
+        default=default_parallelism,
         desc="  replay",
     )
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
@@ -192,8 +224,8 @@ def score_source(
         cut = np.array([route == "open_ended" for route in routes])
         for i, name in enumerate([*policies, *swept]):
             if name != "fixed N_max":
-                matrix[cut, i, a] = accuracy[cut, OPEN_ENDED_PARALLELISM - 1]
-                matrix[cut, i, n] = OPEN_ENDED_PARALLELISM
+                matrix[cut, i, a] = accuracy[cut, open_ended_parallelism - 1]
+                matrix[cut, i, n] = open_ended_parallelism
     out = {
         name: {"accuracy": float(matrix[:, i, a].mean()), "samples": float(matrix[:, i, n].mean())}
         for i, name in enumerate(policies)

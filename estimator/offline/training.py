@@ -116,7 +116,7 @@ def cross_fitted_predictions(
     val_x: np.ndarray,
     val_y: np.ndarray,
     *,
-    folds: int = 5,
+    folds: int,
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
 ) -> np.ndarray:

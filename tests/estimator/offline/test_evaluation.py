@@ -6,7 +6,7 @@ import pytest
 from estimator.gate import Gate
 from estimator.offline.evaluation import evaluate, report_table
 from estimator.offline.training import TrainConfig, fit, targets
-from tests.estimator.offline.test_leave_one_out import synthetic
+from tests.estimator.offline.test_leave_one_out import FALLBACKS, synthetic
 
 
 def trained(records: list[dict], states: np.ndarray):
@@ -40,11 +40,11 @@ def test_the_default_policy_behind_the_gate_is_scored_as_the_server_routes_it():
     assert set(routes[6:]) == {"answerable"}
 
     train = [r for r in records if r["split"] == "train"]
-    result = evaluate(head, train, test_records, test_states, gate=gate)
+    result = evaluate(head, train, test_records, test_states, gate=gate, **FALLBACKS)
     assert result["gate"] == pytest.approx(
         {"open_ended": 3 / len(test), "unfamiliar": 3 / len(test), "answerable": 1 - 6 / len(test)}
     )
-    ungated = evaluate(head, train, test_records, test_states)
+    ungated = evaluate(head, train, test_records, test_states, **FALLBACKS)
     assert ungated["gate"] is None and "T2 x1.5 + gate" not in ungated["policies"]
 
     # Expected: one sample for the open-ended ones, the default 8 for the unfamiliar ones and
@@ -58,3 +58,11 @@ def test_the_default_policy_behind_the_gate_is_scored_as_the_server_routes_it():
     assert gated["accuracy"] == pytest.approx(accuracy[np.arange(len(n)), n - 1].mean())
     assert margin["mean_n"] == pytest.approx(n_head.mean())
     assert "gate routes: answerable" in report_table(result)
+
+
+def test_behind_the_gate_the_callers_fallback_n_is_used():
+    from estimator.offline.evaluation import gated
+
+    routes = ["unfamiliar", "open_ended", "answerable"]
+    n = gated(np.array([5, 5, 5]), routes, default_parallelism=3, open_ended_parallelism=2)
+    assert n.tolist() == [3, 2, 5]

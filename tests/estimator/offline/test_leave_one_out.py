@@ -10,6 +10,9 @@ from estimator.offline.labels import expected_accuracy, sample_optimal_n
 from estimator.offline.margin_fit import MARGIN_GRID
 from estimator.offline.training import TrainConfig
 
+# The server's N where the gate does not trust the head: the safe default and open-ended's one.
+FALLBACKS = {"default_parallelism": 8, "open_ended_parallelism": 1}
+
 
 def synthetic(sources: dict[str, float], per_source: int = 60, layers: int = 3, hidden: int = 8):
     """Per source, pools whose gold share is drawn around `p`; the states carry N*/N_max."""
@@ -41,7 +44,7 @@ def synthetic(sources: dict[str, float], per_source: int = 60, layers: int = 3, 
 def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
     records, states = synthetic({"easy": 0.8, "mixed": 0.45, "hard": 0.2})
     result = loo.leave_one_out(
-        records, states, config=TrainConfig(epochs=15), stopping_folds=2, orderings=8, default=8, margin=1.5
+        records, states, config=TrainConfig(epochs=15), stopping_folds=2, orderings=8, margin=1.5, **FALLBACKS
     )
     assert set(result["sources"]) == {"easy", "hard", "mixed"}
     for name, row in result["sources"].items():
@@ -89,8 +92,8 @@ def test_the_gate_sends_unfamiliar_questions_to_the_default_and_open_ended_ones_
         stopping_folds=2,
         orderings=4,
         open_ended=(open_prompts, open_states),
-        default=8,
         sources=["far", "prose"],
+        **FALLBACKS,
     )
     # No margin given: each fold's own, chosen on its validation split as `t2serve train` does.
     assert all(row["margin"] in MARGIN_GRID for row in result["sources"].values())
@@ -111,7 +114,9 @@ def test_the_gate_sends_unfamiliar_questions_to_the_default_and_open_ended_ones_
 def test_one_source_is_refused():
     records, states = synthetic({"only": 0.5}, per_source=10)
     with pytest.raises(ValueError, match="two sources"):
-        loo.leave_one_out(records, states, config=TrainConfig(epochs=2), stopping_folds=2, orderings=2)
+        loo.leave_one_out(
+            records, states, config=TrainConfig(epochs=2), stopping_folds=2, orderings=2, **FALLBACKS
+        )
 
 
 def test_t2_is_scored_with_the_exact_accuracy_and_the_gates_multiple_raises_its_n():
@@ -121,7 +126,7 @@ def test_t2_is_scored_with_the_exact_accuracy_and_the_gates_multiple_raises_its_
     predictions = np.full(len(records), 0.25)  # 16 * 0.25 * 1.5 = 6 samples
     table = fit_stopping(records, predictions, seed=0, progress=False)
     answerable = ["answerable"] * len(records)
-    kwargs = {"orderings": 3, "seed": 0, "margin": 1.5, "default": 8, "sweep": (1.0,)}
+    kwargs = {"orderings": 3, "seed": 0, "margin": 1.5, "sweep": (1.0,), **FALLBACKS}
     plain = loo.score_source(records, predictions, table, answerable, **kwargs)
     far = loo.score_source(
         records, predictions, table, answerable, margin_scales=np.full(len(records), 2.0), **kwargs
