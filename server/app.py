@@ -65,39 +65,7 @@ def create_app(
             except BaseException:
                 await live.shutdown()
                 raise  # uvicorn reports it and the command exits 3
-        app.state.engine = live
-        app.state.engine_failed = False
-        metrics.ENGINE_HEALTHY.set(1)
-        metrics.ENGINE_INFO.info(
-            {
-                "device": live.info.device,
-                "dtype": live.info.dtype,
-                "mode": live.mode,
-            }
-        )
-        head = load_head_or_fallback(settings, live) if settings.engine.capture else None
-        thinker = ParallelThinker(
-            live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
-        )
-        metrics.ESTIMATOR_INFO.info(
-            {
-                "identity": head.identity if head is not None else "",
-                "n_max": str(thinker.n_max),
-                "layers": ",".join(map(str, head.meta.layers)) if head is not None else "",
-                "margin": f"{thinker.margin:g}" if head is not None else "",
-            }
-        )
-        if head is not None:
-            logger.info(
-                "estimator head loaded: %s (layers %s, T2 margin %g)",
-                head.identity,
-                head.meta.layers,
-                thinker.margin,
-            )
-        else:
-            logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
-        app.state.serving = OpenAIServing(live, thinker, settings)
-        app.state.admission = Admission(settings.limits)
+        install_serving(app, settings, live)
         watchdog = asyncio.ensure_future(watch_engine(app, live, on_engine_dead))
         try:
             yield
@@ -150,6 +118,38 @@ def create_app(
 
     app.include_router(v1)
     return app
+
+
+def install_serving(app: FastAPI, settings: ServerSettings, live: Engine) -> None:
+    """The started engine's serving objects on `app.state` (engine, head, thinker, serving,
+    admission), with the engine's and the head's info metrics and start-up log lines."""
+    app.state.engine = live
+    app.state.engine_failed = False
+    metrics.ENGINE_HEALTHY.set(1)
+    metrics.ENGINE_INFO.info({"device": live.info.device, "dtype": live.info.dtype, "mode": live.mode})
+    head = load_head_or_fallback(settings, live) if settings.engine.capture else None
+    thinker = ParallelThinker(
+        live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
+    )
+    metrics.ESTIMATOR_INFO.info(
+        {
+            "identity": head.identity if head is not None else "",
+            "n_max": str(thinker.n_max),
+            "layers": ",".join(map(str, head.meta.layers)) if head is not None else "",
+            "margin": f"{thinker.margin:g}" if head is not None else "",
+        }
+    )
+    if head is not None:
+        logger.info(
+            "estimator head loaded: %s (layers %s, T2 margin %g)",
+            head.identity,
+            head.meta.layers,
+            thinker.margin,
+        )
+    else:
+        logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
+    app.state.serving = OpenAIServing(live, thinker, settings)
+    app.state.admission = Admission(settings.limits)
 
 
 def load_head_or_fallback(settings: ServerSettings, live: Engine) -> Any:

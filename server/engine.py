@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from server import vllm_api
+from server import vllm_openai
 from server.capture import WORKER_EXTENSION, capture_config
 from server.config import EngineSettings
 
@@ -276,7 +276,7 @@ class Engine:
             await receiver.close()
             llm.shutdown()
             raise
-        default_sampling = vllm_api.default_sampling_params(llm.model_config)
+        default_sampling = vllm_openai.default_sampling_params(llm.model_config)
         if default_sampling:
             logger.info("default sampling params from the model's generation config: %s", default_sampling)
         logger.info("engine ready: %s", info)

@@ -43,6 +43,14 @@ BASELINE_SAMPLES = Counter(
     "samples saved = t2serve_samples_baseline_total - t2serve_samples_dispatched_total.",
 )
 GENERATED_TOKENS = Counter("t2serve_generated_tokens", "Tokens generated over all samples.")
+REQUEST_TOKENS = Histogram(
+    "t2serve_request_tokens",
+    "Tokens one request's samples generated together (what --max-request-tokens bounds).",
+    buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144),
+)
+BUDGET_EXHAUSTED = Counter(
+    "t2serve_budget_exhausted", "Requests whose vote the token budget ended (server/budget.py)."
+)
 VOTES = Counter("t2serve_votes", "Votes by outcome: decided, tie, no_answer.", ["outcome"])
 CHOSEN_N = Histogram(
     "t2serve_chosen_parallelism",

@@ -37,7 +37,8 @@ from typing import Any, Literal
 from estimator.head import DEFAULT_MARGIN
 from estimator.policy_spec import describe, parse_policy
 from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scaled_cap
-from server import aggregation, metrics, sampling, vllm_api
+from server import aggregation, metrics, sampling, vllm_openai
+from server.budget import TokenBudget
 from server.config import ParallelismSettings
 from server.engine import Engine
 from server.errors import APIError
@@ -214,10 +215,11 @@ class ParallelThinker:
         *,
         request_id: str,
         deadline: Deadline | None = None,
-        reader: vllm_api.OutputParser | None = None,
+        budget: TokenBudget | None = None,
+        reader: vllm_openai.OutputParser | None = None,
     ) -> ThinkingResult:
         """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
-        (server.vllm_api; default: the text is the content); a fresh aggregator keys what is
+        (server.vllm_openai; default: the text is the content); a fresh aggregator keys what is
         left (the params' constraint's, else the plan's `aggregate`; server.aggregation)."""
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
@@ -232,7 +234,9 @@ class ParallelThinker:
         async with SampleGroup(
             self.engine, prompt_token_ids, base, request_id, self.in_flight, vote_key=vote_key
         ) as group:
-            loop = _VoteLoop(self, plan, group, aggregator, expired)
+            if budget is not None:
+                budget.watch(group)
+            loop = _VoteLoop(self, plan, group, aggregator, expired, budget)
             # Capture only when someone reads the states: they cost the engine step time.
             if plan.mode == "auto" and plan.policy.reads_prediction and self.engine.settings.capture:
                 loop.estimate = await self.estimator_reader.estimate(
@@ -258,11 +262,12 @@ class ParallelThinker:
             cached_tokens_per_sample=group.cached_tokens,
             policy=describe(plan.policy),
             launched=group.launched,
-            aborted=group.launched - sum(len(c.samples) for c in choices),
+            aborted=group.launched - sum(len(c.samples) for c in choices) + loop.partial_voters,
             aggregate=aggregator.ran_for(choices[0].vote.answer),
             estimate=loop.estimate,
             load_cap=loop.load_cap,
             timed_out=loop.timed_out,
+            budget_exhausted=loop.budget_exhausted,
             aborted_tokens=sum(s.num_tokens for s in loop.late),
             reasoning_tokens=None
             if reader is None or not reader.has_reasoning
@@ -402,16 +407,22 @@ class _VoteLoop:
         group: SampleGroup,
         aggregator: aggregation.Aggregator,
         expired: asyncio.Future[None],
+        budget: TokenBudget | None = None,
     ):
         self.thinker = thinker
         self.plan = plan
         self.group = group
         self.aggregator = aggregator
         self.expired = expired
+        # The request's token budget running out ends the vote like the deadline does,
+        # except that a choice with no finished sample votes over its partial ones.
+        self.exhausted = budget.exhausted if budget is not None else None
         self.votes = [_Vote() for _ in range(plan.n_choices)]
         self.estimate = Estimate()  # filled in by the estimator before run(), for `auto`
         self.load_cap: int | None = None
         self.timed_out = False
+        self.budget_exhausted = False
+        self.partial_voters = 0  # samples cut by the budget that vote all the same
         self.late: list[Sample] = []  # finished after their vote stopped, or never finished
 
     def budget(self) -> Budget:
@@ -421,26 +432,46 @@ class _VoteLoop:
         cap = thinker.estimator_reader.gate_cap(self.estimate, cap)
         return thinker.budget(self.estimate.prediction, cap, self.estimate.margin_scale)
 
+    def cut(self) -> bool:
+        """Whether the deadline passed or the token budget ran out."""
+        return self.expired.done() or (self.exhausted is not None and self.exhausted.done())
+
     async def run(self) -> None:
         plan, group = self.plan, self.group
-        if plan.mode == "auto" and not self.expired.done():
+        ends = [self.expired] if self.exhausted is None else [self.expired, self.exhausted]
+        if plan.mode == "auto" and not self.cut():
             self.load_cap = self.thinker.first_cap(plan, self.estimate, own=group.running())
         for c in range(plan.n_choices):
-            if self.expired.done():
+            if self.cut():
                 break
             k = plan.policy.first_launch(self.budget()) - group.launched_for(c)
             group.launch(c, k, separately=plan.policy.adapts)
-        while not self.expired.done() and not all(v.stopped for v in self.votes):
-            for sample in await group.next_finished(self.expired):
+        while not self.cut() and not all(v.stopped for v in self.votes):
+            for sample in await group.next_finished(*ends):
                 await self._show(sample)
             if not group.running():  # a policy never waits on nothing; guard anyway
                 break
-        self.timed_out = self.expired.done() and not all(v.stopped for v in self.votes)
-        # Stopped (or timed-out) votes' samples end with their partial output at once.
+        unfinished = not all(v.stopped for v in self.votes)
+        self.timed_out = self.expired.done() and unfinished
+        self.budget_exhausted = not self.timed_out and self.cut() and unfinished
+        # Stopped (or cut) votes' samples end with their partial output at once.
         for sample in await group.drain():
             vote = self.votes[sample.choice]
-            voting = self.timed_out and sample.finished and not vote.stopped
+            voting = (self.timed_out or self.budget_exhausted) and sample.finished and not vote.stopped
             (vote.samples if voting else self.late).append(sample)
+        if self.budget_exhausted:
+            self._partials_vote()
+
+    def _partials_vote(self) -> None:
+        """After the budget ran out, a running choice with no finished sample votes over its
+        partial ones, cut by the budget as `max_tokens` cuts a sample ("length")."""
+        for c, vote in enumerate(self.votes):
+            if vote.stopped or vote.samples:
+                continue
+            partial = [s for s in self.late if s.choice == c and s.finish_reason == "abort"]
+            self.late = [s for s in self.late if s not in partial]
+            vote.samples = [replace(s, finish_reason="length") for s in partial]
+            self.partial_voters += len(partial)
 
     async def _show(self, sample: Sample) -> None:
         """A finished sample joins its vote; the policy waits, launches more or stops it."""

@@ -7,6 +7,8 @@ arrive in the body (the official SDK's `extra_body`):
   policy:           sampling policy for "auto", e.g. "esc:window=4,max=8" (default: --policy)
   aggregate:        what free-text samples vote with: answer, consensus, usc, auto
                     (default: --aggregate)
+  max_total_tokens: tokens all samples may generate together (default and ceiling:
+                    --max-request-tokens)
 and come back in the response's `t2` object.
 """
 
@@ -25,7 +27,7 @@ MAX_STOP = 16
 class OpenAIModel(BaseModel):
     # Fields these models do not declare are kept (`model_extra`): vLLM's own request model
     # turns its sampling fields into SamplingParams, and any other field vLLM knows but
-    # t2serve does not honour is refused by name (server.vllm_api); unknown ones are
+    # t2serve does not honour is refused by name (server.vllm_openai); unknown ones are
     # ignored with a warning, as vLLM does, so newer SDKs keep working.
     model_config = ConfigDict(extra="allow")
 
@@ -72,8 +74,11 @@ class SamplingFields(OpenAIModel):
     # what free-text samples vote with (default: --aggregate); constrained outputs vote on
     # their canonical JSON / calls whatever this says
     aggregate: Literal["answer", "consensus", "usc", "auto"] | None = None
-    # seconds; the server's --request-timeout bounds it (README "Operating t2serve")
+    # seconds; the server's --request-timeout bounds it (docs/operating.md#timeouts)
     timeout: float | None = Field(default=None, gt=0, le=86_400)
+    # tokens all of the request's samples may generate together; the server's
+    # --max-request-tokens is the default and the ceiling (server/budget.py)
+    max_total_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("parallelism")
     @classmethod
@@ -180,6 +185,10 @@ class T2Info(BaseModel):
     capture_ms: float | None = None  # prefill hidden-state capture latency
     load_cap: int | None = None  # auto: per-choice cap on N after the load curve
     timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
+    # the token budget ran out: the vote is over the samples finished by then (or, for a
+    # choice with none, its partial samples)
+    budget_exhausted: bool = False
+    max_total_tokens: int | None = None  # the token budget this request ran under
     policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
     # what the samples voted with (server.aggregation): answer, consensus, usc, json, exact,
     # or auto:answer / auto:consensus (which kind of key won under `auto`)

@@ -48,6 +48,7 @@ class RequestContext:
     prompts: list[list[int]] = field(default_factory=list)
     sampling: list[PromptSampling] = field(default_factory=list)  # per prompt
     timeout_s: float | None = None
+    token_budget: int | None = None  # tokens all samples may generate together (server.budget)
     # Admission, then the outcome.
     ticket: Ticket | None = None
     admitted: float | None = None

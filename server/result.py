@@ -42,6 +42,7 @@ class ThinkingResult:
     estimate: Estimate = field(default_factory=Estimate)  # empty unless `auto` read states
     load_cap: int | None = None  # auto: per-choice cap after the load curve
     timed_out: bool = False
+    budget_exhausted: bool = False  # the request's token budget ended the vote
     aborted_tokens: int = 0  # tokens of samples that did not vote (paid for all the same)
     reasoning_tokens: int | None = None  # of completion_tokens, with a reasoning parser
     usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
@@ -77,7 +78,7 @@ def usage(results: list[ThinkingResult]) -> Usage:
     )
 
 
-def t2_info(results: list[ThinkingResult]) -> T2Info:
+def t2_info(results: list[ThinkingResult], token_budget: int | None = None) -> T2Info:
     """The `t2` object of a request over one or more prompts: the plan and the estimate of
     the first prompt (every prompt runs the same plan), counts summed over all."""
     first = results[0]
@@ -101,6 +102,8 @@ def t2_info(results: list[ThinkingResult]) -> T2Info:
         estimator_fallback=estimate.estimator_fallback,
         samples=sum(r.samples for r in results),
         timed_out=any(r.timed_out for r in results),
+        budget_exhausted=any(r.budget_exhausted for r in results),
+        max_total_tokens=token_budget,
         launched=sum(r.launched for r in results),
         finished=sum(r.launched - r.aborted for r in results),
         aborted=sum(r.aborted for r in results),

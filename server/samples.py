@@ -89,6 +89,7 @@ class SampleGroup:
         self.launched = 0
         self.launched_per_choice: dict[int, int] = {}
         self.cached_tokens = 0  # most prompt tokens an engine request read from the prefix cache
+        self.collected_tokens = 0  # tokens of the samples collected so far (voted or not)
         self._running: dict[asyncio.Future[Any], _Launch] = {}
         self._aborted: set[str] = set()  # engine ids already aborted (each is aborted once)
 
@@ -128,6 +129,12 @@ class SampleGroup:
 
     def launched_for(self, choice: int) -> int:
         return self.launched_per_choice.get(choice, 0)
+
+    def tokens_generated(self) -> int:
+        """Tokens generated so far: the collected samples' and the running ones' (read from
+        the engine, server.budget)."""
+        running = [launch.engine_id for launch in self._running.values()]
+        return self.collected_tokens + (self.engine.generated_tokens(running) if running else 0)
 
     def running(self, choice: int | None = None) -> int:
         """Samples still in the engine (of one choice, or all)."""
@@ -187,6 +194,7 @@ class SampleGroup:
             self.cached_tokens = max(self.cached_tokens, int(output.num_cached_tokens or 0))
             for o in sorted(output.outputs, key=lambda o: o.index):
                 samples.append(_to_sample(o, launch.first + o.index, launch.choice, self.vote_key))
+                self.collected_tokens += samples[-1].num_tokens
         return sorted(samples, key=lambda s: s.number)
 
     def _settle(self, task: asyncio.Future[Any]) -> _Launch:

@@ -3,7 +3,7 @@
 Three steps, each a pure function of what it is given:
   from_request   a request's sampling fields -> validated params, built by vLLM's own request
                  model with the model's generation_config defaults, and the parser of the
-                 samples' outputs (server.vllm_api)
+                 samples' outputs (server.vllm_openai)
   for_voting     params as every sample of a vote runs them (final outputs only; each token's
                  log-prob when the tie rule reads it)
   for_launch     one engine request of `n` samples, numbered from `first`: seeds shifted so
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server import vllm_api
+from server import vllm_openai
 from server.capture import CAPTURE_KEY
 from server.errors import APIError
 from server.protocol import SamplingFields
@@ -31,12 +31,14 @@ def from_request(
     context: int,
     defaults: dict[str, Any],
     default_max_tokens: int | None,
-    parsers: vllm_api.Parsers | None = None,
-) -> tuple[Any, vllm_api.OutputParser]:
+    parsers: vllm_openai.Parsers | None = None,
+    token_budget: int | None = None,
+) -> tuple[Any, vllm_openai.OutputParser]:
     """The request's sampling parameters for one prompt, as vLLM's server builds them (its
     own request model, the model's generation_config `defaults`, adjusted by the server's
     reasoning / tool-call `parsers`), checked against the context left after the prompt;
-    and the parser its samples' outputs are read with."""
+    and the parser its samples' outputs are read with. No sample may decode past the
+    request's `token_budget` (server.budget) on its own."""
     if context - prompt_len <= 0:
         raise APIError(
             400,
@@ -44,7 +46,7 @@ def from_request(
             param="messages" if hasattr(request, "messages") else "prompt",
             code="context_length_exceeded",
         )
-    return vllm_api.to_sampling_params(
+    params, reader = vllm_openai.to_sampling_params(
         request_body(request),
         chat=hasattr(request, "messages"),
         prompt_len=prompt_len,
@@ -53,6 +55,9 @@ def from_request(
         default_max_tokens=default_max_tokens,
         parsers=parsers,
     )
+    if token_budget is not None and (params.max_tokens is None or params.max_tokens > token_budget):
+        params.max_tokens = token_budget
+    return params, reader
 
 
 def request_body(request: SamplingFields) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server import aggregation, metrics, prompts, result, sampling, vllm_api
+from server import aggregation, metrics, prompts, result, sampling, vllm_openai
+from server.budget import TokenBudget
 from server.config import ServerSettings
 from server.engine import Engine, EngineDead, EngineRejected
 from server.errors import APIError, engine_dead_error, error_event
@@ -47,7 +48,7 @@ from server.samples import Sample
 logger = logging.getLogger(__name__)
 
 # One prompt's validated SamplingParams and the parser of its samples' outputs.
-PromptSampling = tuple[Any, vllm_api.OutputParser]
+PromptSampling = tuple[Any, vllm_openai.OutputParser]
 
 
 class OpenAIServing:
@@ -56,7 +57,7 @@ class OpenAIServing:
         self.thinker = thinker
         self.settings = settings
         # --reasoning-parser / --tool-call-parser (vLLM's), checked at start-up.
-        self.parsers = vllm_api.Parsers(
+        self.parsers = vllm_openai.Parsers(
             engine.tokenizer,
             reasoning=settings.parallelism.reasoning_parser,
             tool_call=settings.parallelism.tool_call_parser,
@@ -73,7 +74,8 @@ class OpenAIServing:
             ctx.prompts = [prompts.chat_prompt(self.engine.tokenizer, request)]
         else:
             ctx.prompts = prompts.completion_prompts(self.engine.tokenizer, request)
-        ctx.sampling = [self.sampling_params(request, len(p)) for p in ctx.prompts]
+        ctx.token_budget = self.token_budget(request)
+        ctx.sampling = [self.sampling_params(request, len(p), ctx.token_budget) for p in ctx.prompts]
         ctx.timeout_s = self.timeout_s(request)
 
     def check_model(self, name: str) -> None:
@@ -91,7 +93,7 @@ class OpenAIServing:
         self.check_model(request.model)
         body = sampling.request_body(request)
         chat = isinstance(request, ChatCompletionRequest)
-        vllm_api.check_fields(
+        vllm_openai.check_fields(
             body,
             chat=chat,
             own_fields=set(type(request).model_fields),
@@ -110,7 +112,9 @@ class OpenAIServing:
             aggregate=request.aggregate,
         )
 
-    def sampling_params(self, request: SamplingFields, prompt_len: int) -> PromptSampling:
+    def sampling_params(
+        self, request: SamplingFields, prompt_len: int, token_budget: int | None = None
+    ) -> PromptSampling:
         """One prompt's validated SamplingParams and the parser of its samples' outputs."""
         params, reader = sampling.from_request(
             request,
@@ -119,8 +123,9 @@ class OpenAIServing:
             defaults=self.engine.default_sampling,
             default_max_tokens=self.settings.default_max_tokens,
             parsers=self.parsers,
+            token_budget=token_budget,
         )
-        vllm_api.verify(self.engine, params, request)
+        vllm_openai.verify(self.engine, params, request)
         if request.aggregate not in (None, "auto") and (
             aggregation.constrained(params) or (reader.tools is not None and reader.tools.mode != "auto")
         ):
@@ -132,6 +137,20 @@ class OpenAIServing:
                 code="invalid_value",
             )
         return params, reader
+
+    def token_budget(self, request: SamplingFields) -> int | None:
+        """The tokens the request's samples may generate together: its `max_total_tokens`,
+        else --max-request-tokens; asking for more than that ceiling is a 400."""
+        ceiling = self.settings.limits.max_request_tokens
+        asked = request.max_total_tokens
+        if asked is not None and ceiling is not None and asked > ceiling:
+            raise APIError(
+                400,
+                f"max_total_tokens {asked} exceeds this server's limit of {ceiling} tokens per request",
+                param="max_total_tokens",
+                code="invalid_value",
+            )
+        return asked if asked is not None else ceiling
 
     def timeout_s(self, request: SamplingFields) -> float | None:
         """The request's deadline: its own `timeout`, bounded by --request-timeout."""
@@ -154,14 +173,16 @@ class OpenAIServing:
             model=ctx.request.model,
             choices=self.completion_choices(ctx.request, results),
             usage=result.usage(results),
-            t2=result.t2_info(results),
+            t2=result.t2_info(results, ctx.token_budget),
         )
 
     async def think(self, ctx: RequestContext) -> list[ThinkingResult]:
         """Every prompt's vote, concurrently, under one deadline; an engine error becomes
         its HTTP error."""
         assert ctx.plan is not None
-        deadline = Deadline(ctx.timeout_s)  # one for the whole request, all its prompts
+        # One deadline and one token budget for the whole request, all its prompts.
+        deadline = Deadline(ctx.timeout_s)
+        budget = TokenBudget(self.engine, ctx.token_budget)
         tasks = [
             asyncio.ensure_future(
                 self.thinker.run(
@@ -170,6 +191,7 @@ class OpenAIServing:
                     ctx.plan,
                     request_id=f"{ctx.request_id}-p{i}",
                     deadline=deadline,
+                    budget=budget,
                     reader=reader,
                 )
             )
@@ -189,11 +211,15 @@ class OpenAIServing:
             raise
         finally:
             deadline.cancel()
+            await budget.close()
         # The voted text is the first content a client gets, streaming or not.
         admitted = ctx.admitted if ctx.admitted is not None else ctx.started
         metrics.TIME_TO_FIRST_TOKEN.labels(ctx.endpoint).observe(time.monotonic() - admitted)
         for r in results:
             result.record(r)
+        metrics.REQUEST_TOKENS.observe(sum(r.completion_tokens for r in results))
+        if any(r.budget_exhausted for r in results):
+            metrics.BUDGET_EXHAUSTED.inc()
         return list(results)
 
     # -- chat -----------------------------------------------------------------------------
@@ -216,7 +242,7 @@ class OpenAIServing:
                 for message, finish in [chat_message(c.winner, reader)]
             ],
             usage=result.usage(results),
-            t2=result.t2_info(results),
+            t2=result.t2_info(results, ctx.token_budget),
         )
 
     async def _chat_stream(self, ctx: RequestContext, request: ChatCompletionRequest) -> AsyncIterator[str]:
@@ -256,7 +282,7 @@ class OpenAIServing:
             yield chunk(
                 [ChatChunkChoice(index=i, delta=delta, logprobs=self.chat_logprobs(request, c.winner))]
             )
-        info = result.t2_info(results)
+        info = result.t2_info(results, ctx.token_budget)
         for i, finish in enumerate(finishes):
             last = i == len(thought.choices) - 1
             yield chunk(
@@ -271,7 +297,7 @@ class OpenAIServing:
         """The winning sample's own token log-probs, in vLLM's chat shape, when asked for."""
         if not request.logprobs or winner.logprobs is None:
             return None
-        return vllm_api.chat_logprobs(
+        return vllm_openai.chat_logprobs(
             winner.token_ids, winner.logprobs, request.top_logprobs or 0, self.engine.tokenizer
         )
 
@@ -289,7 +315,7 @@ class OpenAIServing:
                 finish_reason=c.winner.finish_reason,
                 logprobs=None
                 if request.logprobs is None or c.winner.logprobs is None
-                else vllm_api.completion_logprobs(
+                else vllm_openai.completion_logprobs(
                     c.winner.token_ids, c.winner.logprobs, request.logprobs, self.engine.tokenizer
                 ),
             )
@@ -323,7 +349,7 @@ class OpenAIServing:
         for k, choice in enumerate(choices):
             yield chunk(
                 [CompletionChoice(index=choice.index, text="", finish_reason=choice.finish_reason)],
-                t2=result.t2_info(results) if k == len(choices) - 1 else None,
+                t2=result.t2_info(results, ctx.token_budget) if k == len(choices) - 1 else None,
             )
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], usage=result.usage(results))
@@ -333,7 +359,7 @@ class OpenAIServing:
 # -- response pieces --------------------------------------------------------------------
 
 
-def chat_message(winner: Sample, reader: vllm_api.OutputParser) -> tuple[ChatMessageOut, str | None]:
+def chat_message(winner: Sample, reader: vllm_openai.OutputParser) -> tuple[ChatMessageOut, str | None]:
     """The returned message and finish reason: the winner's reasoning (with a reasoning
     parser, unless the request set `include_reasoning: false`), content and tool calls in
     OpenAI shape (then finish_reason "tool_calls")."""

@@ -101,6 +101,21 @@ class ScriptedEngine:
             if request_id in self.requests:
                 self.requests[request_id].aborted.set()
 
+    def generated_tokens(self, request_ids: list[str]) -> int:
+        """A running request has decoded what a hanging sample has when it is aborted."""
+        total = 0
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.ended:
+                continue
+            first, n = request.first, request.params.n
+            total += sum(
+                fate.tokens_before_abort
+                for fate in (self.script(first + i) for i in range(n))
+                if isinstance(fate, Hang)
+            )
+        return total
+
     # -- what tests read --------------------------------------------------------------------
 
     def running(self) -> list[str]:

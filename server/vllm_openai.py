@@ -11,7 +11,7 @@ sampling fields mean here what they mean there, with no copy of vLLM's rules.
 Every other field of vLLM's request model that a request sets to a non-default value is
 refused with a 400 naming it (`refused_field`), so nothing that would change the output
 is silently dropped; fields neither model knows are ignored with a warning, as vLLM does.
-tests/server/test_vllm_api.py pins the names and behaviour used here.
+tests/server/test_vllm_openai.py pins the names and behaviour used here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What t2serve takes from vLLM's OpenAI layer (server/vllm_api.py), pinned: the field names
+"""What t2serve takes from vLLM's OpenAI layer (server/vllm_openai.py), pinned: the field names
 it relies on, and SamplingParams built the way `vllm serve` builds them."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import logging
 
 import pytest
 
-from server import vllm_api
+from server import vllm_openai
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def params(body: dict, *, prompt_len: int = 10, context: int = 100, defaults=None, default_max_tokens=None):
-    return vllm_api.to_sampling_params(
+    return vllm_openai.to_sampling_params(
         body,
         chat=True,
         prompt_len=prompt_len,
@@ -25,8 +25,8 @@ def params(body: dict, *, prompt_len: int = 10, context: int = 100, defaults=Non
 
 
 def test_the_vllm_fields_t2serve_relies_on_exist():
-    chat, completion = vllm_api.vllm_request_models()
-    assert set(chat.model_fields) >= vllm_api.SAMPLING_FIELDS
+    chat, completion = vllm_openai.vllm_request_models()
+    assert set(chat.model_fields) >= vllm_openai.SAMPLING_FIELDS
     chat_only = {
         "max_completion_tokens",
         "top_logprobs",
@@ -35,12 +35,12 @@ def test_the_vllm_fields_t2serve_relies_on_exist():
         "parallel_tool_calls",
         "include_reasoning",
     }
-    assert vllm_api.SAMPLING_FIELDS - chat_only <= set(completion.model_fields)
-    assert set(chat.model_fields) >= vllm_api.INERT_FIELDS
+    assert vllm_openai.SAMPLING_FIELDS - chat_only <= set(completion.model_fields)
+    assert set(chat.model_fields) >= vllm_openai.INERT_FIELDS
     # t2serve's own chat template fields mean what vLLM's do.
     for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
         assert name in chat.model_fields and name in ChatCompletionRequest.model_fields
-    assert not vllm_api.LEGACY_OPENAI_FIELDS & set(chat.model_fields)
+    assert not vllm_openai.LEGACY_OPENAI_FIELDS & set(chat.model_fields)
 
 
 def test_vllm_sampling_extras_reach_the_sampling_params():
@@ -81,7 +81,7 @@ def test_generation_config_defaults_apply_where_the_request_is_silent(model_dir,
         json.dumps({"temperature": 0.25, "top_p": 0.5, "repetition_penalty": 1.1, "max_new_tokens": 7})
     )
     config = EngineArgs(model=str(model_dir), generation_config=str(tmp_path)).create_model_config()
-    defaults = vllm_api.default_sampling_params(config)
+    defaults = vllm_openai.default_sampling_params(config)
     assert defaults == {"temperature": 0.25, "top_p": 0.5, "repetition_penalty": 1.1, "max_tokens": 7}
     silent = params({}, defaults=defaults)
     assert (silent.temperature, silent.top_p, silent.repetition_penalty, silent.max_tokens) == (
@@ -94,7 +94,7 @@ def test_generation_config_defaults_apply_where_the_request_is_silent(model_dir,
     assert (explicit.temperature, explicit.top_p, explicit.max_tokens) == (0.9, 0.5, 30)
     # --generation-config vllm: vLLM's neutral defaults, nothing from the model.
     neutral = EngineArgs(model=str(model_dir), generation_config="vllm").create_model_config()
-    assert vllm_api.default_sampling_params(neutral) == {}
+    assert vllm_openai.default_sampling_params(neutral) == {}
 
 
 def body_of(request) -> dict:
@@ -130,24 +130,24 @@ def test_fields_t2serve_cannot_honour_are_refused_by_name(extra, refused):
     )
     own = set(ChatCompletionRequest.model_fields)
     if refused is None:
-        vllm_api.check_fields(body_of(request), chat=True, own_fields=own)
+        vllm_openai.check_fields(body_of(request), chat=True, own_fields=own)
         return
     with pytest.raises(APIError) as err:
-        vllm_api.check_fields(body_of(request), chat=True, own_fields=own)
+        vllm_openai.check_fields(body_of(request), chat=True, own_fields=own)
     assert (err.value.status, err.value.param, err.value.code) == (400, refused, "unsupported_parameter")
 
 
 def test_completion_fields_and_unknown_fields(caplog):
     own = set(CompletionRequest.model_fields)
     with pytest.raises(APIError) as err:
-        vllm_api.check_fields(
+        vllm_openai.check_fields(
             body_of(CompletionRequest.model_validate({"model": "m", "prompt": "x", "suffix": "y"})),
             chat=False,
             own_fields=own,
         )
     assert err.value.param == "suffix"
-    with caplog.at_level(logging.WARNING, logger="server.vllm_api"):
-        vllm_api.check_fields(
+    with caplog.at_level(logging.WARNING, logger="server.vllm_openai"):
+        vllm_openai.check_fields(
             body_of(CompletionRequest.model_validate({"model": "m", "prompt": "x", "brand_new_field": 1})),
             chat=False,
             own_fields=own,
@@ -185,10 +185,10 @@ def test_logprobs_are_shaped_by_vllms_own_builders(model_dir):
     steps = [
         {t: Logprob(-0.5, 1, tokenizer.decode([t])), 0: Logprob(-1.5, 2, tokenizer.decode([0]))} for t in ids
     ]
-    chat = vllm_api.chat_logprobs(ids, steps, 1, tokenizer)
+    chat = vllm_openai.chat_logprobs(ids, steps, 1, tokenizer)
     assert "".join(c["token"] for c in chat["content"]) == " five apples"
     assert all(c["logprob"] == -0.5 and len(c["top_logprobs"]) == 1 for c in chat["content"])
-    completion = vllm_api.completion_logprobs(ids, steps, 1, tokenizer)
+    completion = vllm_openai.completion_logprobs(ids, steps, 1, tokenizer)
     assert completion["token_logprobs"] == [-0.5] * len(ids)
     assert "".join(completion["tokens"]) == " five apples" and completion["text_offset"][0] == 0
 
@@ -203,11 +203,11 @@ ADD = {
 
 
 def vllm_chat(**fields):
-    return vllm_api.vllm_request_models()[0].model_validate({"messages": [], **fields})
+    return vllm_openai.vllm_request_models()[0].model_validate({"messages": [], **fields})
 
 
 def test_tool_choice_modes():
-    mode = vllm_api.tool_calls_mode
+    mode = vllm_openai.tool_calls_mode
     assert mode(vllm_chat(), auto_tools=False) is None
     assert mode(vllm_chat(tools=[ADD], tool_choice="none"), auto_tools=False) is None
     assert mode(vllm_chat(tools=[ADD], tool_choice="required"), auto_tools=False).mode == "required"
@@ -219,17 +219,17 @@ def test_tool_choice_modes():
         mode(vllm_chat(tools=[ADD]), auto_tools=False)
     assert err.value.param == "tool_choice"
     with pytest.raises(APIError) as err:  # found before admission, from the raw body
-        vllm_api.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=False)
+        vllm_openai.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=False)
     assert err.value.param == "tool_choice" and "--tool-call-parser" in err.value.message
-    vllm_api.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=True)
+    vllm_openai.check_fields({"tools": [ADD]}, chat=True, own_fields=set(), auto_tools=True)
     # Constrained outputs become OpenAI tool calls; anything else is no call.
-    (call,) = vllm_api.tool_calls_of('{"a": 2, "b": 3}', named)
+    (call,) = vllm_openai.tool_calls_of('{"a": 2, "b": 3}', named)
     assert call["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'} and call["type"] == "function"
-    required = vllm_api.tool_calls_of(
-        '[{"name": "add", "parameters": {"a": 1, "b": 1}}]', vllm_api.ToolCalls("required")
+    required = vllm_openai.tool_calls_of(
+        '[{"name": "add", "parameters": {"a": 1, "b": 1}}]', vllm_openai.ToolCalls("required")
     )
     assert [c["function"]["name"] for c in required] == ["add"]
-    assert vllm_api.tool_calls_of('{"a": 2', named) is None
+    assert vllm_openai.tool_calls_of('{"a": 2', named) is None
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def tokenizer(model_dir):
 def test_vllms_parsers_split_reasoning_and_find_calls_that_vote_together(tokenizer):
     from server import aggregation
 
-    parsers = vllm_api.Parsers(tokenizer, reasoning="qwen3", tool_call="hermes")
+    parsers = vllm_openai.Parsers(tokenizer, reasoning="qwen3", tool_call="hermes")
     reader = parsers.for_request(vllm_chat(tools=[ADD], tool_choice="auto"), chat=True)
     assert reader.tools.mode == "auto" and reader.parses_tools
     one = reader.parse(
@@ -267,18 +267,18 @@ def test_vllms_parsers_split_reasoning_and_find_calls_that_vote_together(tokeniz
 def test_a_tool_call_parser_adjusts_the_request_as_vllm_does(tokenizer):
     # hermes under vLLM's strict tool calling: a named call is constrained to its own
     # <tool_call> envelope (a structural tag), and special tokens stay in the text.
-    reader = vllm_api.Parsers(tokenizer, tool_call="hermes").for_request(
+    reader = vllm_openai.Parsers(tokenizer, tool_call="hermes").for_request(
         vllm_chat(tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}}), chat=True
     )
     assert reader.request.structured_outputs.structural_tag is not None
     assert reader.request.skip_special_tokens is False
     # Without parsers nothing is adjusted and named calls are plain JSON (constrain_to_tools).
-    plain = vllm_api.NO_PARSERS.for_request(vllm_chat(tools=[ADD], tool_choice="required"), chat=True)
+    plain = vllm_openai.NO_PARSERS.for_request(vllm_chat(tools=[ADD], tool_choice="required"), chat=True)
     assert plain.parser is None and plain.request.structured_outputs is None
 
 
 def test_unknown_parsers_are_refused_with_vllms_names():
     with pytest.raises(ValueError, match="qwen3"):
-        vllm_api.Parsers(None, reasoning="no-such-parser")
+        vllm_openai.Parsers(None, reasoning="no-such-parser")
     with pytest.raises(ValueError, match="hermes"):
-        vllm_api.Parsers(None, tool_call="no-such-parser")
+        vllm_openai.Parsers(None, tool_call="no-such-parser")
