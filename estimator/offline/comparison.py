@@ -20,6 +20,7 @@ from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.labels import TYPES, gold_of, sample_type
 from estimator.offline.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
+from estimator.offline.training import in_split
 from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
 
 TOLERANCE = 0.01
@@ -223,6 +224,33 @@ def compare_policies(
     ranked = sorted(selected, key=lambda f: selected[f]["launched"])
     result["fewest_samples"] = next((f for f in ranked if selected[f]["meets_target_on_test"]), None)
     return result
+
+
+def compare_on_labels(
+    head: T2Head,
+    records: list[dict],
+    states: np.ndarray,
+    *,
+    orderings: int,
+    seed: int = 0,
+    families: tuple[str, ...] = FAMILIES,
+) -> dict:
+    """`compare_policies` on labels read by load_label_sets: knobs chosen on their validation
+    split, reported on their test split."""
+    validation, validation_states = in_split(records, states, "validation")
+    if not validation:
+        raise ValueError("the policy comparison needs validation-split questions")
+    test, test_states = in_split(records, states, "test")
+    return compare_policies(
+        head,
+        validation,
+        validation_states,
+        test,
+        test_states,
+        orderings=orderings,
+        seed=seed,
+        families=families,
+    )
 
 
 def by_type(

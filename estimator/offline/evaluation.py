@@ -21,6 +21,7 @@ from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
 from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
 from estimator.offline.margin_fit import t2_parallelism
+from estimator.offline.training import in_split
 
 MARGINS = (1.25, 1.5, 2.0)
 
@@ -114,6 +115,51 @@ def evaluate(
         "estimator_mean_n_over_oracle": policies["T2 estimator"]["mean_n"] / float(n_star.mean()),
         "head": head.identity,
     }
+
+
+def evaluate_labels(
+    records: list[dict],
+    states: np.ndarray,
+    header: dict,
+    head: T2Head,
+    gate: Gate | None = None,
+    *,
+    server: str | None = None,
+    concurrency: int,
+    default_parallelism: int,
+    open_ended_parallelism: int,
+) -> dict:
+    """`t2serve evaluate` on labels read by load_label_sets: `evaluate` on their test split
+    (N_D chosen on their train split) and, given a `server` URL, the test split replayed
+    through it (replay_through_server, `concurrency` requests in flight)."""
+    train, _ = in_split(records, states, "train")
+    test, test_states = in_split(records, states, "test")
+    if not test:
+        raise ValueError("no test-split questions in the labels")
+    result = evaluate(
+        head,
+        train,
+        test,
+        test_states,
+        gate=gate,
+        default_parallelism=default_parallelism,
+        open_ended_parallelism=open_ended_parallelism,
+    )
+    if server:
+        import asyncio
+
+        config = header["config"]
+        result["server"] = asyncio.run(
+            replay_through_server(
+                server,
+                test,
+                n_max=config["n_max"],
+                temperature=config["temperature"],
+                max_tokens=config["max_tokens"],
+                concurrency=concurrency,
+            )
+        )
+    return result
 
 
 def report_table(result: dict) -> str:

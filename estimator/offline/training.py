@@ -20,6 +20,12 @@ class TrainConfig:
     seed: int = 0
 
 
+def in_split(records: list[dict], states: np.ndarray, split: str) -> tuple[list[dict], np.ndarray]:
+    """The labeled questions of one split ("train", "validation", "test") and their states."""
+    index = np.array([r["split"] == split for r in records])
+    return [r for r, keep in zip(records, index, strict=True) if keep], states[index]
+
+
 def targets(records: list[dict]) -> np.ndarray:
     """y = N*_x / N_max."""
     return np.array([r["n_star"] / len(r["accuracy"]) for r in records], dtype=np.float32)

@@ -68,13 +68,14 @@ def test_describe_and_prediction_needs():
 
 
 def test_serve_refuses_a_bad_policy_flag(model_dir):
-    from server.cli import build_parser, settings_from_args
+    from server.cli import build_parser
+    from server.cli.serve import serve_settings
 
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--policy", "esc:window=0"])
     with pytest.raises(SystemExit, match="--policy: policy 'esc': bad value for window"):
-        settings_from_args(args)
+        serve_settings(args)
     good = build_parser().parse_args(["serve", "--model", str(model_dir), "--policy", "ac-beta:c=0.8"])
-    assert settings_from_args(good).parallelism.policy == "ac-beta:c=0.8"
+    assert serve_settings(good).parallelism.policy == "ac-beta:c=0.8"
 
 
 def test_a_registered_policy_is_parseable_by_name_with_its_knobs(monkeypatch):

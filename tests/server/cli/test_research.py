@@ -1,0 +1,170 @@
+"""server/cli/research.py: `label`, `train`, `evaluate` take only their own flags, leave unset
+ones at the offline code's defaults, and run end to end on made-up labels (pure data, no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from estimator.head import T2Head
+from estimator.offline.labeling import LabelConfig, label_record, prepare_output, write_shard
+from estimator.offline.problems import generate
+from estimator.offline.training import TrainConfig
+from server.cli import build_parser, main
+from server.cli.research import label_config, train_config
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--policy", "t2"],
+        ["--estimator-head", "none"],
+        ["--tie-break", "order"],
+        ["--default-parallelism", "4"],
+        ["--open-ended-parallelism", "2"],
+        ["--reasoning-parser", "qwen3"],
+        ["--max-queue", "3"],
+        ["--request-timeout", "5"],
+        ["--api-key", "k"],
+        ["--port", "9000"],
+    ],
+)
+def test_label_refuses_the_flags_only_serve_reads(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["label", "--out", "labels", *flag])
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_label_takes_the_engine_flags_and_its_own():
+    args = build_parser().parse_args(
+        ["label", "--out", "l", "--dtype", "float32", "--enforce-eager", "--count", "40", "--data", "x.jsonl"]
+    )
+    assert (args.dtype, args.enforce_eager, args.count, args.data) == ("float32", True, 40, "x.jsonl")
+
+
+def test_label_flags_left_unset_keep_the_label_config_defaults():
+    assert label_config(build_parser().parse_args(["label", "--out", "l"])) == LabelConfig()
+    args = build_parser().parse_args(
+        [
+            "label",
+            "--out",
+            "l",
+            "--n-max",
+            "4",
+            "--temperature",
+            "0.9",
+            "--aggregate",
+            "consensus",
+            "--seed",
+            "3",
+        ]
+    )
+    assert label_config(args) == LabelConfig(n_max=4, temperature=0.9, aggregate="consensus", seed=3)
+
+
+def test_label_aggregate_refuses_usc(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["label", "--out", "l", "--aggregate", "usc"])
+    assert "invalid choice: 'usc'" in capsys.readouterr().err
+
+
+def test_train_flags_left_unset_keep_the_train_config_defaults():
+    args = build_parser().parse_args(["train", "--labels", "l", "--out", "h"])
+    assert train_config(args) == TrainConfig()
+    args = build_parser().parse_args(["train", "--labels", "l", "--out", "h", "--epochs", "7", "--seed", "2"])
+    assert train_config(args) == TrainConfig(epochs=7, seed=2)
+
+
+def test_evaluate_command_takes_the_replay_options():
+    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--policies", "T2,ESC"])
+    assert (args.orderings, args.replay_seed, args.policies) == (200, 0, "T2,ESC")
+    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--orderings", "0"])
+    assert args.orderings == 0 and str(args.policies_out) == "benchmarks/results/policies"
+
+
+@pytest.fixture
+def labels(tmp_path):
+    """A label folder: question i is right in a share of its samples that rises with i; its
+    states say so (noisily)."""
+    config = LabelConfig(n_max=8)
+    problems = generate(60, seed=0)
+    rng = np.random.default_rng(0)
+    shares = np.linspace(0.2, 1.0, len(problems))
+    records = []
+    for p, share in zip(problems, shares, strict=True):
+        answers = [p.answer if rng.random() < share else "wrong" for _ in range(config.n_max)]
+        records.append(label_record(p, answers, [3] * config.n_max, config))
+    states = (shares[:, None, None] + rng.normal(0, 0.3, (len(problems), 3, 4))).astype(np.float32)
+    model = {"name": "m", "num_layers": 3, "hidden_size": 4, "fingerprint": "f"}
+    prepare_output(tmp_path / "labels", config, model, problems)
+    write_shard(tmp_path / "labels", 0, records, states)
+    return tmp_path / "labels", records
+
+
+def test_train_command_stores_the_margin_chosen_on_validation(labels, tmp_path, capsys):
+    """`t2serve train` writes the head's own T2 margin: the smallest on the grid whose
+    validation accuracy is within the tolerance of fixed N_max's."""
+    from estimator.offline.margin_fit import MARGIN_GRID
+
+    folder, records = labels
+    head_path = tmp_path / "head"
+    args = ["train", "--labels", str(folder), "--out", str(head_path), "--epochs", "5"]
+    main([*args, "--stopping-folds", "0"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["source", "train", "val", "test"]  # the source table first
+    assert "T2 margin" in out and f"wrote {head_path}.safetensors and {head_path}.json" in out
+    assert "stopping table" not in out  # --stopping-folds 0
+    head = T2Head.load(head_path)
+    fitted = head.meta.margin_fit
+    assert head.meta.margin == fitted["margin"] and head.meta.margin in MARGIN_GRID
+    validation = [r for r in records if r["split"] == "validation"]
+    assert fitted["questions"] == len(validation)
+    assert fitted["tolerance"] == 0.005  # margin_fit.TOLERANCE: --margin-tolerance unset
+    assert fitted["fixed_accuracy"] == pytest.approx(np.mean([r["accuracy"][-1] for r in validation]))
+    # The rule: the chosen margin is the first on the curve within the line (or the last).
+    line = fitted["fixed_accuracy"] - fitted["tolerance"]
+    first_within = next((p["margin"] for p in fitted["curve"] if p["accuracy"] >= line), MARGIN_GRID[-1])
+    assert head.meta.margin == first_within
+
+    main([*args, "--stopping-folds", "0", "--margin-tolerance", "0.2"])
+    assert T2Head.load(head_path).meta.margin_fit["tolerance"] == 0.2
+
+
+def test_train_fits_the_stopping_table_on_the_folds_asked_for(labels, tmp_path, capsys):
+    from estimator.learned_stopping import StoppingTable
+
+    folder, records = labels
+    head_path = tmp_path / "head"
+    args = ["train", "--labels", str(folder), "--out", str(head_path), "--epochs", "3"]
+    main([*args, "--stopping-folds", "2", "--stopping-bandwidth", "2.5"])
+    train = sum(r["split"] == "train" for r in records)
+    assert f"from 2-fold cross-fitted predictions on {train} train questions" in capsys.readouterr().out
+    assert StoppingTable.load(head_path).bandwidth == 2.5
+
+
+def test_train_gate_only_needs_open_ended_states(labels, tmp_path):
+    folder, _ = labels
+    with pytest.raises(SystemExit, match="--gate-only needs --open-ended"):
+        main(["train", "--labels", str(folder), "--out", str(tmp_path / "head"), "--gate-only"])
+
+
+def test_evaluate_command_writes_the_report_of_the_head(labels, tmp_path, capsys):
+    folder, records = labels
+    head_path, out = tmp_path / "head", tmp_path / "evaluate"
+    main(
+        ["train", "--labels", str(folder), "--out", str(head_path), "--epochs", "3", "--stopping-folds", "0"]
+    )
+    capsys.readouterr()
+    main(
+        ["evaluate", "--labels", str(folder), "--head", str(head_path), "--out", str(out), "--orderings", "0"]
+    )
+    assert f"wrote {out}.json and {out}.png" in capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["questions"] == sum(r["split"] == "test" for r in records) and report["n_max"] == 8
+
+    with pytest.raises(SystemExit, match="unknown policy families"):
+        main(["evaluate", "--labels", str(folder), "--head", str(head_path), "--policies", "T3"])
+    with pytest.raises(SystemExit, match="--head is needed"):
+        main(["evaluate", "--labels", str(folder)])
