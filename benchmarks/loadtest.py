@@ -1,4 +1,5 @@
-"""Load test: throughput, latency, samples and accuracy of request variants under load.
+"""Load test: throughput, latency, TTFT, goodput, samples and accuracy of request variants
+under load, in the figures `vllm bench serve` and GuideLLM report.
 
 Sends graded problems with gold answers (the `test` split of estimator/offline/problems.py, or your
 own JSONL) to any OpenAI-compatible server as chat completions, and compares request
@@ -6,8 +7,9 @@ own JSONL) to any OpenAI-compatible server as chat completions, and compares req
 
   - closed loop (`--concurrency 1,8`): C clients, each sends its next request when the
     previous one returns;
-  - open loop (`--rate 0.5,1`): requests arrive as a Poisson process (exponential gaps,
-    fixed seed) whether or not earlier ones have finished.
+  - open loop (`--rate 0.5,1,2`, a request-rate sweep like vllm bench serve's
+    --request-rate): requests arrive as a Poisson process (exponential gaps, fixed seed)
+    whether or not earlier ones have finished.
 
 Each run is bounded by `--requests` and `--duration` (no new request after that many
 seconds; those in flight finish). At every load level each variant runs once, in an order
@@ -21,13 +23,21 @@ embedded model with the shipped T2 head, whose labels were sampled at temperatur
 48 tokens from these very prompts, hence the defaults below.
 
     .venv/bin/python benchmarks/loadtest.py --concurrency 1,8 --rate 1 --requests 32
+    .venv/bin/python benchmarks/loadtest.py --rate 0.5,1,2 --goodput e2el:8000 --requests 16
     .venv/bin/python benchmarks/loadtest.py --url http://host:8000 --modes auto \\
         --variant fixed4='{"parallelism": 4}' --rate 0.5,1,2
 
-Per run: requests/s, generated tokens/s (usage.completion_tokens: every sample's tokens),
-latency p50/p90/p99, errors by HTTP status (and transport errors), samples dispatched per
-request (`t2.samples`) vs the fixed-N baseline (`t2.n_max` per choice) and vote accuracy
-against the gold answers. Writes benchmarks/results/loadtest.{json,png} (`--out`).
+Requests are streamed (`--no-stream`: one JSON reply each). Per run: requests/s, generated
+tokens/s (usage.completion_tokens: every sample's tokens), end-to-end latency (E2EL)
+p50/p90/p99; time to first token (TTFT: send to the first chunk carrying output; t2serve
+streams the winner after the vote, so this is the vote's latency) and inter-token latency
+(ITL: gaps between output chunks, pooled over requests; none when every reply arrives in
+one chunk, as t2serve's do); request goodput under `--goodput` SLOs (vllm bench serve's
+spelling: `e2el:MS`, `ttft:MS`; requests/s that succeeded within every SLO); errors by HTTP
+status (transport errors, error events in a stream); samples dispatched per request
+(`t2.launched`) vs the fixed-N baseline (`t2.n_max` per choice); vote accuracy against the
+gold answers, and right answers per 1,000 generated tokens. Writes
+benchmarks/results/loadtest.{json,png} (`--out`).
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,12 +99,88 @@ class Load:
 
 @dataclass
 class RequestRecord:
-    status: str  # HTTP status ("200", "400", ...) or "transport:<exception>"
-    latency_s: float
+    # HTTP status ("200", "400", ...), "transport:<exception>", or "stream:<code>" for an
+    # error event inside a 200 stream
+    status: str
+    latency_s: float  # end to end (E2EL): send to the last byte
     completion_tokens: int = 0
     samples: int = 0  # samples the server dispatched for this request
     baseline: int = 0  # samples a fixed-N_max deployment would have dispatched
     correct: bool | None = None  # voted answer == gold (None: no gold)
+    ttft_s: float | None = None  # streamed: send to the first chunk carrying output
+    itl_s: list[float] = field(default_factory=list)  # streamed: gaps between output chunks
+
+
+# --goodput keys (vllm bench serve's names) -> the record's time they bound
+SLO_METRICS = {"e2el": "latency_s", "ttft": "ttft_s"}
+
+
+def parse_goodput(specs: list[str]) -> dict[str, float]:
+    """`["e2el:8000", "ttft:2000"]` (milliseconds, as vllm bench serve takes them) → SLOs in
+    seconds by metric."""
+    slo = {}
+    for spec in specs:
+        name, sep, ms = spec.partition(":")
+        if not sep or name not in SLO_METRICS:
+            raise argparse.ArgumentTypeError(
+                f"--goodput wants METRIC:MS with METRIC one of {', '.join(SLO_METRICS)}, got {spec!r}"
+            )
+        try:
+            slo[name] = float(ms) / 1000
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--goodput {name}: {ms!r} is not a number of ms") from None
+        if slo[name] <= 0:
+            raise argparse.ArgumentTypeError(f"--goodput {name}: the SLO must be > 0 ms")
+    return slo
+
+
+def meets_slo(record: RequestRecord, slo: dict[str, float]) -> bool:
+    """A request counts toward goodput when it succeeded and met every SLO (a TTFT SLO is
+    missed by a request without one: not streamed, or no output)."""
+    if record.status != "200":
+        return False
+    for name, limit in slo.items():
+        value = getattr(record, SLO_METRICS[name])
+        if value is None or value > limit:
+            return False
+    return True
+
+
+def inter_token_latencies(output_times: list[float]) -> list[float]:
+    """Gaps between successive output chunks' arrival times (vllm bench serve's ITL)."""
+    return [b - a for a, b in pairwise(output_times)]
+
+
+def read_stream(events: list[tuple[float, str]]) -> tuple[dict, list[float], str | None]:
+    """A streamed chat completion's SSE `data:` payloads, each with its arrival time (s after
+    the send) → (the reply as the non-streamed one reads: each choice's content, `usage`,
+    `t2`; the arrival times of the chunks carrying output: content, reasoning or tool calls;
+    the error code or type when the stream carried an error event, else None)."""
+    contents: dict[int, str] = {}
+    reply: dict = {}
+    output_times: list[float] = []
+    for at, data in events:
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk["error"] or {}
+            return reply, output_times, str(error.get("code") or error.get("type") or "error")
+        output = False
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+            contents[choice.get("index", 0)] = contents.get(choice.get("index", 0), "") + text
+            output = output or bool(
+                text or delta.get("reasoning") or delta.get("reasoning_content") or delta.get("tool_calls")
+            )
+        if output:
+            output_times.append(at)
+        for key in ("usage", "t2"):
+            if chunk.get(key):
+                reply[key] = chunk[key]
+    reply["choices"] = [{"message": {"content": contents[i]}} for i in sorted(contents)]
+    return reply, output_times, None
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -107,9 +194,12 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, fields
 
 
-def record_from_reply(status: int, reply: dict, latency_s: float, gold: str | None) -> RequestRecord:
-    """What one reply contributes. Servers without t2serve's `t2` object count one sample per
-    choice and are scored on the answer extracted from the first choice's text."""
+def record_from_reply(
+    status: int, reply: dict, latency_s: float, gold: str | None, output_times: list[float] | None = None
+) -> RequestRecord:
+    """What one reply contributes (`output_times`: a streamed reply's output chunks' arrival
+    times, read_stream). Servers without t2serve's `t2` object count one sample per choice
+    and are scored on the answer extracted from the first choice's text."""
     if status != 200:
         return RequestRecord(str(status), latency_s)
     choices = reply.get("choices") or []
@@ -132,14 +222,21 @@ def record_from_reply(status: int, reply: dict, latency_s: float, gold: str | No
         samples=samples,
         baseline=baseline,
         correct=None if gold is None else answer == gold,
+        ttft_s=output_times[0] if output_times else None,
+        itl_s=inter_token_latencies(output_times or []),
     )
 
 
-def summarize(records: list[RequestRecord], wall_s: float) -> dict:
+def summarize(records: list[RequestRecord], wall_s: float, slo: dict[str, float] | None = None) -> dict:
+    """One run's figures; `slo` (parse_goodput) adds request goodput."""
     ok = [r for r in records if r.status == "200"]
     latencies = [r.latency_s for r in ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    itls = [gap for r in ok for gap in r.itl_s]
     graded = [r.correct for r in ok if r.correct is not None]
     samples, baseline = sum(r.samples for r in ok), sum(r.baseline for r in ok)
+    graded_tokens = sum(r.completion_tokens for r in ok if r.correct is not None)
+    good = None if slo is None else sum(meets_slo(r, slo) for r in records)
     return {
         "sent": len(records),
         "ok": len(ok),
@@ -151,6 +248,17 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "latency_p50_s": percentile(latencies, 50),
         "latency_p90_s": percentile(latencies, 90),
         "latency_p99_s": percentile(latencies, 99),
+        "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else None,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "itl_mean_s": sum(itls) / len(itls) if itls else None,
+        "itl_p50_s": percentile(itls, 50),
+        "itl_p99_s": percentile(itls, 99),
+        "slo": slo,
+        "good": good,
+        "goodput_per_s": None if good is None or wall_s <= 0 else good / wall_s,
+        "good_fraction": None if good is None or not records else good / len(records),
         "samples": samples,
         "baseline_samples": baseline,
         "samples_per_request": samples / len(ok) if ok else None,
@@ -159,6 +267,8 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "saved_fraction": 1 - samples / baseline if baseline else None,
         "accuracy": sum(graded) / len(graded) if graded else None,
         "graded": len(graded),
+        # right answers per 1,000 generated tokens (every sample's): accuracy for the compute
+        "correct_per_1k_tokens": 1000 * sum(graded) / graded_tokens if graded_tokens else None,
     }
 
 
@@ -202,12 +312,13 @@ async def run_load(
     temperature: float,
     max_tokens: int,
     seed: int = 0,
+    stream: bool = True,
     progress: bool = True,
     desc: str = "",
 ) -> tuple[list[RequestRecord], float]:
     """One run: up to `requests` chat completions (cycling over `problems`) at `load`, each
-    with `body` merged in. Returns every request's record and the wall time (first send →
-    last reply)."""
+    with `body` merged in, streamed unless `stream` is False. Returns every request's record
+    and the wall time (first send → last reply)."""
     import httpx
     from tqdm import tqdm
 
@@ -223,19 +334,21 @@ async def run_load(
             "max_tokens": max_tokens,
             **body,
         }
+        if stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
         sent = time.monotonic()
         try:
-            reply = await http.post("/v1/chat/completions", json=payload)
-            latency = time.monotonic() - sent
+            status, parsed, output_times, error = await (post_streamed if stream else post)(http, payload)
         except httpx.TransportError as exc:
             records.append(RequestRecord(f"transport:{type(exc).__name__}", time.monotonic() - sent))
+        except ValueError:  # a 200 whose body is not JSON counts as an error, not a crash
+            records.append(RequestRecord("200:not-json", time.monotonic() - sent))
         else:
-            try:
-                parsed = reply.json() if reply.status_code == 200 else {}
-            except ValueError:  # a 200 whose body is not JSON counts as an error, not a crash
-                records.append(RequestRecord("200:not-json", latency))
+            latency = time.monotonic() - sent
+            if error is not None:
+                records.append(RequestRecord(f"stream:{error}", latency))
             else:
-                records.append(record_from_reply(reply.status_code, parsed, latency, problem.answer))
+                records.append(record_from_reply(status, parsed, latency, problem.answer, output_times))
         bar.update()
 
     started = time.monotonic()
@@ -247,6 +360,29 @@ async def run_load(
     wall = time.monotonic() - started
     bar.close()
     return records, wall
+
+
+async def post(http, payload: dict) -> tuple[int, dict, list[float] | None, str | None]:
+    """One non-streamed chat completion: (status, the reply (empty unless 200), no output
+    times, no stream error)."""
+    reply = await http.post("/v1/chat/completions", json=payload)
+    return reply.status_code, reply.json() if reply.status_code == 200 else {}, None, None
+
+
+async def post_streamed(http, payload: dict) -> tuple[int, dict, list[float] | None, str | None]:
+    """One streamed chat completion: (status, the reply read from its chunks, the output
+    chunks' arrival times in s after the send, the stream's error; read_stream)."""
+    sent = time.monotonic()
+    async with http.stream("POST", "/v1/chat/completions", json=payload) as reply:
+        if reply.status_code != 200:
+            await reply.aread()
+            return reply.status_code, {}, None, None
+        events = [
+            (time.monotonic() - sent, line.removeprefix("data:").strip())
+            async for line in reply.aiter_lines()
+            if line.startswith("data:")
+        ]
+    return 200, *read_stream(events)
 
 
 def load_problems(count: int, seed: int, data: str) -> list[Problem]:
@@ -270,7 +406,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", help="sent as a Bearer token")
     p.add_argument("--model-name", help="model to ask for (default: the server's first /v1/models entry)")
     p.add_argument("--concurrency", default="", help="closed-loop levels, e.g. 1,8")
-    p.add_argument("--rate", default="", help="open-loop Poisson arrival rates (requests/s), e.g. 0.5,1")
+    p.add_argument("--rate", default="", help="open-loop Poisson arrival rates (requests/s), e.g. 0.5,1,2")
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=[],
+        metavar="METRIC:MS",
+        help="SLOs for request goodput, vllm bench serve's spelling: e2el:MS and/or ttft:MS",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream the requests (TTFT, ITL); --no-stream: one JSON reply each",
+    )
     p.add_argument("--requests", type=int, default=32, help="requests per run (at most)")
     p.add_argument("--duration", type=float, default=300, help="seconds per run (at most) to send requests")
     p.add_argument(
@@ -290,6 +439,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="without --url: extra `t2serve serve` arguments")
     p.add_argument("--out", type=Path, default=RESULTS / "loadtest", help="report path (.json/.png)")
     args = p.parse_args(argv)
+    try:
+        args.slo = parse_goodput(args.goodput) or None
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
     args.loads = [Load("concurrency", float(c)) for c in args.concurrency.split(",") if c] + [
         Load("rate", float(r)) for r in args.rate.split(",") if r
     ]
@@ -351,6 +504,7 @@ async def benchmark(args: argparse.Namespace, url: str) -> dict:
                     temperature=args.temperature,
                     max_tokens=args.max_tokens,
                     seed=args.seed,
+                    stream=args.stream,
                     desc=f"{load.label} {name}",
                 )
                 runs.append(
@@ -358,7 +512,7 @@ async def benchmark(args: argparse.Namespace, url: str) -> dict:
                         "variant": name,
                         "load": asdict(load),
                         "label": load.label,
-                        **summarize(records, wall),
+                        **summarize(records, wall, args.slo),
                         "records": [asdict(r) for r in records],
                     }
                 )
@@ -389,43 +543,70 @@ async def estimator_info(http) -> dict | None:
     return dict(family.samples[0].labels)
 
 
-def format_row(run: dict) -> str:
-    def num(value, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
+def _num(value, fmt: str, width: int = 0) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
 
+
+def format_row(run: dict) -> str:
     errors = ",".join(f"{k}:{v}" for k, v in run["errors"].items()) or "0"
+    goodput = "" if run["slo"] is None else f"goodput {_num(run['goodput_per_s'], '.2f')} req/s, "
     return (
-        f"{run['ok']}/{run['sent']} ok, err {errors}, {run['requests_per_s']:.2f} req/s, "
-        f"{run['tokens_per_s']:.0f} tok/s, p50/p90/p99 {num(run['latency_p50_s'], '.2f')}/"
-        f"{num(run['latency_p90_s'], '.2f')}/{num(run['latency_p99_s'], '.2f')} s, "
-        f"samples {num(run['samples_per_request'], '.2f')}/{num(run['baseline_per_request'], '.0f')}, "
-        f"acc {num(run['accuracy'], '.3f')}"
+        f"{run['ok']}/{run['sent']} ok, err {errors}, {run['requests_per_s']:.2f} req/s, {goodput}"
+        f"{run['tokens_per_s']:.0f} tok/s, TTFT p50/p99 {_num(run['ttft_p50_s'], '.2f')}/"
+        f"{_num(run['ttft_p99_s'], '.2f')} s, E2EL p50/p90/p99 {_num(run['latency_p50_s'], '.2f')}/"
+        f"{_num(run['latency_p90_s'], '.2f')}/{_num(run['latency_p99_s'], '.2f')} s, "
+        f"samples {_num(run['samples_per_request'], '.2f')}/{_num(run['baseline_per_request'], '.0f')}, "
+        f"acc {_num(run['accuracy'], '.3f')}"
     )
+
+
+# (header, width, the run's field, format) of the printed table, in order
+COLUMNS = (
+    ("ok/sent", 8, None, ""),
+    ("err", 4, None, ""),
+    ("req/s", 6, "requests_per_s", ".2f"),
+    ("goodput", 7, "goodput_per_s", ".2f"),
+    ("tok/s", 6, "tokens_per_s", ".0f"),
+    ("TTFT50", 6, "ttft_p50_s", ".2f"),
+    ("TTFT99", 6, "ttft_p99_s", ".2f"),
+    ("ITL50", 6, "itl_p50_s", ".3f"),
+    ("E2E50", 6, "latency_p50_s", ".2f"),
+    ("E2E90", 6, "latency_p90_s", ".2f"),
+    ("E2E99", 6, "latency_p99_s", ".2f"),
+    ("samples", 7, "samples_per_request", ".2f"),
+    ("base", 4, "baseline_per_request", ".0f"),
+    ("saved", 5, "saved_fraction", ".0%"),
+    ("acc", 5, "accuracy", ".3f"),
+    ("ok/1k", 5, "correct_per_1k_tokens", ".2f"),
+)
 
 
 def print_table(result: dict) -> None:
-    header = (
-        f"{'load':>7} {'variant':<14} {'ok/sent':>8} {'err':>5} {'req/s':>6} {'tok/s':>6} "
-        f"{'p50 s':>6} {'p90 s':>6} {'p99 s':>6} {'samples':>8} {'base':>5} {'saved':>6} {'acc':>6}"
-    )
+    slo = result["config"].get("slo")
     print()
-    print(header)
-    for r in result["runs"]:
-
-        def num(value, fmt: str, width: int) -> str:
-            return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
-
+    if slo:
         print(
-            f"{r['label']:>7} {r['variant']:<14} {str(r['ok']) + '/' + str(r['sent']):>8} "
-            f"{sum(r['errors'].values()):>5} {r['requests_per_s']:>6.2f} {r['tokens_per_s']:>6.0f} "
-            f"{num(r['latency_p50_s'], '.2f', 6)} {num(r['latency_p90_s'], '.2f', 6)} "
-            f"{num(r['latency_p99_s'], '.2f', 6)} {num(r['samples_per_request'], '.2f', 8)} "
-            f"{num(r['baseline_per_request'], '.0f', 5)} {num(r['saved_fraction'], '.0%', 6)} "
-            f"{num(r['accuracy'], '.3f', 6)}"
+            "goodput: requests/s that succeeded within "
+            + ", ".join(f"{k} {v * 1000:g} ms" for k, v in slo.items())
         )
+    print("times in s (TTFT, ITL, E2E: p50/p90/p99); ok/1k: right answers per 1,000 generated tokens")
+    print(f"{'load':>7} {'variant':<14} " + " ".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
+    for r in result["runs"]:
+        cells = []
+        for header, width, key, fmt in COLUMNS:
+            if header == "ok/sent":
+                cells.append(f"{str(r['ok']) + '/' + str(r['sent']):>{width}}")
+            elif header == "err":
+                cells.append(f"{sum(r['errors'].values()):>{width}}")
+            else:
+                cells.append(_num(r[key], fmt, width))
+        print(f"{r['label']:>7} {r['variant']:<14} " + " ".join(cells))
 
 
 def plot(result: dict, path: Path) -> None:
+    """Per load level, each variant side by side: TTFT and E2E latency, goodput (or
+    completed requests/s without an SLO), samples per request, accuracy, and right answers
+    per 1,000 generated tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,45 +614,54 @@ def plot(result: dict, path: Path) -> None:
 
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
     x = {label: i for i, label in enumerate(labels)}
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    (lat, samp), (acc, thr) = axes
-    thr_tokens = thr.twinx()
-    width = 0.8 / len(result["variants"])
-    for i, name in enumerate(result["variants"]):
-        runs = [r for r in result["runs"] if r["variant"] == name and r["ok"]]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    (ttft, e2e, good), (samp, acc, per_token) = axes
+    slo = result["config"].get("slo")
+    variants = list(result["variants"])
+    width = 0.8 / len(variants)
+    for i, name in enumerate(variants):
+        runs = [r for r in result["runs"] if r["variant"] == name]
         xs = [x[r["label"]] for r in runs]
         color = f"C{i}"
-        lat.plot(xs, [r["latency_p50_s"] for r in runs], "o-", color=color, label=f"{name} p50")
-        lat.plot(xs, [r["latency_p99_s"] for r in runs], "o--", color=color, label=f"{name} p99")
-        samp.plot(xs, [r["samples_per_request"] for r in runs], "o-", color=color, label=name)
-        acc.bar(
-            [v + (i - (len(result["variants"]) - 1) / 2) * width for v in xs],
-            [r["accuracy"] or 0 for r in runs],
-            width,
-            color=color,
-            label=name,
+        for ax, low, high in ((ttft, "ttft_p50_s", "ttft_p99_s"), (e2e, "latency_p50_s", "latency_p99_s")):
+            ax.plot(xs, [r[low] for r in runs], "o-", color=color, label=f"{name} p50")
+            ax.plot(xs, [r[high] for r in runs], "o--", color=color, label=f"{name} p99")
+        good.plot(
+            xs, [r["goodput_per_s" if slo else "requests_per_s"] for r in runs], "o-", color=color, label=name
         )
-        thr.plot(xs, [r["requests_per_s"] for r in runs], "o-", color=color, label=f"{name} req/s")
-        thr_tokens.plot(xs, [r["tokens_per_s"] for r in runs], "s:", color=color, label=f"{name} tok/s")
-    baseline = [r for r in result["runs"] if r["baseline_per_request"]]
+        samp.plot(xs, [r["samples_per_request"] for r in runs], "o-", color=color, label=name)
+        bars = [v + (i - (len(variants) - 1) / 2) * width for v in xs]
+        acc.bar(bars, [r["accuracy"] or 0 for r in runs], width, color=color, label=name)
+        per_token.bar(bars, [r["correct_per_1k_tokens"] or 0 for r in runs], width, color=color, label=name)
+    rates = [(x[label], load["value"]) for label, load in {r["label"]: r["load"] for r in result["runs"]}.items()
+             if load["kind"] == "rate"]  # fmt: skip
+    if rates:
+        good.plot(*zip(*rates, strict=True), "k:", label="offered rate")
+    baseline = [r["baseline_per_request"] for r in result["runs"] if r["baseline_per_request"]]
     if baseline:
-        samp.axhline(max(r["baseline_per_request"] for r in baseline), color="grey", ls=":", label="baseline")
+        samp.axhline(max(baseline), color="grey", ls=":", label="fixed-N baseline")
+    goodput_label = (
+        "goodput (req/s within " + ", ".join(f"{k} {v * 1000:g} ms" for k, v in slo.items()) + ")"
+        if slo
+        else "completed requests/s"
+    )
     for ax, ylabel in (
-        (lat, "latency (s)"),
+        (ttft, "time to first token (s)"),
+        (e2e, "end-to-end latency (s)"),
+        (good, goodput_label),
         (samp, "samples per request"),
         (acc, "vote accuracy vs gold answers"),
-        (thr, "completed requests/s (solid)"),
+        (per_token, "right answers per 1k generated tokens"),
     ):
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("load (C = clients in a closed loop, /s = Poisson arrivals)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    thr_tokens.set_ylabel("generated tokens/s (dotted)")
-    thr_tokens.legend(fontsize=7, loc="lower right")
     acc.set_ylim(0, 1)
     fig.suptitle(
         f"load test: model {result['model']}, N_max {result['n_max']}, "
         f"{result['config']['requests']} requests per run"
+        + ("" if result["config"].get("stream", True) else " (not streamed: no TTFT)")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -485,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
         url = args.url
         if url is None:
             from benchmarks.common import ServerProcess
-            from server.model_store import prepare_embedded_model
+            from server.engine.model_store import prepare_embedded_model
 
             model_dir = Path(args.model) if args.model else prepare_embedded_model()
             RESULTS.mkdir(exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import httpx
@@ -10,11 +11,20 @@ import pytest
 
 from benchmarks.loadtest import (
     Load,
+    RequestRecord,
+    benchmark,
     estimator_info,
+    inter_token_latencies,
     load_problems,
+    meets_slo,
+    parse_args,
+    parse_goodput,
     parse_variant,
     percentile,
+    plot,
     poisson_arrivals,
+    print_table,
+    read_stream,
     record_from_reply,
     run_load,
     summarize,
@@ -58,6 +68,72 @@ def test_parse_variant_and_records():
     assert record_from_reply(429, {}, 0.1, gold="7").status == "429"
 
 
+def test_goodput_counts_requests_within_every_slo_per_second_of_the_run():
+    slo = parse_goodput(["e2el:2000", "ttft:500"])
+    assert slo == {"e2el": 2.0, "ttft": 0.5}
+    records = [
+        RequestRecord("200", 1.5, ttft_s=0.4),  # within both
+        RequestRecord("200", 2.0, ttft_s=0.5),  # on both limits: within
+        RequestRecord("200", 2.5, ttft_s=0.1),  # too slow end to end
+        RequestRecord("200", 1.0, ttft_s=0.6),  # first token too late
+        RequestRecord("200", 1.0),  # no TTFT (not streamed): a TTFT SLO is missed
+        RequestRecord("429", 0.1),  # failed fast: never good
+    ]
+    assert [meets_slo(r, slo) for r in records] == [True, True, False, False, False, False]
+    assert [meets_slo(r, {"e2el": 2.0}) for r in records] == [True, True, False, True, True, False]
+    run = summarize(records, wall_s=4.0, slo=slo)
+    assert run["good"] == 2 and run["goodput_per_s"] == 0.5 and run["good_fraction"] == pytest.approx(2 / 6)
+    assert summarize(records, wall_s=4.0)["goodput_per_s"] is None  # no SLO, no goodput
+    for bad in (["e2el"], ["tpot:50"], ["e2el:fast"], ["ttft:0"]):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_goodput(bad)
+    args = parse_args(["--rate", "0.5,1,2", "--goodput", "e2el:8000"])
+    assert args.slo == {"e2el": 8.0} and [(x.kind, x.value) for x in args.loads] == [
+        ("rate", 0.5), ("rate", 1.0), ("rate", 2.0)
+    ]  # fmt: skip
+    assert args.stream and not parse_args(["--no-stream"]).stream and parse_args([]).slo is None
+
+
+def test_ttft_and_itl_come_from_the_output_chunks_arrival_times():
+    assert inter_token_latencies([0.5, 0.75, 1.25, 1.5]) == [0.25, 0.5, 0.25]
+    assert inter_token_latencies([0.8]) == [] and inter_token_latencies([]) == []
+    events = [
+        (0.01, '{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}'),  # no output
+        (0.90, '{"choices": [{"index": 0, "delta": {"content": "3 + 4 = 7.\\nAnswer"}}]}'),
+        (1.00, '{"choices": [{"index": 0, "delta": {"content": ": 7"}}]}'),
+        (1.30, '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "t2": {"samples": 3, "n_max": 8, "answer": "7"}}'),
+        (1.31, '{"choices": [], "usage": {"completion_tokens": 42}}'),
+        (1.32, "[DONE]"),
+    ]  # fmt: skip
+    reply, times, error = read_stream(events)
+    assert times == [0.90, 1.00] and error is None
+    assert reply["choices"] == [{"message": {"content": "3 + 4 = 7.\nAnswer: 7"}}]
+    record = record_from_reply(200, reply, 1.32, gold="7", output_times=times)
+    assert (record.ttft_s, record.itl_s, record.correct, record.samples, record.completion_tokens) == (
+        0.90, pytest.approx([0.10]), True, 3, 42
+    )  # fmt: skip
+    # t2serve sends the winner in one chunk after the vote: a TTFT, no ITL.
+    one = record_from_reply(200, reply, 1.32, gold="7", output_times=[0.9])
+    run = summarize([record, one, RequestRecord("200", 2.0)], wall_s=3.0)
+    assert run["ttft_p50_s"] == pytest.approx(0.9) and run["ttft_mean_s"] == pytest.approx(0.9)
+    assert run["itl_p50_s"] == pytest.approx(0.1) and run["itl_mean_s"] == pytest.approx(0.1)
+    assert summarize([one], wall_s=1.0)["itl_p50_s"] is None
+    # An error event inside a 200 stream is the request's outcome.
+    _, _, error = read_stream([(0.2, '{"error": {"message": "timed out", "code": "request_timeout"}}')])
+    assert error == "request_timeout"
+
+
+def test_accuracy_per_token_counts_right_answers_per_thousand_generated_tokens():
+    records = [
+        RequestRecord("200", 1.0, completion_tokens=300, correct=True),
+        RequestRecord("200", 1.0, completion_tokens=500, correct=False),
+        RequestRecord("200", 1.0, completion_tokens=200, correct=True),
+        RequestRecord("200", 1.0, completion_tokens=999),  # no gold: not graded, not counted
+    ]
+    run = summarize(records, wall_s=1.0)
+    assert run["accuracy"] == pytest.approx(2 / 3) and run["correct_per_1k_tokens"] == pytest.approx(2.0)
+
+
 def test_builtin_problems_come_from_the_test_split_with_gold_answers():
     problems = load_problems(12, seed=0, data="builtin")
     assert len(problems) == 12 and all(p.split == "test" and p.answer for p in problems)
@@ -80,6 +156,10 @@ async def test_loadtest_core_against_the_real_server(server_url):
         assert auto["graded"] == 5 and 0.0 <= auto["accuracy"] <= 1.0
         assert 0 < auto["latency_p50_s"] <= auto["latency_p90_s"] <= auto["latency_p99_s"] <= wall
         assert auto["generated_tokens"] > 0 and auto["requests_per_s"] == pytest.approx(5 / wall)
+        # Streamed (the default): every reply has a first output chunk, after the vote and
+        # in one piece (t2serve sends the winner whole), so no inter-token gaps.
+        assert all(r.ttft_s is not None and 0 < r.ttft_s <= r.latency_s for r in records)
+        assert auto["ttft_p50_s"] <= auto["ttft_p99_s"] and auto["itl_p50_s"] is None
 
         # Fixed N below the baseline: fewer samples dispatched than a fixed-N_max server would.
         records, wall = await run_load(
@@ -102,6 +182,39 @@ async def test_loadtest_core_against_the_real_server(server_url):
         assert rejected["ok"] == 0 and rejected["errors"] == {"400": rejected["sent"]}
         assert rejected["latency_p50_s"] is None and rejected["accuracy"] is None
 
+        # Not streamed: the same figures but TTFT.
+        records, wall = await run_load(
+            http, MODEL_NAME, problems, {"parallelism": 2}, Load("concurrency", 1), requests=2,
+            duration_s=120, stream=False, **common,
+        )  # fmt: skip
+        plain = summarize(records, wall)
+        assert plain["ok"] == 2 and plain["samples"] == 4 and plain["ttft_p50_s"] is None
+
         # The result names the server's head (t2serve_estimator_info; the test server has none).
         info = await estimator_info(http)
         assert info is not None and {"identity", "n_max", "layers"} <= set(info)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+async def test_a_tiny_rate_sweep_reports_ttft_goodput_samples_and_accuracy(server_url, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["--rate", "2,4", "--requests", "3", "--prompts", "3", "--n-max", "2", "--max-tokens", "6",
+            "--goodput", "e2el:600000", "--out", str(out)]  # fmt: skip
+    args = parse_args(argv)
+    result = await benchmark(args, server_url)
+    # Each rate runs `auto` and fixed N side by side (the server's default N = 4, N_max given: 2).
+    assert [(r["label"], r["variant"]) for r in result["runs"]] == [
+        ("2/s", "auto"), ("2/s", "fixed N=2"), ("4/s", "fixed N=2"), ("4/s", "auto")
+    ]  # fmt: skip
+    for run in result["runs"]:
+        assert run["ok"] == run["sent"] == 3 and run["errors"] == {}
+        # An SLO of ten minutes (the harness's own request timeout): every request is good.
+        assert run["good"] == 3 and run["goodput_per_s"] == pytest.approx(run["requests_per_s"])
+        assert 0 < run["ttft_p50_s"] <= run["latency_p99_s"] and run["graded"] == 3
+        assert run["samples_per_request"] == (4 if run["variant"] == "auto" else 2)
+        assert run["correct_per_1k_tokens"] is not None and run["correct_per_1k_tokens"] >= 0
+    result["config"] = {**vars(args), "loads": [], "out": str(out)}
+    print_table(result)
+    plot(result, out.with_suffix(".png"))
+    assert out.with_suffix(".png").stat().st_size > 0
