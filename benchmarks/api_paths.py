@@ -72,7 +72,7 @@ CONFIGS = [(TOOLS, ["plain", "json_schema", "tool_named"]), (REASONING, ["reason
 def vllm_command(model_dir: Path, parsers: list[str]) -> list[str]:
     """vLLM's OpenAI server with the engine settings t2serve runs."""
     from server.config import EngineSettings
-    from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
+    from server.engine.platform import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
     cpu = on_cpu()
     if cpu:  # exported here, inherited by both servers
@@ -137,7 +137,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
 
     model_dir = Path(args.model) if args.model else prepare_embedded_model()
     RESULTS.mkdir(exist_ok=True)

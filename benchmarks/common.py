@@ -158,7 +158,7 @@ def offline_llm(model_dir: Path, max_model_len: int = 2048):
     from vllm import LLM
 
     from server.config import EngineSettings
-    from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
+    from server.engine.platform import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
     cpu = on_cpu()
     if cpu:

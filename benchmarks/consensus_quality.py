@@ -97,7 +97,7 @@ def engine(args):
     if _ENGINE is None:
         from transformers import AutoTokenizer
 
-        from server.model_store import prepare_embedded_model
+        from server.engine.model_store import prepare_embedded_model
 
         model_dir = prepare_embedded_model()
         # 4096: the usc pass holds all N candidates.

@@ -46,7 +46,7 @@ async def capture(dtype: str, questions: list[str], out: Path) -> None:
 
     from estimator.offline.engine_runs import EngineRuns, started_engine
     from server.config import EngineSettings
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
 
     model = prepare_embedded_model()
     settings = EngineSettings(model=str(model), served_model_name=model.name, dtype=dtype, max_model_len=1024)
@@ -81,7 +81,7 @@ def main() -> None:
 
     from estimator.head import DEFAULT_HEAD, T2Head
     from estimator.stopping import choose_parallelism
-    from server.engine import cpu_has_native_bf16
+    from server.engine.platform import cpu_has_native_bf16
 
     head = T2Head.load(DEFAULT_HEAD)
     margin = head.margin  # what the server runs it at

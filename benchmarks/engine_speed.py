@@ -50,7 +50,7 @@ def raw_vllm(config: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     from server.config import EngineSettings
-    from server.engine import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
+    from server.engine.platform import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
     cpu = on_cpu()
     if cpu:
@@ -166,8 +166,8 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
 
-    from server.engine import cpu_has_native_bf16
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
+    from server.engine.platform import cpu_has_native_bf16
 
     model_dir = Path(args.model) if args.model else prepare_embedded_model()
     RESULTS.mkdir(exist_ok=True)

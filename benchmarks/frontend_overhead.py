@@ -86,7 +86,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
 
     model_dir = Path(args.model) if args.model else prepare_embedded_model()
     RESULTS.mkdir(exist_ok=True)

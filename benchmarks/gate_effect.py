@@ -137,7 +137,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
 
     questions = test_questions(args.labels)
     if args.questions:

@@ -18,7 +18,7 @@ from server.admission import Admission
 from server.auth import KeyBeforeBody, require_api_key, require_metrics_key
 from server.body_limit import BodyLimit
 from server.config import ServerSettings
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.errors import APIError, engine_dead_error, error_response, install_error_handlers
 from server.parallel import ParallelThinker
 from server.protocol import (

@@ -7,7 +7,7 @@ the cost of one request.
 When the count reaches the limit, `exhausted` is set: the vote launches nothing more,
 aborts what runs, and each choice votes over the samples that finished, or, where none
 had, over the partial ones (server.parallel). The samples run with final-only output, so
-running samples' progress is read from the engine (server.engine.Engine.generated_tokens)
+running samples' progress is read from the engine (server.engine.engine.Engine.generated_tokens)
 every POLL_S: the count can pass the limit by what the running samples decode in one
 poll, which `usage` reports exactly.
 """

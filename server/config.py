@@ -34,7 +34,7 @@ class EngineSettings(BaseModel):
     pipeline_parallel_size: int = Field(default=1, description="pipeline stages (capture needs 1)")
     gpu_memory_utilization: float = Field(default=0.9, description="share of GPU memory vLLM may use")
     # False: torch.compile (and CUDA graphs on GPU), vLLM's default; the capture tap is
-    # compiled into the graph (server/capture.py).
+    # compiled into the graph (server/engine/capture.py).
     enforce_eager: bool = Field(
         default=False,
         description="eager mode: no torch.compile / CUDA graphs (off: vLLM's compiled model, with the "

@@ -40,7 +40,7 @@ from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scal
 from server import aggregation, metrics, sampling, vllm_openai
 from server.budget import TokenBudget
 from server.config import ParallelismSettings
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.errors import APIError
 from server.estimate import Estimate, Estimator
 from server.result import ChoiceResult, ThinkingResult

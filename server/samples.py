@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import metrics, sampling
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.voting import extract_answer
 
 # After an abort the engine hands back each sample's final output at once; don't wait longer.

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from server import vllm_openai
-from server.capture import CAPTURE_KEY
+from server.engine.capture import CAPTURE_KEY
 from server.errors import APIError
 from server.protocol import SamplingFields
 
@@ -81,7 +81,7 @@ def for_launch(base: Any, *, n: int, first: int, capture_tag: str | None = None)
     """One engine request of samples `first .. first + n - 1`: vLLM seeds child i of an n>1
     request with seed + i, so shifting the seed by `first` gives sample j the seed + j it
     would have as child j of one request. A capture tag marks the request whose prefill the
-    worker captures (server.capture)."""
+    worker captures (server.engine.capture)."""
     params = base.clone()
     params.n = n
     if params.seed is not None:
@@ -92,7 +92,7 @@ def for_launch(base: Any, *, n: int, first: int, capture_tag: str | None = None)
 
 
 def capture_probe(capture_tag: str) -> Any:
-    """A request that only captures its prompt's states (server.engine.Engine.prompt_states)."""
+    """A request that only captures its prompt's states (server.engine.engine.Engine.prompt_states)."""
     from vllm import SamplingParams
 
     return for_launch(SamplingParams(max_tokens=1, temperature=0.0), n=1, first=0, capture_tag=capture_tag)

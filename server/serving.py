@@ -24,7 +24,7 @@ from typing import Any
 from server import aggregation, metrics, prompts, result, sampling, vllm_openai
 from server.budget import TokenBudget
 from server.config import ServerSettings
-from server.engine import Engine, EngineDead, EngineRejected
+from server.engine.engine import Engine, EngineDead, EngineRejected
 from server.errors import APIError, engine_dead_error, error_event
 from server.parallel import Deadline, ParallelThinker, Plan
 from server.protocol import (

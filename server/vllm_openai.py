@@ -185,7 +185,7 @@ def to_sampling_params(
 
 
 def verify(engine: Any, params: Any, request: BaseModel) -> None:
-    """vLLM's checks of the built params against the engine (server.engine.Engine.verify),
+    """vLLM's checks of the built params against the engine (server.engine.engine.Engine.verify),
     as a 400; a grammar vLLM cannot compile names the field that carried it."""
     from vllm.exceptions import VLLMClientError
 

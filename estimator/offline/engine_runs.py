@@ -45,8 +45,8 @@ CONCURRENT_PROBES = 32
 
 @asynccontextmanager
 async def started_engine(settings: Any) -> AsyncIterator[Any]:
-    """A started server.engine.Engine (settings: server.config.EngineSettings), shut down on exit."""
-    from server.engine import Engine
+    """A started server.engine.engine.Engine (settings: server.config.EngineSettings), shut down on exit."""
+    from server.engine.engine import Engine
 
     engine = await Engine.start(settings)
     try:

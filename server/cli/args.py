@@ -151,7 +151,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         if not (model / "config.json").is_file():
             raise SystemExit(f"t2serve: --model {model} is not a Hugging Face model folder (no config.json)")
     else:
-        from server.model_store import prepare_embedded_model
+        from server.engine.model_store import prepare_embedded_model
 
         model = prepare_embedded_model()
     return settings_from(

@@ -88,7 +88,7 @@ def serve_command(args: argparse.Namespace) -> None:
 
 def self_test(settings: ServerSettings) -> int:
     """`serve --self-test`: the start-up capture check on its own, as an exit status."""
-    from server.engine import Engine
+    from server.engine.engine import Engine
 
     async def run() -> int:
         engine = await Engine.start(settings.engine)
@@ -105,7 +105,7 @@ async def report_self_test(engine: Any) -> int:
     or print why it failed and return the start-up failure status (3)."""
     import json
 
-    from server.engine import CaptureSelfTestError
+    from server.engine.engine import CaptureSelfTestError
 
     try:
         print(json.dumps({"self_test": "ok", **await engine.self_test()}), flush=True)
@@ -116,7 +116,7 @@ async def report_self_test(engine: Any) -> int:
 
 
 def prepare_model(args: argparse.Namespace) -> None:
-    from server.model_store import prepare_embedded_model, verify_model_dir
+    from server.engine.model_store import prepare_embedded_model, verify_model_dir
 
     folder = prepare_embedded_model(args.output, force=args.force)
     ok = verify_model_dir(folder)

@@ -1,4 +1,4 @@
-"""A scripted stand-in for `server.engine.Engine`, for the orchestration loop's pure logic.
+"""A scripted stand-in for `server.engine.engine.Engine`, for the orchestration loop's pure logic.
 
 Each sample's fate is scripted by its number (launch order within a run): it finishes with a
 text as soon as it is scheduled, hangs until aborted, or fails. Nothing depends on the
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from server.capture import CAPTURE_KEY
-from server.engine import EngineDead
+from server.engine.capture import CAPTURE_KEY
+from server.engine.engine import EngineDead
 
 
 @dataclass(frozen=True)

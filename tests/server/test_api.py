@@ -20,7 +20,7 @@ async def test_models(client):
 
 
 async def test_the_engine_runs_in_the_fast_dtype_for_this_cpu(client, server_url):
-    from server.engine import cpu_has_native_bf16
+    from server.engine.platform import cpu_has_native_bf16
 
     # `--dtype auto` on an x86 CPU: bf16 only with native bf16 kernels, else float32.
     expected = "bfloat16" if cpu_has_native_bf16() else "float32"

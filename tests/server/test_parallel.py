@@ -13,7 +13,7 @@ import pytest
 
 from estimator.stopping import ESC, Budget, Decision, Fixed, Tally
 from server.config import ParallelismSettings
-from server.engine import EngineDead
+from server.engine.engine import EngineDead
 from server.errors import APIError
 from server.parallel import Deadline, ParallelThinker, Plan
 from server.protocol import ChatCompletionRequest, CompletionRequest

@@ -142,7 +142,7 @@ async def test_self_test_command_reports_and_sets_the_exit_status(engine, capsys
     subprocess server in these tests also runs the same check at start-up)."""
     import json
 
-    from server.engine import CaptureSelfTestError
+    from server.engine.engine import CaptureSelfTestError
 
     assert await report_self_test(engine) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,37 +1,12 @@
-"""Engine start-up choices that are pure logic (the real engine is tested everywhere else)."""
+"""The start-up self-test's verdicts on the states a fake engine hands it (the real engine
+is tested everywhere else)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server import engine
-
-
-@pytest.mark.parametrize(
-    ("requested", "cpu", "machine", "native_bf16", "expected"),
-    [
-        ("auto", True, "x86_64", True, "bfloat16"),  # AVX-512-BF16 or AMX: bf16 is fast
-        ("auto", True, "x86_64", False, "float32"),  # emulated bf16 is ~4.5x slower than fp32
-        ("auto", True, "aarch64", False, "auto"),  # other CPUs: vLLM's own rule
-        ("auto", False, "x86_64", False, "auto"),  # GPU: vLLM's default
-        ("bfloat16", True, "x86_64", False, "bfloat16"),  # a dtype the user names always wins
-        ("float16", True, "x86_64", True, "float16"),
-    ],
-)
-def test_dtype_auto_picks_the_fast_dtype_for_the_cpu(
-    monkeypatch, requested, cpu, machine, native_bf16, expected
-):
-    monkeypatch.setattr("platform.machine", lambda: machine)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native_bf16)
-    assert engine.resolve_dtype(requested, cpu) == expected
-
-
-def test_native_bf16_follows_the_cpu_flags():
-    flags = Path("/proc/cpuinfo").read_text().split()
-    assert engine.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+from server.engine import engine
 
 
 class _FakeLLM:
@@ -45,7 +20,7 @@ class _FakeLLM:
         return type("Tokenizer", (), {"encode": staticmethod(lambda text: [1, 2, 3])})()
 
     async def generate(self, prompt, params, request_id):
-        from server.capture import CAPTURE_KEY
+        from server.engine.capture import CAPTURE_KEY
 
         tag = params.extra_args[CAPTURE_KEY]
         if self.states is not None:

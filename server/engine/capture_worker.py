@@ -27,7 +27,7 @@ other samples later read from the prefix cache; there is no second model copy an
 forward pass. vLLM caps a prefix-cache hit at `prompt - 1` tokens, so the last prompt token
 is always computed and a fully cached prompt still yields its states.
 
-Wire format and the opt-in keys: server/capture.py.
+Wire format and the opt-in keys: server/engine/capture.py.
 
 Limits: pipeline parallelism is not supported (each stage holds only its own layers); on
 GPU the V1 model runner is needed (the V2 runner has no `_model_forward`/`input_batch`).
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.capture import CAPTURE_KEY, CONFIG_KEY
+from server.engine.capture import CAPTURE_KEY, CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 

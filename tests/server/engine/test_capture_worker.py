@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from server import capture_worker
-from server.capture import CAPTURE_KEY, CONFIG_KEY, capture_config
-from server.engine import CaptureReceiver
+from server.engine import capture_worker
+from server.engine.capture import CAPTURE_KEY, CONFIG_KEY, CaptureReceiver, capture_config
 
 
 def test_the_vllm_internals_the_capture_patches_are_where_it_expects():

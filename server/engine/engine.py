@@ -9,12 +9,10 @@ offers the rest of t2serve a narrow interface: tokenizer, `generate`, `abort`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from server import vllm_openai
-from server.capture import WORKER_EXTENSION, capture_config
 from server.config import EngineSettings
+from server.engine.capture import WORKER_EXTENSION, CaptureReceiver, capture_config
+from server.engine.platform import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ class EngineDead(RuntimeError):
 
 class EngineRejected(ValueError):
     """vLLM refused a request itself (its own checks): the client's fault."""
-
-
-# Defaults that make vLLM work well on a small CPU box; applied only on the CPU platform.
-CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; the default 128 caches little.
 
 
 @dataclass(frozen=True)
@@ -71,114 +66,11 @@ def model_fingerprint(hf_config: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (x86: AVX-512-BF16 or AMX tiles).
-
-    Without them oneDNN emulates bf16 and the engine runs ~4.5x slower than in float32
-    (measured on a 2-core EPYC without AVX-512, ../shared/NOTES.md)."""
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_dtype(requested: str, cpu: bool) -> str:
-    """The dtype to start the engine with. `auto` on CPU means the fast one for *this* CPU:
-    bfloat16 where it has native bf16 kernels, float32 otherwise (the checkpoint is upcast
-    at load). Elsewhere, or when the user named a dtype, vLLM's own rule stands."""
-    if requested != "auto" or not cpu:
-        return requested
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return requested  # vLLM's CPU platform picks by its own flags there (e.g. macOS FEAT_BF16)
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-def apply_cpu_environment(settings: EngineSettings) -> None:
-    """Set vLLM's CPU knobs before the engine processes are spawned (they inherit env).
-
-    Values the user exported win. Without VLLM_CPU_KVCACHE_SPACE vLLM sizes the KV cache
-    from total memory and fails to start when that much is not free.
-    """
-    cores = os.cpu_count() or 1
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
-    # vLLM binds one core and reserves another by default; on small boxes use them all.
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or f"0-{cores - 1}")
-
-
 class CaptureSelfTestError(RuntimeError):
     """The start-up capture check found no states, or malformed ones."""
 
 
 SELF_TEST_PROMPT = "The capital of France is"
-
-
-class CaptureReceiver:
-    """Front-end end of the capture channel: a ZMQ PULL socket whose messages resolve futures."""
-
-    def __init__(self) -> None:
-        import zmq
-        import zmq.asyncio
-
-        self._dir = tempfile.mkdtemp(prefix="t2serve-")
-        self.endpoint = f"ipc://{self._dir}/capture.sock"
-        self._ctx = zmq.asyncio.Context()
-        self._socket = self._ctx.socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.endpoint)
-        self._waiters: dict[str, asyncio.Future[np.ndarray]] = {}
-        self.messages = 0  # capture messages received, dropped ones included
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._receive_loop())
-
-    def expect(self, tag: str) -> asyncio.Future[np.ndarray]:
-        """Register interest in `tag` before the tagged request is submitted (no race)."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._waiters[tag] = future
-        return future
-
-    def forget(self, tag: str) -> None:
-        future = self._waiters.pop(tag, None)
-        if future is not None and not future.done():
-            future.cancel()
-
-    async def _receive_loop(self) -> None:
-        while True:
-            tag_bytes, header, payload = await self._socket.recv_multipart()
-            self.messages += 1
-            future = self._waiters.pop(tag_bytes.decode(), None)
-            # A second message for a tag (re-prefill after preemption) or one for an
-            # aborted request finds no waiter and is dropped.
-            if future is None or future.done():
-                continue
-            meta = json.loads(header)
-            if meta.get("dropped"):  # no free capture slot in its step: fall back now, not at a timeout
-                future.cancel()
-                continue
-            # copy(): own, writable memory rather than a view of the ZMQ frame.
-            future.set_result(np.frombuffer(payload, dtype=meta["dtype"]).reshape(meta["shape"]).copy())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for tag in list(self._waiters):
-            self.forget(tag)
-        self._socket.close()
-        self._ctx.term()
-        with contextlib.suppress(OSError):
-            os.unlink(self.endpoint.removeprefix("ipc://"))
-            os.rmdir(self._dir)
 
 
 class Engine:
@@ -244,7 +136,7 @@ class Engine:
                 else (False if cpu else None)
             ),
             # The capture tap is installed at model load, before torch.compile traces the
-            # model; its config is part of vLLM's compile-cache hash (server/capture.py).
+            # model; its config is part of vLLM's compile-cache hash (server/engine/capture.py).
             worker_extension_cls=WORKER_EXTENSION if settings.capture else "",
             additional_config=capture_config(settings.capture_slots) if settings.capture else {},
             # vLLM's own Prometheus metrics (KV cache, prefix-cache hits) on /metrics, unless
@@ -393,7 +285,7 @@ class Engine:
         """Tokens generated so far by these running requests (all samples of an n>1 one),
         read from the front end's own request states: the samples run with final-only
         output, so nothing else reports their progress before they end (a request budget,
-        server.budget, needs it). Pinned by tests/server/test_engine.py."""
+        server.budget, needs it). Pinned by tests/server/test_hardening.py (the token budget on the real engine)."""
         processor = self._llm.output_processor
         total = 0
         for request_id in request_ids:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from server.model_store import (
+from server.engine.model_store import (
     MANIFEST,
     find_embedded_gguf,
     prepare_embedded_model,
