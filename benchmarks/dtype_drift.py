@@ -80,7 +80,7 @@ def main() -> None:
         return
 
     from estimator.head import DEFAULT_HEAD, T2Head
-    from estimator.stopping import choose_parallelism
+    from estimator.policies import choose_parallelism
     from server.engine.platform import cpu_has_native_bf16
 
     head = T2Head.load(DEFAULT_HEAD)

@@ -18,7 +18,7 @@ e.g. `esc:window=4,max=8`, `ac-beta:c=0.9,max=8`, `t2+beta:c=0.8,margin=0.75,max
 learned rule decides how far to go), not the server's T2 margin.
 Names and knobs are case-insensitive; unknown names or knobs and bad values raise
 ValueError with a message meant for the client. `describe` gives the name a response reports.
-The names, knobs and defaults are the policies' own registrations (estimator.stopping,
+The names, knobs and defaults are the policies' own registrations (estimator.policies,
 `@register_policy`): this module is the grammar only.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from estimator.stopping import Policy, PolicyContext, get_policy
+from estimator.policies import Policy, PolicyContext, get_policy
 
 if TYPE_CHECKING:
     from estimator.learned_stopping import StoppingTable

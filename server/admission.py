@@ -5,6 +5,9 @@ count (server.parallel.Plan.minimum_samples) fits under `max_samples_in_flight` 
 Otherwise it waits, first come first served, in a queue of at most `max_queue` requests:
 a full queue answers 429 at once, a wait longer than `queue_timeout_s` answers 503; both
 carry `Retry-After`. Once the engine is dead every waiting and new request gets 503.
+
+Admission counts a request's minimum samples; `load_scaled_cap` is how `auto` (any policy
+that picks N) takes the rest of the load into account as it grows N (server.parallel).
 """
 
 from __future__ import annotations
@@ -129,3 +132,30 @@ class Admission:
                 waiter.set_exception(error)
                 metrics.REJECTED.labels("engine_dead").inc()
         metrics.QUEUE_DEPTH.set(0)
+
+
+# Load below this share of the samples limit leaves the cap alone (see load_scaled_cap).
+LOAD_KNEE = 0.5
+
+
+def load_scaled_cap(cap: int, samples_in_flight: int, limit: int, *, choices: int = 1) -> int:
+    """The per-choice cap on N once the server's load is taken into account.
+
+    `samples_in_flight` are the samples other requests have in the engine, `limit` the
+    server's --max-samples-in-flight, `choices` the samples per N (n choices x prompts).
+    With load u = samples_in_flight / limit the cap is scaled by
+
+        1                          for u <= 0.5
+        (1 - u) / (1 - 0.5)        for 0.5 < u < 1   (a linear ramp down to 0)
+        0                          for u >= 1
+
+    and bounded by the room left, (limit - samples_in_flight) // choices, so a request does
+    not push the total past the limit; the result is never below 1 (every request gets a
+    sample). Any policy that picks N (the T2 head, early stopping) applies the same curve.
+    """
+    if cap < 1 or limit < 1 or choices < 1:
+        raise ValueError("cap, limit and choices must be >= 1")
+    load = max(samples_in_flight, 0) / limit
+    factor = 1.0 if load <= LOAD_KNEE else max(0.0, (1.0 - load) / (1.0 - LOAD_KNEE))
+    room = (limit - samples_in_flight) // choices
+    return max(1, min(math.floor(cap * factor), room))

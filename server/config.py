@@ -153,7 +153,7 @@ class LimitSettings(BaseModel):
         default=1024,
         ge=1,
         description="samples admitted requests may have in the engine; 'auto' lowers N as this fills "
-        "(estimator.stopping.load_scaled_cap)",
+        "(server.admission.load_scaled_cap)",
     )
     max_queue: int = Field(default=256, ge=0, description="requests waiting for admission; more: 429")
     queue_timeout_s: float = Field(default=30.0, gt=0, description="seconds in the queue before 503")

@@ -1,6 +1,6 @@
 """Parallel thinking for one prompt: capture, choose N, fan out samples, stop, vote.
 
-One loop runs every sampling policy (estimator/stopping.py). A request's extension fields
+One loop runs every sampling policy (estimator/policies.py). A request's extension fields
 are resolved once into a `Plan` (the policy: Fixed(N) for an integer `parallelism`; the
 per-choice cap; the number of choices) before it is admitted; `ParallelThinker.run` then
 drives the plan for one prompt:
@@ -20,7 +20,7 @@ drives the plan for one prompt:
   4. each choice votes over its finished samples in launch order (so, under a seed, the
      result does not depend on which sample finished first).
 
-The load curve (estimator.stopping.load_scaled_cap) caps `auto` at every decision. At the
+The load curve (server.admission.load_scaled_cap) caps `auto` at every decision. At the
 request's deadline every running sample is aborted and each choice votes over the samples
 that had finished; a choice with none fails the request with 504. The engine requests, and
 the server's samples-in-flight count, belong to a `SampleGroup` (server/samples.py), which
@@ -35,9 +35,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from estimator.head import DEFAULT_MARGIN
+from estimator.policies import Budget, Decision, Fixed, Policy, Tally
 from estimator.policy_spec import describe, parse_policy
-from estimator.stopping import Budget, Decision, Fixed, Policy, Tally, load_scaled_cap
 from server import aggregation, metrics, sampling, vllm_openai
+from server.admission import load_scaled_cap
 from server.budget import TokenBudget
 from server.config import ParallelismSettings
 from server.engine.engine import Engine

@@ -1,7 +1,7 @@
 """A request's samples in the engine: `SampleGroup` launches, collects, aborts and drains
 them, and is the only code that moves the server's samples-in-flight count.
 
-Why one owner: the load curve (estimator.stopping.load_scaled_cap) reads the count on every
+Why one owner: the load curve (server.admission.load_scaled_cap) reads the count on every
 decision, so a sample counted in and never out would lower N for every later request. The
 group counts each engine request in when it is sent and out when its task ends, however it
 ends; leaving the `async with` block aborts in the engine whatever is still running and

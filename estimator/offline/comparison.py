@@ -21,7 +21,7 @@ from estimator.learned_stopping import StoppingTable
 from estimator.offline.labels import TYPES, gold_of, sample_type
 from estimator.offline.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
 from estimator.offline.training import in_split
-from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
+from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
 
 TOLERANCE = 0.01
 BOOTSTRAP = 200  # question resamples for the noise intervals

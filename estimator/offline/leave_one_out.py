@@ -35,7 +35,7 @@ from estimator.offline.margin_fit import fit_margin
 from estimator.offline.replay import OUTCOMES, Pool, replay_matrix
 from estimator.offline.stopping_fit import fit_stopping
 from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
-from estimator.stopping import T2, Fixed, LearnedStop
+from estimator.policies import T2, Fixed, LearnedStop
 
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
 # T2 is also replayed at these margins (same heads, same orderings): what margin would hold

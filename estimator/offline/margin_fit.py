@@ -1,7 +1,7 @@
 """`t2serve train`: the head's own T2 margin, chosen on its validation split.
 
 The server's `auto` gives a question N = clamp(round(N_max * prediction * margin * scale), 1,
-N_max) (estimator.stopping.choose_parallelism; `scale` is the gate's multiple, 1 near the
+N_max) (estimator.policies.choose_parallelism; `scale` is the gate's multiple, 1 near the
 training questions). A global margin suits one head and not the next: a head that predicts
 N* well needs less of it. So each head carries the smallest margin on a grid whose exact
 validation accuracy (mean A_x(N_x), no sampling noise) is within `tolerance` of fixed
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from estimator.stopping import choose_parallelism
+from estimator.policies import choose_parallelism
 
 MARGIN_GRID = tuple(float(m) for m in np.arange(1.0, 3.0001, 0.125))
 TOLERANCE = 0.005  # half a point: the built-in test split's no-regression line

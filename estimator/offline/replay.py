@@ -3,7 +3,7 @@
 A labelled question has a pool of N_max sampled answers (and their generated token counts).
 For each question we draw R random orderings of the pool (fixed seed); an ordering is the
 order in which samples are launched and finish. Every policy is driven through its real
-interface (estimator.stopping) over every ordering, capped at N_max (the pool is finite):
+interface (estimator.policies) over every ordering, capped at N_max (the pool is finite):
 
     finished  = samples whose answers the vote used (a prefix of the ordering)
     launched  = samples started; launched - finished were aborted when the vote was decided
@@ -36,7 +36,7 @@ import numpy as np
 
 from estimator.offline.engine_runs import majority_vote
 from estimator.offline.labels import Gold, gold_keys
-from estimator.stopping import Budget, Policy, Tally
+from estimator.policies import Budget, Policy, Tally
 
 
 @dataclass

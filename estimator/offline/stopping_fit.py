@@ -20,7 +20,7 @@ import numpy as np
 from estimator.learned_stopping import State, StoppingTable
 from estimator.offline.labels import gold_of
 from estimator.offline.replay import Pool, PoolReplay, orderings_for
-from estimator.stopping import Tally
+from estimator.policies import Tally
 
 
 def vote_states(answers: tuple[str | None, ...]) -> list[State]:

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from estimator.stopping import policy_names
+from estimator.policies import policy_names
 from server.config import EngineSettings
 
 Settings = TypeVar("Settings", bound=BaseModel)

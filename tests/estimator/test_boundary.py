@@ -1,6 +1,6 @@
 """The online/offline boundary inside estimator/: imports go one way only.
 
-Online (estimator/*.py: stopping, policy_spec, head, learned_stopping) is what the server
+Online (estimator/*.py: policies, criteria, policy_spec, head, gate, learned_stopping) is what the server
 runs; offline (estimator/offline/: label, train, evaluate, compare, replay) imports it,
 never the other way round. No engine needed: importing server.app does not start one.
 """
@@ -21,7 +21,7 @@ ONLINE = sorted((ROOT / "estimator").glob("*.py"))
 
 def test_there_are_online_modules_to_check():
     names = {p.stem for p in ONLINE}
-    assert {"stopping", "policy_spec", "head", "learned_stopping"} <= names
+    assert {"policies", "criteria", "policy_spec", "head", "learned_stopping"} <= names
 
 
 @pytest.mark.parametrize("module", ["server.app", "server.cli"])

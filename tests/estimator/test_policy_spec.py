@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed
 from estimator.policy_spec import describe, parse_policy
-from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed
 
 
 def parse(spec: str):
@@ -81,11 +81,11 @@ def test_serve_refuses_a_bad_policy_flag(model_dir):
 def test_a_registered_policy_is_parseable_by_name_with_its_knobs(monkeypatch):
     from dataclasses import dataclass
 
-    from estimator import stopping
+    from estimator import policies
 
-    monkeypatch.setattr(stopping, "POLICIES", dict(stopping.POLICIES))  # leave the real registry alone
+    monkeypatch.setattr(policies, "POLICIES", dict(policies.POLICIES))  # leave the real registry alone
 
-    @stopping.register_policy("every-k", knobs={"k": ("k", stopping.positive_int("k"))})
+    @policies.register_policy("every-k", knobs={"k": ("k", policies.positive_int("k"))})
     @dataclass(frozen=True)
     class EveryK:
         k: int = 2
@@ -95,6 +95,6 @@ def test_a_registered_policy_is_parseable_by_name_with_its_knobs(monkeypatch):
             return cls(**knobs)
 
     assert parse("every-k:k=5") == EveryK(5)
-    assert "every-k" in stopping.policy_names()
+    assert "every-k" in policies.policy_names()
     with pytest.raises(ValueError, match="k must be >= 1"):
         parse("every-k:k=0")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from server.admission import Admission
+from server.admission import Admission, load_scaled_cap
 from server.config import LimitSettings
 from server.errors import APIError
 from tests.conftest import wait_until
@@ -94,3 +94,30 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_close_fails_the_rest():
 
 def engine_dead_rejections() -> float:
     return REGISTRY.get_sample_value("t2serve_requests_rejected_total", {"reason": "engine_dead"}) or 0.0
+
+
+# -- the load curve ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "expected"),
+    [(0, 16), (50, 16), (60, 12), (75, 8), (90, 3), (99, 1), (100, 1), (500, 1)],
+)
+def test_load_scaled_cap_curve(in_flight, expected):
+    # limit 100: full cap up to half load, then a linear ramp to 1 at the limit.
+    assert load_scaled_cap(16, in_flight, 100) == expected
+
+
+def test_load_scaled_cap_keeps_the_total_under_the_limit():
+    # 8 choices at 40/100 in flight: the curve allows 16, the room only (100 - 40) // 8 = 7.
+    assert load_scaled_cap(16, 40, 100, choices=8) == 7
+    for in_flight in range(0, 100):
+        for choices in (1, 3, 8):
+            n = load_scaled_cap(64, in_flight, 100, choices=choices)
+            assert n >= 1 and (n == 1 or in_flight + n * choices <= 100)
+
+
+def test_load_scaled_cap_never_raises_the_cap():
+    assert all(load_scaled_cap(5, k, 1000) <= 5 for k in range(0, 1200, 7))
+    with pytest.raises(ValueError):
+        load_scaled_cap(4, 0, 0)

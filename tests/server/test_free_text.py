@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 from estimator.gate import Gate
 from estimator.head import DEFAULT_HEAD, T2Head
 from estimator.offline.open_ended import KINDS, open_ended_prompts
-from estimator.stopping import choose_parallelism
+from estimator.policies import choose_parallelism
 from server import consensus
 from tests.conftest import MODEL_NAME
 from tests.server.test_api import QUESTION
@@ -142,13 +142,18 @@ async def test_an_open_ended_request_at_a_forced_n_names_the_mbr_rule(engine, se
 async def test_consensus_with_esc_stopping_and_usc(client):
     reply = await sample(client, HAIKU, 24, aggregate="consensus", policy="esc:window=2,max=6")
     t2 = reply.model_extra["t2"]
-    assert t2["aggregate"] == "consensus" and t2["policy"].startswith("ESC")
+    # A group that won, or (none did) every sample pooled for the medoid of all: named so.
+    mbr = t2["answer"].startswith("mbr: ")
+    assert t2["aggregate"] == ("consensus:mbr" if mbr else "consensus") and t2["policy"].startswith("ESC")
     assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
-    assert all(key.startswith("#") for key in t2["votes"]) and reply.choices[0].message.content
+    assert all(key.startswith("mbr: " if mbr else "#") for key in t2["votes"])
+    assert reply.choices[0].message.content
 
     usc = await sample(client, HAIKU, 24, aggregate="usc", parallelism=3)
     t2 = usc.model_extra["t2"]
-    assert t2["aggregate"] == "usc" and t2["usc"]["passes"] == 1
+    # The pass names a candidate (its group's key is the answer); naming none keeps the MBR pick.
+    assert t2["aggregate"] == ("usc:mbr" if t2["answer"].startswith("mbr: ") else "usc")
+    assert t2["usc"]["passes"] == 1
     assert 0 < t2["usc"]["completion_tokens"] <= 4
     plain = await sample(client, HAIKU, 24, parallelism=3)
     # The pass's tokens are billed: its prompt (the request's own + the candidates) and its answer.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from estimator.stopping import ESC, Budget, Decision, Fixed, Tally
+from estimator.policies import ESC, Budget, Decision, Fixed, Tally
 from server.config import ParallelismSettings
 from server.engine.engine import EngineDead
 from server.errors import APIError
@@ -44,7 +44,7 @@ def answers(result, choice: int = 0) -> list[str | None]:
 
 def test_t2_margin_is_the_flag_else_the_heads_own_else_the_default():
     from estimator.head import DEFAULT_MARGIN, HeadMeta, LayerProbes, T2Head
-    from estimator.stopping import T2
+    from estimator.policies import T2
 
     def head(margin):
         meta = HeadMeta("m", 2, 8, 16, 1 / 8, layers=[1], weights=[1.0], margin=margin)

@@ -123,7 +123,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
     from vllm import SamplingParams
 
     from estimator.head import DEFAULT_HEAD, T2Head
-    from estimator.stopping import Tally
+    from estimator.policies import Tally
     from server.parallel import ParallelThinker
     from server.prompts import render_chat
 

@@ -13,7 +13,7 @@ from estimator.offline.replay import (
     replay_matrix,
     summarise,
 )
-from estimator.stopping import ESC, T2, AdaptiveConsistency, Composition, Fixed
+from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed
 
 
 def test_replay_of_fixed_n_converges_to_exact_accuracy():

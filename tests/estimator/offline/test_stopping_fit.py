@@ -9,8 +9,8 @@ import pytest
 from estimator.learned_stopping import StoppingTable, table_path
 from estimator.offline.replay import Pool, replay_matrix, summarise
 from estimator.offline.stopping_fit import fit_stopping, vote_states
+from estimator.policies import Budget, Fixed, LearnedStop, Tally
 from estimator.policy_spec import describe, parse_policy
-from estimator.stopping import Budget, Fixed, LearnedStop, Tally
 
 N_MAX = 8
 

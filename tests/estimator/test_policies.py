@@ -1,4 +1,4 @@
-"""Sampling policies (estimator/stopping.py): criteria and decisions; `drive` (the offline
+"""Sampling policies (estimator/policies.py): criteria and decisions; `drive` (the offline
 replay's driver) checks that every policy keeps the launch/stop protocol."""
 
 import dataclasses
@@ -6,8 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from estimator.criteria import beta_confidence, confidence, dirichlet_confidence
 from estimator.offline.replay import drive
-from estimator.stopping import (
+from estimator.policies import (
     ESC,
     STOP,
     T2,
@@ -18,9 +19,7 @@ from estimator.stopping import (
     Decision,
     Fixed,
     Tally,
-    beta_confidence,
-    confidence,
-    dirichlet_confidence,
+    choose_parallelism,
 )
 
 BUDGET = Budget(prediction=0.25, n_max=16, default=8, cap=16)  # T2 estimate: 4 samples
@@ -204,3 +203,25 @@ def test_every_policy_launches_at_least_one_and_respects_the_cap(policy):
             answers = [None if a == 3 else str(a) for a in rng.integers(0, 4, size=16)]
             run = drive(policy, budget, answers)  # raises if the policy breaks the protocol
             assert 1 <= run.finished <= run.launched <= cap
+
+
+# -- choose_parallelism: prediction -> N ---------------------------------------------------
+
+
+def test_default_without_prediction():
+    assert choose_parallelism(None, n_max=16, default=8, cap=16) == 8
+    assert choose_parallelism(None, n_max=16, default=8, cap=4) == 4
+
+
+@pytest.mark.parametrize(("prediction", "expected"), [(0.0, 1), (0.01, 1), (0.5, 8), (1.0, 16), (3.0, 16)])
+def test_prediction_scaled_and_clamped(prediction, expected):
+    assert choose_parallelism(prediction, n_max=16, default=8, cap=16) == expected
+
+
+def test_margin():
+    assert choose_parallelism(0.25, n_max=16, default=8, cap=16, margin=1.5) == 6
+
+
+def test_bad_cap():
+    with pytest.raises(ValueError):
+        choose_parallelism(0.5, n_max=16, default=8, cap=0)

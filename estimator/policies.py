@@ -22,7 +22,7 @@ How the server drives a policy (one vote = one choice of one request):
 
 A policy never waits with nothing in flight: once every launched sample has finished it
 either launches more or stops. `cap` is an input on every call, so the server may lower it
-under load (load_scaled_cap, below) and the policy follows; a policy never
+under load (server.admission.load_scaled_cap) and the policy follows; a policy never
 launches above the cap it is given, but samples already running are not taken back.
 Policies with `adapts = False` (Fixed, T2) decide everything before decoding: the server
 launches `first_launch` samples as one engine request and they stop once all have
@@ -58,17 +58,7 @@ Policies
   `cost` per sample, given the estimate and the votes so far; while it says go on and
   nothing is running, launch `extend` more.
 
-Stopping criteria, over the answer counts of the finished samples (abstentions do not vote,
-and a vote nobody has cast is never decided):
-- "beta": the two leading counts v1 >= v2; p1 = the leader's share of the two, with the
-  uniform prior p1 ~ Beta(v1 + 1, v2 + 1). Confidence = P(p1 > 1/2), in closed form for
-  integer parameters: P(Binomial(v1 + v2 + 1, 1/2) <= v1).
-- "dirichlet": every observed answer plus one pseudo-class for "an answer not seen yet"
-  (count 0), shares p ~ Dirichlet(counts + 1). Confidence = P(the leader's share is the
-  largest), estimated by Monte Carlo with DIRICHLET_DRAWS draws from a fixed seed
-  (deterministic, standard error <= 0.008 at DIRICHLET_DRAWS = 4096) and cached per count
-  vector. The unseen pseudo-class keeps a unanimous tally from counting as certain after
-  one sample; with one observed answer it equals the beta criterion.
+The stopping criteria the adaptive policies read are in estimator/criteria.py.
 """
 
 from __future__ import annotations
@@ -76,17 +66,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from estimator.criteria import CRITERIA, Criterion, confidence, criterion
 
 if TYPE_CHECKING:
     from estimator.learned_stopping import StoppingTable
-
-Criterion = Literal["beta", "dirichlet"]
-DIRICHLET_DRAWS = 4096
-DIRICHLET_SEED = 0
 
 
 def choose_parallelism(
@@ -108,33 +93,6 @@ def choose_parallelism(
     if prediction is None:
         return max(1, min(default, cap))
     return max(1, min(round(n_max * prediction * margin), cap))
-
-
-# Load below this share of the samples limit leaves the cap alone (see load_scaled_cap).
-LOAD_KNEE = 0.5
-
-
-def load_scaled_cap(cap: int, samples_in_flight: int, limit: int, *, choices: int = 1) -> int:
-    """The per-choice cap on N once the server's load is taken into account.
-
-    `samples_in_flight` are the samples other requests have in the engine, `limit` the
-    server's --max-samples-in-flight, `choices` the samples per N (n choices x prompts).
-    With load u = samples_in_flight / limit the cap is scaled by
-
-        1                          for u <= 0.5
-        (1 - u) / (1 - 0.5)        for 0.5 < u < 1   (a linear ramp down to 0)
-        0                          for u >= 1
-
-    and bounded by the room left, (limit - samples_in_flight) // choices, so a request does
-    not push the total past the limit; the result is never below 1 (every request gets a
-    sample). Any policy that picks N (the T2 head, early stopping) applies the same curve.
-    """
-    if cap < 1 or limit < 1 or choices < 1:
-        raise ValueError("cap, limit and choices must be >= 1")
-    load = max(samples_in_flight, 0) / limit
-    factor = 1.0 if load <= LOAD_KNEE else max(0.0, (1.0 - load) / (1.0 - LOAD_KNEE))
-    room = (limit - samples_in_flight) // choices
-    return max(1, min(math.floor(cap * factor), room))
 
 
 # -- the policy registry: spec name -> class, knobs and presets (estimator.policy_spec parses
@@ -175,15 +133,6 @@ def probability(value: str) -> float:
     if not 0 < number < 1:
         raise ValueError("c must lie in (0, 1)")
     return number
-
-
-CRITERIA = ("beta", "dirichlet")
-
-
-def criterion(value: str) -> str:
-    if value not in CRITERIA:
-        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -273,43 +222,6 @@ class Decision:
 
 STOP = Decision(stop=True)
 WAIT = Decision()
-
-
-def beta_confidence(v1: int, v2: int) -> float:
-    """P(p1 > 1/2) for p1 ~ Beta(v1 + 1, v2 + 1)."""
-    return _beta_confidence(int(v1), int(v2))
-
-
-@lru_cache(maxsize=4096)
-def _beta_confidence(v1: int, v2: int) -> float:
-    # I_{1/2}(a, b) = P(Binomial(a + b - 1, 1/2) >= a), so P(p1 > 1/2) = P(Bin(n, 1/2) <= v1).
-    n = v1 + v2 + 1
-    return sum(math.comb(n, j) for j in range(v1 + 1)) / 2**n
-
-
-@lru_cache(maxsize=8192)
-def dirichlet_confidence(counts: tuple[int, ...]) -> float:
-    """P(the leader's share is the largest) under Dirichlet(counts + 1, 1) (the last class
-    stands for answers not seen yet); `counts` sorted, leader first."""
-    if not counts or counts[0] == 0:
-        return 0.0
-    alpha = np.array([*counts, 0], dtype=np.float64) + 1.0
-    rng = np.random.default_rng(DIRICHLET_SEED)
-    # Gamma draws normalised are Dirichlet draws; the argmax does not need the normalising.
-    draws = rng.gamma(alpha, size=(DIRICHLET_DRAWS, len(alpha)))
-    return float(np.mean(np.argmax(draws, axis=1) == 0))
-
-
-def confidence(criterion: Criterion, tally: Tally) -> float:
-    """How sure the criterion is that the current leader stays the majority."""
-    counts = tally.sorted_counts()
-    if not counts:
-        return 0.0
-    if criterion == "beta":
-        return beta_confidence(counts[0], counts[1] if len(counts) > 1 else 0)
-    if criterion == "dirichlet":
-        return dirichlet_confidence(counts)
-    raise ValueError(f"unknown criterion {criterion!r}")
 
 
 def _limit(max_samples: int | None, cap: int) -> int:
