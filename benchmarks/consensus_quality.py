@@ -20,7 +20,7 @@ gain over one sample that the aggregator keeps without extracting answers. Print
 writes benchmarks/results/consensus_quality.{json,png}.
 
 `--open-ended` scores the pick on prompts with no answer to grade: the held-out built-in
-open-ended prompts (estimator/offline/open_ended.py, validation + test splits; the gate
+open-ended prompts (estimator/offline/inputs/open_ended.py, validation + test splits; the gate
 trains on the rest) at a client-forced N (default 8, temperature 1.0, OpenAI's default).
 The judge is agreement with the model's own distribution, read on samples the pick never
 saw: per prompt N + --judges samples are drawn, the first N are the candidates, and a
@@ -59,7 +59,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def questions(labels: Path, count: int) -> list[dict]:
-    from estimator.offline.labeling import load_records
+    from estimator.offline.labels.labeling import load_records
 
     held_out = [r for r in load_records(labels) if r["split"] in ("validation", "test")]  # never "train"
     return held_out[:count]
@@ -192,7 +192,7 @@ ANSWER_DEFAULTS = {"n": 16, "temperature": 0.3, "max_tokens": 48}
 
 
 def open_ended_pool(count: int) -> list[dict]:
-    from estimator.offline.open_ended import open_ended_prompts
+    from estimator.offline.inputs.open_ended import open_ended_prompts
 
     held_out = [p.to_json() for p in open_ended_prompts() if p.split != "train"]  # the gate fits on train
     return held_out[:count]

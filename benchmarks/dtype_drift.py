@@ -34,7 +34,7 @@ DTYPES = ("bfloat16", "float32")
 
 
 def test_questions(count: int, seed: int) -> list[str]:
-    from estimator.offline.problems import generate
+    from estimator.offline.inputs.problems import generate
 
     # The built-in generator's test split (the head never saw these questions).
     problems = [p for p in generate(count * 8, seed=seed) if p.split == "test"]

@@ -65,11 +65,11 @@ def head_without_gate(folder: Path) -> Path:
 def test_questions(labels: list[Path] | None) -> list[dict]:
     """{"question", "answer"} of each held-out test question, in a fixed order."""
     if labels:
-        from estimator.offline.labeling import load_label_sets
+        from estimator.offline.labels.labeling import load_label_sets
 
         records, _, _ = load_label_sets(labels)
         return [r for r in records if r["split"] == "test"]
-    from estimator.offline.problems import generate
+    from estimator.offline.inputs.problems import generate
 
     seen: set[str] = set()
     questions = []

@@ -1,7 +1,7 @@
 """Policies at equal accuracy on questions labelled after development: a fresh holdout.
 
 `t2serve evaluate` reports on the test split of the labels the head, the stopping table and
-their knobs were developed against. This replays the same policy grid (estimator.offline.comparison)
+their knobs were developed against. This replays the same policy grid (estimator.offline.evaluation.comparison)
 on the test-split questions of `--holdout` folders that none of the `--labels` folders hold,
 so nothing about them informed any choice. Per family: launched samples at the target
 (fixed N_max - 1 point) on the family's Pareto front, and the knob `evaluate` chose on
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
 from estimator.head import DEFAULT_HEAD, T2Head  # noqa: E402
-from estimator.offline import comparison  # noqa: E402
-from estimator.offline.labeling import load_label_sets  # noqa: E402
-from estimator.offline.replay import oracle_frontier, replay_matrix, summarise  # noqa: E402
+from estimator.offline.evaluation import comparison  # noqa: E402
+from estimator.offline.evaluation.replay import oracle_frontier, replay_matrix, summarise  # noqa: E402
+from estimator.offline.labels.labeling import load_label_sets  # noqa: E402
 
 
 def holdout_report(head, holdout: list[dict], states: np.ndarray, chosen: dict, orderings: int = 200) -> dict:

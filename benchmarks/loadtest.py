@@ -1,7 +1,7 @@
 """Load test: throughput, latency, TTFT, goodput, samples and accuracy of request variants
 under load, in the figures `vllm bench serve` and GuideLLM report.
 
-Sends graded problems with gold answers (the `test` split of estimator/offline/problems.py, or your
+Sends graded problems with gold answers (the `test` split of estimator/offline/inputs/problems.py, or your
 own JSONL) to any OpenAI-compatible server as chat completions, and compares request
 *variants* — extra body fields merged into every request — at each load level:
 
@@ -58,8 +58,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
-from estimator.offline import datasets  # noqa: E402
-from estimator.offline.problems import Problem, generate  # noqa: E402
+from estimator.offline.inputs import datasets  # noqa: E402
+from estimator.offline.inputs.problems import Problem, generate  # noqa: E402
 from server.voting import extract_answer, normalize_answer  # noqa: E402
 
 # ---- pure helpers ----
@@ -387,7 +387,7 @@ async def post_streamed(http, payload: dict) -> tuple[int, dict, list[float] | N
 
 def load_problems(count: int, seed: int, data: str) -> list[Problem]:
     """`count` problems with gold answers: the built-in generator's test split (the shipped
-    head never saw them), or the rows of a data file (estimator.offline.datasets)."""
+    head never saw them), or the rows of a data file (estimator.offline.inputs.datasets)."""
     if data != "builtin":
         rows = datasets.read(data).problems
         return rows[:count] if count else rows

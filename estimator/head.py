@@ -52,7 +52,7 @@ class HeadMeta:
     combined_val_mse: float | None = None
     train_config: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)
-    # T2's margin for this head, chosen on its validation split (estimator.offline.margin_fit;
+    # T2's margin for this head, chosen on its validation split (estimator.offline.training.margin_fit;
     # None: heads trained before, which get DEFAULT_MARGIN) and what it was chosen on.
     margin: float | None = None
     margin_fit: dict = field(default_factory=dict)
@@ -95,7 +95,7 @@ class T2Head:
     @property
     def sampling(self) -> dict:
         """The sampling setup its labels were made with (temperature, max_tokens,
-        prompt_template; estimator.offline.labeling.LabelConfig), {} where not recorded."""
+        prompt_template; estimator.offline.labels.labeling.LabelConfig), {} where not recorded."""
         config = self.meta.labels.get("config", {})
         return {k: config[k] for k in ("temperature", "max_tokens", "prompt_template") if k in config}
 

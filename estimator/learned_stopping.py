@@ -18,7 +18,7 @@ how much each kind of question gains from continuing, from the pools themselves.
 
 A state the table never saw (e.g. k > N_max under a larger cap) counts as "stop".
 Saved as `<head>.stopping.safetensors` (float32 tensors + metadata). Fitting it on labelled
-pools is offline work (`t2serve train`): estimator.offline.stopping_fit. This module is
+pools is offline work (`t2serve train`): estimator.offline.training.stopping_fit. This module is
 online: it imports nothing from estimator.offline or server.
 """
 

@@ -52,7 +52,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "--format",
         dest="fmt",
         metavar="FORMAT",
-        help="row format of a data file, one of estimator.offline.datasets.FORMATS (default: auto, told "
+        help="row format of a data file, one of estimator.offline.inputs.datasets.FORMATS (default: auto, told "
         "from each row's keys)",
     )
     label.add_argument("--question-key", help="jsonl/gsm8k rows: the question field (default: question)")
@@ -70,7 +70,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     label.add_argument(
         "--count",
         type=int,
-        help="number of problems (builtin: default estimator.offline.problem_sets.BUILTIN_COUNT; data "
+        help="number of problems (builtin: default estimator.offline.inputs.problem_sets.BUILTIN_COUNT; data "
         "files: default all, else the first COUNT in a stable hash order)",
     )
     label.add_argument(
@@ -79,7 +79,9 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "file's (e.g. TabMWP's multi_choice)",
     )
     label.add_argument("--split", choices=["train", "validation", "test"], help="label only this split")
-    group = label.add_argument_group("sampling and labels (defaults: estimator.offline.labeling.LabelConfig)")
+    group = label.add_argument_group(
+        "sampling and labels (defaults: estimator.offline.labels.labeling.LabelConfig)"
+    )
     group.add_argument("--n-max", type=int, help="samples per question, N_max")
     group.add_argument("--temperature", type=float)
     group.add_argument("--max-tokens", type=int)
@@ -113,7 +115,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--out", type=Path, required=True, help="head path without suffix (.safetensors/.json)"
     )
-    probes = train.add_argument_group("probes (defaults: estimator.offline.training.TrainConfig)")
+    probes = train.add_argument_group("probes (defaults: estimator.offline.training.probes.TrainConfig)")
     probes.add_argument("--ratio", type=float, help="probe width as a fraction of the hidden size")
     probes.add_argument("--epochs", type=int)
     probes.add_argument("--lr", type=float)
@@ -139,13 +141,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--margin-tolerance",
         type=float,
         help="the head's T2 margin: the smallest whose validation accuracy is within this of fixed "
-        "N_max's (default: estimator/offline/margin_fit.py's TOLERANCE)",
+        "N_max's (default: estimator/offline/training/margin_fit.py's TOLERANCE)",
     )
     train.add_argument(
         "--stopping-bandwidth",
         type=float,
         help="stopping table: kernel width over the head's estimate, in samples (default: "
-        "estimator/offline/stopping_fit.py's)",
+        "estimator/offline/training/stopping_fit.py's)",
     )
     train.set_defaults(run=train_command)
 
@@ -177,7 +179,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     policies.add_argument(
         "--policies",
         default="all",
-        help="policy families to replay, comma-separated (estimator.offline.comparison.FAMILIES: fixed, "
+        help="policy families to replay, comma-separated (estimator.offline.evaluation.comparison.FAMILIES: fixed, "
         "T2, ESC, AC-beta, ...) or 'all'",
     )
     policies.add_argument(
@@ -186,7 +188,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         default=Path("benchmarks/results/policies"),
         help="early-stopping report path (.json/.png)",
     )
-    loo = evaluate.add_argument_group("leave one source out (estimator/offline/leave_one_out.py)")
+    loo = evaluate.add_argument_group("leave one source out (estimator/offline/evaluation/leave_one_out.py)")
     loo.add_argument(
         "--leave-one-out",
         action="store_true",
@@ -219,22 +221,22 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def label_config(args: argparse.Namespace) -> Any:
-    """The labels' estimator.offline.labeling.LabelConfig: the flags set, its defaults for the
+    """The labels' estimator.offline.labels.labeling.LabelConfig: the flags set, its defaults for the
     rest (its seed is the engine's --seed)."""
-    from estimator.offline.labeling import LabelConfig
+    from estimator.offline.labels.labeling import LabelConfig
 
     return LabelConfig(**given(args, *(f.name for f in fields(LabelConfig))))
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The probes' estimator.offline.training.TrainConfig: the flags set, its defaults for the rest."""
-    from estimator.offline.training import TrainConfig
+    """The probes' estimator.offline.training.probes.TrainConfig: the flags set, its defaults for the rest."""
+    from estimator.offline.training.probes import TrainConfig
 
     return TrainConfig(**given(args, *(f.name for f in fields(TrainConfig))))
 
 
 def label_command(args: argparse.Namespace) -> None:
-    from estimator.offline.problem_sets import select_problems
+    from estimator.offline.inputs.problem_sets import select_problems
 
     engine = engine_settings(args)
     configure_logging(args.log_level)
@@ -261,7 +263,7 @@ def label_command(args: argparse.Namespace) -> None:
 
 async def _label(settings: EngineSettings, problems: list[Any], out: Path, config: Any) -> None:
     from estimator.offline.engine_runs import started_engine
-    from estimator.offline.labeling import run_labeling
+    from estimator.offline.labels.labeling import run_labeling
 
     async with started_engine(settings) as engine:
         await run_labeling(engine, problems, out, config)
@@ -269,7 +271,7 @@ async def _label(settings: EngineSettings, problems: list[Any], out: Path, confi
 
 async def _label_open_ended(settings: EngineSettings, out: Path) -> str:
     from estimator.offline.engine_runs import model_identity, started_engine
-    from estimator.offline.open_ended import capture_states, open_ended_prompts, save_states
+    from estimator.offline.inputs.open_ended import capture_states, open_ended_prompts, save_states
 
     prompts = open_ended_prompts()
     async with started_engine(settings) as engine:
@@ -280,7 +282,7 @@ async def _label_open_ended(settings: EngineSettings, out: Path) -> str:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from estimator.offline import head_fit
+    from estimator.offline.training import head_fit
 
     if args.gate_only and not args.open_ended:
         raise SystemExit("t2serve train --gate-only needs --open-ended")
@@ -304,8 +306,8 @@ def train_command(args: argparse.Namespace) -> None:
 def evaluate_command(args: argparse.Namespace) -> None:
     from estimator.gate import Gate
     from estimator.head import T2Head
-    from estimator.offline import evaluation
-    from estimator.offline.labeling import load_label_sets
+    from estimator.offline.evaluation import evaluate as evaluation
+    from estimator.offline.labels.labeling import load_label_sets
 
     families = _policy_families(args.policies)
     records, states, header = load_label_sets(args.labels)
@@ -336,7 +338,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def _policy_families(policies: str) -> tuple[str, ...]:
-    from estimator.offline.comparison import FAMILIES
+    from estimator.offline.evaluation.comparison import FAMILIES
 
     families = FAMILIES if policies == "all" else tuple(policies.split(","))
     if unknown := set(families) - set(FAMILIES):
@@ -347,7 +349,7 @@ def _policy_families(policies: str) -> tuple[str, ...]:
 def _compare_policies(
     args: argparse.Namespace, head: Any, records: list[dict], states: Any, families: tuple[str, ...]
 ) -> None:
-    from estimator.offline import comparison
+    from estimator.offline.evaluation import comparison
 
     try:
         compared = comparison.compare_on_labels(
@@ -361,8 +363,8 @@ def _compare_policies(
 
 
 def _leave_one_out(args: argparse.Namespace, records: list[dict], states: Any) -> None:
-    from estimator.offline import leave_one_out as loo
-    from estimator.offline.open_ended import load_states
+    from estimator.offline.evaluation import leave_one_out as loo
+    from estimator.offline.inputs.open_ended import load_states
 
     open_ended = load_states(args.open_ended)[:2] if args.open_ended else None
     try:

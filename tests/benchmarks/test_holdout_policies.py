@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from benchmarks.holdout_policies import holdout_report
-from estimator.offline.stopping_fit import fit_stopping
-from tests.estimator.offline.test_comparison import ConstantHead, synthetic_records
+from estimator.offline.training.stopping_fit import fit_stopping
+from tests.estimator.offline.evaluation.test_comparison import ConstantHead, synthetic_records
 
 
 def test_holdout_report_fronts_and_chosen_knobs():

@@ -1,4 +1,4 @@
-"""The answerable / open-ended gate (estimator/gate.py, estimator/offline/gate_fit.py)."""
+"""The answerable / open-ended gate (estimator/gate.py, estimator/offline/training/gate_fit.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from estimator.gate import Gate, gate_path
-from estimator.offline.gate_fit import FAR_FROM, FAR_SCALE, fit_gate
-from estimator.offline.open_ended import KINDS, open_ended_prompts
+from estimator.offline.inputs.open_ended import KINDS, open_ended_prompts
+from estimator.offline.training.gate_fit import FAR_FROM, FAR_SCALE, fit_gate
 
 
 def states(rng, count: int, shift: float, layers: int = 3, d: int = 8) -> np.ndarray:

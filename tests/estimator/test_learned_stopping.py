@@ -1,5 +1,5 @@
 """The served stopping table (estimator/learned_stopping.py): backward induction on a
-hand-made table (fitting it is offline: tests/estimator/offline/test_stopping_fit.py)."""
+hand-made table (fitting it is offline: tests/estimator/offline/training/test_stopping_fit.py)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from estimator.criteria import beta_confidence, confidence, dirichlet_confidence
-from estimator.offline.replay import drive
+from estimator.offline.evaluation.replay import drive
 from estimator.policies import (
     ESC,
     STOP,

@@ -11,7 +11,7 @@ from openai import AsyncOpenAI
 
 from estimator.gate import Gate
 from estimator.head import DEFAULT_HEAD, T2Head
-from estimator.offline.open_ended import KINDS, open_ended_prompts
+from estimator.offline.inputs.open_ended import KINDS, open_ended_prompts
 from estimator.policies import choose_parallelism
 from server import consensus
 from tests.conftest import MODEL_NAME

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from estimator.offline.problems import PROMPT_SUFFIX
+from estimator.offline.inputs.problems import PROMPT_SUFFIX
 from tests.conftest import MODEL_NAME, wait_until
 from tests.server.test_api import scrape
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from estimator.head import T2Head
-from estimator.offline.labeling import LabelConfig, label_record, prepare_output, write_shard
-from estimator.offline.problems import generate
-from estimator.offline.training import TrainConfig
+from estimator.offline.inputs.problems import generate
+from estimator.offline.labels.labeling import LabelConfig, label_record, prepare_output, write_shard
+from estimator.offline.training.probes import TrainConfig
 from server.cli import build_parser, main
 from server.cli.research import label_config, train_config
 
@@ -106,7 +106,7 @@ def labels(tmp_path):
 def test_train_command_stores_the_margin_chosen_on_validation(labels, tmp_path, capsys):
     """`t2serve train` writes the head's own T2 margin: the smallest on the grid whose
     validation accuracy is within the tolerance of fixed N_max's."""
-    from estimator.offline.margin_fit import MARGIN_GRID
+    from estimator.offline.training.margin_fit import MARGIN_GRID
 
     folder, records = labels
     head_path = tmp_path / "head"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from estimator.head import DEFAULT_HEAD, T2Head
-from estimator.offline.problems import PROMPT_SUFFIX
+from estimator.offline.inputs.problems import PROMPT_SUFFIX
 from server.cli import build_parser
 from server.cli.serve import STARTUP_FAILED_EXIT_CODE, report_self_test, serve_settings
 from tests.conftest import ROOT, free_port, poll_until, start_server, wait_healthy

@@ -5,7 +5,7 @@ Question answered: at accuracy within TOLERANCE (1 point) of fixed N_max, which 
 family launches the fewest samples? Per family, the selected knob is the one with the fewest
 mean launched samples among the knobs whose *validation* accuracy is >= validation
 accuracy of fixed N_max - TOLERANCE; its test numbers are reported. The oracle reference is
-the per-question fixed-N frontier (estimator.offline.replay.oracle_frontier) at the test target, and
+the per-question fixed-N frontier (estimator.offline.evaluation.replay.oracle_frontier) at the test target, and
 "gap closed" = (T2 samples - composition samples) / (T2 samples - oracle samples).
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
-from estimator.offline.labels import TYPES, gold_of, sample_type
-from estimator.offline.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
-from estimator.offline.training import in_split
+from estimator.offline.evaluation.replay import OUTCOMES, Pool, oracle_frontier, replay_matrix, summarise
+from estimator.offline.labels.targets import TYPES, gold_of, sample_type
+from estimator.offline.training.probes import in_split
 from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, Policy
 
 TOLERANCE = 0.01

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from estimator.offline.engine_runs import EngineRuns, consensus, extract_answer, model_identity
-from estimator.offline.grading import Grader
-from estimator.offline.labels import (
+from estimator.offline.inputs.grading import Grader
+from estimator.offline.labels.targets import (
     TYPES,
     expected_accuracy,
     expected_accuracy_mc,
     sample_optimal_n,
     sample_type,
 )
-from estimator.offline.problems import DEFAULT_TEMPLATE, Problem
+from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, Problem
 
 LABELS_FILE = "labels.json"
 
@@ -44,7 +44,7 @@ class LabelConfig:
     eps: float = 0.0
     shard_size: int = 32
     seed: int = 0
-    # How the questions were put to the model (estimator.offline.problems): recorded so the
+    # How the questions were put to the model (estimator.offline.inputs.problems): recorded so the
     # head knows the prompt format its labels saw.
     prompt_template: str = DEFAULT_TEMPLATE
     # What the samples vote with (server.aggregation): "answer" (what the shipped head is

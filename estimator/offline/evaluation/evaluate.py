@@ -19,9 +19,9 @@ import numpy as np
 
 from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
-from estimator.offline.labels import TYPES, overscaling_index, sample_type, system_optimal_n
-from estimator.offline.margin_fit import t2_parallelism
-from estimator.offline.training import in_split
+from estimator.offline.labels.targets import TYPES, overscaling_index, sample_type, system_optimal_n
+from estimator.offline.training.margin_fit import t2_parallelism
+from estimator.offline.training.probes import in_split
 
 MARGINS = (1.25, 1.5, 2.0)
 

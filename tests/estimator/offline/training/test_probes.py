@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from estimator.head import T2Head
-from estimator.offline.training import TrainConfig, choose_combination, fit
+from estimator.offline.training.probes import TrainConfig, choose_combination, fit
 
 
 def synthetic(n: int, layers: int = 6, hidden: int = 32, seed: int = 0):
@@ -76,7 +76,7 @@ def test_single_prediction_in_range(trained):
 
 
 def test_cross_fitted_predictions_are_out_of_fold_and_track_the_target():
-    from estimator.offline.training import cross_fitted_predictions
+    from estimator.offline.training.probes import cross_fitted_predictions
 
     x, y = synthetic(300)
     vx, vy = synthetic(100, seed=1)

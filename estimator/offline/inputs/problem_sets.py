@@ -1,13 +1,13 @@
 """The problems `t2serve label` labels: the built-in generator's, or a data file's
-(estimator.offline.datasets), narrowed to a count and a split."""
+(estimator.offline.inputs.datasets), narrowed to a count and a split."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from estimator.offline import datasets
-from estimator.offline.problems import Problem, generate
+from estimator.offline.inputs import datasets
+from estimator.offline.inputs.problems import Problem, generate
 
 BUILTIN_COUNT = 600  # the generator's problems when no count is asked for
 

@@ -5,7 +5,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from estimator.offline.labels import (
+from estimator.offline.labels.targets import (
     expected_accuracy,
     expected_accuracy_mc,
     overscaling_index,

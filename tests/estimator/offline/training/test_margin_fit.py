@@ -1,11 +1,11 @@
-"""estimator.offline.margin_fit: the head's own T2 margin, chosen on validation (pure logic)."""
+"""estimator.offline.training.margin_fit: the head's own T2 margin, chosen on validation (pure logic)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from estimator.offline.margin_fit import MARGIN_GRID, fit_margin
+from estimator.offline.training.margin_fit import MARGIN_GRID, fit_margin
 
 N_MAX = 16
 

@@ -1,4 +1,4 @@
-"""The equal-accuracy policy comparison (estimator/offline/comparison.py) and the `evaluate`
+"""The equal-accuracy policy comparison (estimator/offline/evaluation/comparison.py) and the `evaluate`
 command's replay options, on synthetic records."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from estimator.offline.labels import expected_accuracy
+from estimator.offline.labels.targets import expected_accuracy
 
 
 class ConstantHead:
@@ -40,7 +40,7 @@ def synthetic_records(seed: int, count: int = 12) -> list[dict]:
 
 
 def test_compare_policies_selects_on_validation_and_writes_the_report(tmp_path):
-    from estimator.offline import comparison
+    from estimator.offline.evaluation import comparison
 
     val, test = synthetic_records(0), synthetic_records(1)
     result = comparison.compare_policies(
@@ -73,7 +73,7 @@ def test_compare_policies_selects_on_validation_and_writes_the_report(tmp_path):
 def test_the_comparison_runs_on_keys_from_any_aggregator():
     """Records keyed by similarity groups, with several right groups (`gold_keys`): the
     replayed fixed-N accuracy is the labels' own A(N)."""
-    from estimator.offline import comparison
+    from estimator.offline.evaluation import comparison
 
     rng = np.random.default_rng(4)
     groups = ["#1: seven", "#2: it is 7", "#3: nine", "#4: no idea"]
@@ -112,7 +112,7 @@ def test_the_comparison_runs_on_keys_from_any_aggregator():
 
 
 def test_samples_at_interpolates_on_the_pareto_front():
-    from estimator.offline.comparison import pareto, samples_at
+    from estimator.offline.evaluation.comparison import pareto, samples_at
 
     points = [
         {"launched": 1.0, "accuracy": 0.40},

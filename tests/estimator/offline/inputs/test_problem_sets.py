@@ -1,12 +1,12 @@
-"""What `t2serve label` labels (estimator/offline/problem_sets.py): the generator's problems or
+"""What `t2serve label` labels (estimator/offline/inputs/problem_sets.py): the generator's problems or
 a data file's, narrowed to a count and a split."""
 
 import json
 
 import pytest
 
-from estimator.offline.problem_sets import BUILTIN_COUNT, select_problems
-from estimator.offline.problems import DEFAULT_TEMPLATE, generate
+from estimator.offline.inputs.problem_sets import BUILTIN_COUNT, select_problems
+from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, generate
 
 
 def test_builtin_draws_the_default_count_then_keeps_one_split():

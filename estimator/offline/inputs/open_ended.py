@@ -2,7 +2,7 @@
 
 Deterministic: templates x subjects of five kinds (prose, lists, translation, code,
 dialogue), split train/validation/test by the same stable hash as the math problems
-(estimator.offline.problems.split_of), so the gate is fitted on one part and tested on
+(estimator.offline.inputs.problems.split_of), so the gate is fitted on one part and tested on
 another. `capture_states` reads their last-token states from the served model the way the
 labels' states were read (the server's chat rendering, one greedy token).
 """
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from estimator.offline.problems import split_of
+from estimator.offline.inputs.problems import split_of
 
 SUBJECTS = (
     "autumn leaves", "the ocean at night", "a busy train station", "learning to ride a bike",

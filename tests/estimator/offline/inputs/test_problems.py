@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from estimator.offline.problems import (
+from estimator.offline.inputs.problems import (
     DEFAULT_FAMILIES,
     FAMILIES,
     PROMPT_SUFFIX,

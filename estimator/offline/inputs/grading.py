@@ -4,7 +4,7 @@ The server votes on normalised keys (server.voting.normalize_answer): "0.5", "1/
 "\\frac{1}{2}" are already one key, but "\\frac{\\pi}{2}" and "\\pi/2", or "5\\sqrt{2}" and
 "\\sqrt{50}", are not. Labels grade each distinct key against the gold answer with
 `math-verify` (symbolic equivalence via sympy) and count every equivalent key as correct
-(estimator.offline.labeling.correct_keys; they stay separate keys, as in the server's vote).
+(estimator.offline.labels.labeling.correct_keys; they stay separate keys, as in the server's vote).
 math-verify bounds its own parsing with SIGALRM, which works only in a process's main
 thread, and sympy can still hang on hostile input: the checks run in one worker process,
 each bounded by `timeout` seconds; a check that runs over counts as "not equivalent" and the

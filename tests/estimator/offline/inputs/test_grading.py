@@ -1,7 +1,7 @@
 import pytest
 
-from estimator.offline import grading
-from estimator.offline.grading import Grader
+from estimator.offline.inputs import grading
+from estimator.offline.inputs.grading import Grader
 from server.voting import normalize_answer
 
 
@@ -43,8 +43,8 @@ def test_numbers_and_abstentions_never_reach_the_worker():
 
 
 def test_labels_count_every_equivalent_key_as_correct_and_keep_them_apart(grader):
-    from estimator.offline.labeling import LabelConfig, label_record
-    from estimator.offline.problems import Problem
+    from estimator.offline.inputs.problems import Problem
+    from estimator.offline.labels.labeling import LabelConfig, label_record
 
     problem = Problem("p", "q", "\\frac{\\pi}{2}", "f", 0, "test", "math")
     answers = ["\\pi/2", None, "\\pi", "\\frac{\\pi}{2}"] * 4

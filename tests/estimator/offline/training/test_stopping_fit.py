@@ -1,4 +1,4 @@
-"""Fitting the learned stopping table (estimator/offline/stopping_fit.py) on synthetic pools,
+"""Fitting the learned stopping table (estimator/offline/training/stopping_fit.py) on synthetic pools,
 and the fitted table served through its policy, policy spec and head."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from estimator.learned_stopping import StoppingTable, table_path
-from estimator.offline.replay import Pool, replay_matrix, summarise
-from estimator.offline.stopping_fit import fit_stopping, vote_states
+from estimator.offline.evaluation.replay import Pool, replay_matrix, summarise
+from estimator.offline.training.stopping_fit import fit_stopping, vote_states
 from estimator.policies import Budget, Fixed, LearnedStop, Tally
 from estimator.policy_spec import describe, parse_policy
 

@@ -1,7 +1,7 @@
 """`t2serve train`: a head fitted on label folders, with what the server runs beside it, and
 the report the command prints.
 
-Beside the per-layer probes (estimator.offline.training): the head's own T2 margin, chosen on
+Beside the per-layer probes (estimator.offline.training.probes): the head's own T2 margin, chosen on
 its validation split (margin_fit); given open-ended states, its answerable/open-ended gate
 (gate_fit); and its learned stopping table (stopping_fit), fitted on cross-fitted predictions
 for the train questions.
@@ -19,13 +19,13 @@ import numpy as np
 from estimator.gate import Gate, gate_path
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
-from estimator.offline.gate_fit import fit_gate
-from estimator.offline.labeling import load_label_sets
-from estimator.offline.labels import TYPES, source_of
-from estimator.offline.margin_fit import TOLERANCE, fit_margin
-from estimator.offline.open_ended import load_states
-from estimator.offline.stopping_fit import fit_stopping
-from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, in_split, targets
+from estimator.offline.inputs.open_ended import load_states
+from estimator.offline.labels.labeling import load_label_sets
+from estimator.offline.labels.targets import TYPES, source_of
+from estimator.offline.training.gate_fit import fit_gate
+from estimator.offline.training.margin_fit import TOLERANCE, fit_margin
+from estimator.offline.training.probes import TrainConfig, cross_fitted_predictions, fit, in_split, targets
+from estimator.offline.training.stopping_fit import fit_stopping
 
 
 @dataclass

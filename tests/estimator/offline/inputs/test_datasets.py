@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from estimator.offline import datasets
-from estimator.offline.problems import PROMPT_SUFFIX, split_of
+from estimator.offline.inputs import datasets
+from estimator.offline.inputs.problems import PROMPT_SUFFIX, split_of
 
 
 def _write(tmp_path, rows, name="data.jsonl"):

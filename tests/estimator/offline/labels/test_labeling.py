@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from estimator.offline.labeling import LabelConfig, load_labels, run_labeling, shard_complete, shard_paths
-from estimator.offline.problems import generate
+from estimator.offline.labels.labeling import LabelConfig, load_labels, run_labeling, shard_complete, shard_paths
+from estimator.offline.inputs.problems import generate
 
 
 async def test_label_writes_verifiable_resumable_shards(engine, tmp_path, capsys):
@@ -69,7 +69,7 @@ async def test_labels_keyed_by_consensus_grade_each_group_by_its_medoid(engine, 
         texts_seen += len(keys)
     assert texts_seen > 0
     # The grading rule itself, on texts whose answers are known.
-    from estimator.offline.labeling import correct_keys
+    from estimator.offline.labels.labeling import correct_keys
 
     answers = ["#1: it is 7", "#2: no idea", "#1: it is 7"]
     texts = ["It is 7.", "No idea, sorry", "It is 7, I think."]
@@ -96,7 +96,7 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
     from vllm import SamplingParams
 
     from estimator.head import T2Head, load_head
-    from estimator.offline.training import TrainConfig, fit, targets
+    from estimator.offline.training.probes import TrainConfig, fit, targets
     from server.parallel import ParallelThinker
     from server.prompts import render_chat
 
@@ -150,7 +150,7 @@ async def test_trained_head_drives_auto_parallelism(engine, server_settings, tmp
 
 
 async def test_replay_through_server_measures_both_modes(server_url):
-    from estimator.offline.evaluation import replay_through_server
+    from estimator.offline.evaluation.evaluate import replay_through_server
 
     test = [p.to_json() for p in generate(3, seed=9, families=["add_small"])]
     out = await replay_through_server(server_url, test, n_max=3, temperature=0.5, max_tokens=6, concurrency=2)
@@ -164,7 +164,7 @@ async def test_replay_through_server_measures_both_modes(server_url):
 
 def _fake_label_folder(path, problems, config: LabelConfig, num_layers: int = 3, hidden: int = 4):
     """A label folder as `label` writes it, with made-up answers and states (pure data)."""
-    from estimator.offline.labeling import label_record, prepare_output, write_shard
+    from estimator.offline.labels.labeling import label_record, prepare_output, write_shard
 
     model = {"name": "m", "num_layers": num_layers, "hidden_size": hidden, "fingerprint": "f"}
     prepare_output(path, config, model, problems)
@@ -174,7 +174,7 @@ def _fake_label_folder(path, problems, config: LabelConfig, num_layers: int = 3,
 
 
 def test_label_sets_combine_seeds_and_refuse_other_sampling(tmp_path):
-    from estimator.offline.labeling import load_label_sets
+    from estimator.offline.labels.labeling import load_label_sets
 
     first, second = generate(4, seed=0), generate(4, seed=1)
     overlap = [first[0], *second[:2]]  # a question both runs labelled is kept once

@@ -24,7 +24,7 @@ Both are reported relative to the tokens of all N_max samples.
 Simplification: finishing order is taken as random and equal to launch order; in a real
 engine shorter samples finish first, and any correlation of length with correctness is not
 modelled. Averaging `correct` over orderings converges to the exact A_x(N) of
-estimator.offline.labels for Fixed(N) (tests/estimator/offline/test_replay.py checks it).
+estimator.offline.labels.targets for Fixed(N) (tests/estimator/offline/evaluation/test_replay.py checks it).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estimator.offline.engine_runs import majority_vote
-from estimator.offline.labels import Gold, gold_keys
+from estimator.offline.labels.targets import Gold, gold_keys
 from estimator.policies import Budget, Policy, Tally
 
 
@@ -45,7 +45,7 @@ class Pool:
 
     answers: list[str | None]
     tokens: list[int]
-    gold: Gold  # the correct key, or keys (estimator.offline.labels.gold_of)
+    gold: Gold  # the correct key, or keys (estimator.offline.labels.targets.gold_of)
     prediction: float | None = None
     margin_scale: float = 1.0  # the gate's multiple of T2's margin (estimator.gate)
 

@@ -3,14 +3,14 @@ labelled train pools: `t2serve train` runs it beside the head.
 
 For a question whose head estimate is e = N_max * prediction, the labelled train questions
 with estimates near e are the prior: replaying random orderings of their pools
-(estimator.offline.replay) gives, per vote state s = (k, v1, v2), how often the vote there
+(estimator.offline.evaluation.replay) gives, per vote state s = (k, v1, v2), how often the vote there
 names the gold answer, C(s), and where the next sample leads, P(s' | s). Questions weigh in
 by a Gaussian kernel of their estimate's distance to e (bandwidth in samples), so the table
 is tabulated on a grid of e and smooth in it; the served side solves the stopping rule from
 these counts by backward induction.
 
 The predictions used for fitting must be out-of-sample (a head predicts its own train split
-too well): `t2serve train` cross-fits them (estimator.offline.training.cross_fitted_predictions).
+too well): `t2serve train` cross-fits them (estimator.offline.training.probes.cross_fitted_predictions).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from estimator.learned_stopping import State, StoppingTable
-from estimator.offline.labels import gold_of
-from estimator.offline.replay import Pool, PoolReplay, orderings_for
+from estimator.offline.evaluation.replay import Pool, PoolReplay, orderings_for
+from estimator.offline.labels.targets import gold_of
 from estimator.policies import Tally
 
 

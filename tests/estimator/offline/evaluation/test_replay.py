@@ -1,10 +1,9 @@
-"""The offline replay of sampling policies on labelled pools (estimator/offline/replay.py)."""
+"""The offline replay of sampling policies on labelled pools (estimator/offline/evaluation/replay.py)."""
 
 import numpy as np
 import pytest
 
-from estimator.offline.labels import expected_accuracy
-from estimator.offline.replay import (
+from estimator.offline.evaluation.replay import (
     Pool,
     PoolReplay,
     drive,
@@ -13,6 +12,7 @@ from estimator.offline.replay import (
     replay_matrix,
     summarise,
 )
+from estimator.offline.labels.targets import expected_accuracy
 from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed
 
 

@@ -1,4 +1,4 @@
-"""Graded problems with checkable answers (users' own data: estimator.offline.datasets).
+"""Graded problems with checkable answers (users' own data: estimator.offline.inputs.datasets).
 
 The built-in generator is deterministic by seed and spans difficulty levels chosen so that
 a small model's per-question accuracy ranges from ~0 to ~1 (single-digit sums, comparisons

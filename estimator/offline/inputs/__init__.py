@@ -1,0 +1,1 @@
+"""What label reads: the built-in problem generator, data-set readers, the open-ended prompts, grading."""
