@@ -21,7 +21,8 @@ SAMPLES_ABORTED = Counter(
 AGGREGATES = Counter(
     "t2serve_aggregates",
     "Votes, by what the samples voted with (answer, consensus, usc, json, exact, auto:answer, "
-    "auto:consensus) and whether an `auto` request was found open-ended (stopped early).",
+    "auto:consensus; consensus:mbr, usc:mbr, auto:mbr when no group won) and whether an `auto` "
+    "request was found open-ended (stopped early).",
     ["aggregate", "open_ended"],
 )
 GATE_ROUTES = Counter(

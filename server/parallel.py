@@ -37,7 +37,7 @@ from typing import Any, Literal
 from estimator.head import DEFAULT_MARGIN
 from estimator.policies import Budget, Decision, Fixed, Policy, Tally
 from estimator.policy_spec import describe, parse_policy
-from server import aggregation, metrics, sampling, vllm_openai
+from server import aggregation, consensus, metrics, sampling, vllm_openai
 from server.admission import load_scaled_cap
 from server.budget import TokenBudget
 from server.config import ParallelismSettings
@@ -224,7 +224,15 @@ class ParallelThinker:
         left (the params' constraint's, else the plan's `aggregate`; server.aggregation)."""
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
-        aggregator = aggregation.create(params, plan.aggregate, self.settings.open_ended_parallelism)
+        # The prompt's text: an answer copied from it does not outvote free text (server.aggregation).
+        aggregator = aggregation.create(
+            params,
+            plan.aggregate,
+            self.settings.open_ended_parallelism,
+            prompt=self.engine.tokenizer.decode(prompt_token_ids)
+            if self.engine.tokenizer is not None
+            else None,
+        )
         if reader is None:
             vote_key = aggregator.key
         else:
@@ -373,17 +381,22 @@ class ParallelThinker:
 
 def _picked(choices: list[ChoiceResult], aggregator: aggregation.Aggregator) -> list[ChoiceResult]:
     """Each choice with the sample the aggregator returns for its winning key (e.g. the
-    consensus group's medoid), where it has its own rule."""
+    consensus group's medoid), where it has its own rule. When no group won and the pick is
+    the medoid of all samples (consensus.mbr_keys), the agreement reported is the picked
+    sample's own group's share, not the pooled key's 1.0."""
     out = []
     for choice in choices:
-        members = [i for i, key in enumerate(choice.vote.answers) if key == choice.vote.answer]
-        key = choice.vote.answer
+        vote, key = choice.vote, choice.vote.answer
+        members = [i for i, k in enumerate(vote.answers) if k == key]
         k = None if key is None else aggregator.pick(key, [choice.samples[i].text for i in members])
-        out.append(
-            choice
-            if k is None
-            else ChoiceResult(replace(choice.vote, winner_index=members[k]), choice.samples)
-        )
+        if k is not None:
+            winner = members[k]
+            agreement = vote.agreement
+            if consensus.is_mbr_key(key) and vote.num_voters:
+                own = choice.samples[winner].answer
+                agreement = sum(s.answer == own for s in choice.samples) / vote.num_voters
+            vote = replace(vote, winner_index=winner, agreement=agreement)
+        out.append(ChoiceResult(vote, choice.samples))
     return out
 
 

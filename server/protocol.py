@@ -191,7 +191,8 @@ class T2Info(BaseModel):
     max_total_tokens: int | None = None  # the token budget this request ran under
     policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
     # what the samples voted with (server.aggregation): answer, consensus, usc, json, exact,
-    # or auto:answer / auto:consensus (which kind of key won under `auto`)
+    # auto:answer / auto:consensus (which kind of key won under `auto`), or consensus:mbr /
+    # usc:mbr / auto:mbr (no group won: the medoid of all samples was returned)
     aggregate: str = "answer"
     usc: dict[str, int] | None = None  # the self-consistency pass: passes, prompt/completion tokens
     gate: str | None = None  # answerable / open_ended / unfamiliar: where the head's gate sent it
