@@ -26,12 +26,18 @@ from server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from server.requests import RequestContext, handle
 from server.serving import OpenAIServing
+from server.tokens import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,29 @@ def create_app(
         return await handle(request, RequestContext("completion", body), serving)
 
     app.include_router(v1)
+
+    # vLLM's server keeps these at the root, beside /v1; here they take the same API key.
+    root = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
+
+    @root.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(
+        body: TokenizeChatRequest | TokenizeCompletionRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
+    ) -> TokenizeResponse:
+        return tokens.tokenize(body)
+
+    @root.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(
+        body: DetokenizeRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
+    ) -> DetokenizeResponse:
+        return tokens.detokenize(body)
+
+    @root.get("/version")
+    async def version() -> dict[str, str]:
+        import vllm
+
+        return {"version": vllm.__version__, "t2serve": app.version}
+
+    app.include_router(root)
     return app
 
 
@@ -150,6 +179,7 @@ def install_serving(app: FastAPI, settings: ServerSettings, live: Engine) -> Non
         logger.info("no estimator head: parallelism 'auto' uses N=%d", thinker.n_max)
     app.state.serving = OpenAIServing(live, thinker, settings)
     app.state.admission = Admission(settings.limits)
+    app.state.tokens = Tokens(live.tokenizer, live.info.name, live.info.max_model_len)
 
 
 def load_head_or_fallback(settings: ServerSettings, live: Engine) -> Any:
@@ -188,6 +218,13 @@ async def watch_engine(app: FastAPI, live: Engine, on_engine_dead: Callable[[], 
     if on_engine_dead is not None:
         await asyncio.sleep(DEAD_ENGINE_LINGER_S)
         on_engine_dead()
+
+
+def get_tokens(request: Request) -> Tokens:
+    tokens = getattr(request.app.state, "tokens", None)
+    if tokens is None:
+        raise APIError(503, "the engine is starting", code="engine_starting")
+    return tokens
 
 
 def get_serving(request: Request) -> OpenAIServing:

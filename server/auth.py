@@ -2,8 +2,8 @@
 
 Keys come from `--api-key` (repeatable) and `T2SERVE_API_KEYS` (comma-separated). Without
 keys every request passes. `/health` is never checked; `/metrics` only with `--metrics-auth`.
-On /v1 the key is checked before the body is read (`KeyBeforeBody`), so a client without a
-valid key gets 401 whatever it sent.
+On /v1, /tokenize and /detokenize the key is checked before the body is read
+(`KeyBeforeBody`), so a client without a valid key gets 401 whatever it sent.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ def require_metrics_key(request: Request) -> None:
         require_api_key(request)
 
 
+# Paths whose requests need the API key (when keys are configured).
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")
+
+
 class KeyBeforeBody:
-    """Pure ASGI middleware: `require_api_key` on /v1 before anything reads the body.
+    """Pure ASGI middleware: `require_api_key` on KEYED_PATHS before anything reads the body.
 
     FastAPI reads and parses a route's body before it runs the route's dependencies, and
     server.body_limit runs before routing, so otherwise a body that is too large, not UTF-8,
@@ -59,7 +63,7 @@ class KeyBeforeBody:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(KEYED_PATHS):
             try:
                 require_api_key(Request(scope))
             except APIError as error:

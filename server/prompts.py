@@ -7,37 +7,53 @@ from __future__ import annotations
 from typing import Any
 
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatMessage, CompletionRequest
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    add_special_tokens: bool = False,
+    **template_kwargs: Any,
+) -> list[int]:
     """Chat messages -> prompt token ids, exactly as the server renders them (labeling and
     evaluation use this too, so the estimator sees the states the server will see).
     `template_kwargs` reach the chat template (add_generation_prompt, enable_thinking, ...)."""
     template_kwargs.setdefault("add_generation_prompt", True)
     text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """The request's messages (and tools) rendered by the chat template."""
-    messages = []
-    for m in request.messages:
+def chat_prompt(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """A request's messages (and tools) rendered by the chat template (chat completions,
+    /tokenize); 400 naming `messages` when the template rejects them."""
+    rendered = []
+    for m in messages:
         # Everything a message carries reaches the template (name, tool_calls,
         # tool_call_id, ...), with its content as text.
         message = {**m.model_dump(exclude_none=True), "content": m.text()}
         if m.role == "developer":
             message["role"] = "system"
-        messages.append(message)
-    tools = (request.model_extra or {}).get("tools")
+        rendered.append(message)
     try:
         return render_chat(
             tokenizer,
-            messages,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
+            rendered,
+            add_special_tokens=add_special_tokens,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             **({"tools": tools} if tools else {}),
-            **(request.chat_template_kwargs or {}),
+            **(chat_template_kwargs or {}),
         )
     except Exception as exc:  # a template may reject role orders it does not support
         raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc

@@ -150,6 +150,43 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
 
+# -- /tokenize, /detokenize (vLLM's shapes; tests/server/test_tokens.py pins them) ------
+
+
+class TokenizeCompletionRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # -- responses -------------------------------------------------------------------------
 
 
@@ -189,7 +226,7 @@ class T2Info(BaseModel):
     # choice with none, its partial samples)
     budget_exhausted: bool = False
     max_total_tokens: int | None = None  # the token budget this request ran under
-    policy: str  # the sampling policy that ran, family:knobs (e.g. "T2:margin=1.5", "ESC:w=4,max=8")
+    policy: str  # the sampling policy that ran, as its spec (e.g. "t2:margin=1.5", "esc:window=4,max=8")
     # what the samples voted with (server.aggregation): answer, consensus, usc, json, exact,
     # auto:answer / auto:consensus (which kind of key won under `auto`), or consensus:mbr /
     # usc:mbr / auto:mbr (no group won: the medoid of all samples was returned)

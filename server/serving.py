@@ -71,7 +71,16 @@ class OpenAIServing:
         request = ctx.request
         ctx.plan = self.plan(request)
         if isinstance(request, ChatCompletionRequest):
-            ctx.prompts = [prompts.chat_prompt(self.engine.tokenizer, request)]
+            ctx.prompts = [
+                prompts.chat_prompt(
+                    self.engine.tokenizer,
+                    request.messages,
+                    tools=(request.model_extra or {}).get("tools"),
+                    add_generation_prompt=request.add_generation_prompt,
+                    continue_final_message=request.continue_final_message,
+                    chat_template_kwargs=request.chat_template_kwargs,
+                )
+            ]
         else:
             ctx.prompts = prompts.completion_prompts(self.engine.tokenizer, request)
         ctx.token_budget = self.token_budget(request)

@@ -84,6 +84,21 @@ def vllm_request_models() -> tuple[type[BaseModel], type[BaseModel]]:
     return ChatCompletionRequest, CompletionRequest
 
 
+def vllm_tokenize_models() -> dict[str, type[BaseModel]]:
+    """vLLM's /tokenize and /detokenize request and response models, by name (t2serve's own
+    in server.protocol keep their field names and defaults; tests/server/test_tokens.py)."""
+    from vllm.entrypoints.serve.tokenize import protocol
+
+    names = (
+        "TokenizeCompletionRequest",
+        "TokenizeChatRequest",
+        "TokenizeResponse",
+        "DetokenizeRequest",
+        "DetokenizeResponse",
+    )
+    return {name: getattr(protocol, name) for name in names}
+
+
 def default_sampling_params(model_config: Any) -> dict[str, Any]:
     """The model's sampling defaults as vLLM's server reads them (`generation_config.json`
     under `--generation-config auto`, nothing under `vllm`), e.g. {"temperature": 0.6}."""
