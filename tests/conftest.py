@@ -114,9 +114,9 @@ def server_settings(model_dir: Path):
     return ServerSettings(
         port=free_port(),
         engine=EngineSettings(model=str(model_dir), served_model_name=MODEL_NAME, max_model_len=2048, seed=0),
-        # No estimator head here: `auto` uses the default N, which the API tests rely on; and
-        # the answer aggregator, so that no prompt is cut to one sample as open-ended
-        # (tests/server/test_free_text.py runs the `auto` default).
+        # No estimator head here: `auto` uses the default N, which the end-to-end tests rely
+        # on; and the answer aggregator, so that no prompt is cut to one sample as open-ended
+        # (tests/server/test_estimate.py and test_consensus.py run the `auto` default).
         parallelism=ParallelismSettings(
             default_parallelism=4, max_parallelism=16, estimator_head=None, aggregate="answer"
         ),

@@ -1,4 +1,6 @@
-"""Vote keys (server/aggregation.py): which aggregator a request's samples get, and keys."""
+"""Vote keys (server/aggregation.py): which aggregator a request's samples get, and keys.
+Then on the real engine: constrained outputs (a JSON schema, a choice, a named tool call)
+vote on their canonical form."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import pytest
 
 from server import aggregation
 from server.aggregation import canonical_json
+from tests.conftest import MODEL_NAME
+from tests.server.helpers import ADD_TOOL, TOOL_QUESTION
 
 
 def test_equal_objects_get_one_key_whatever_their_layout():
@@ -109,3 +113,105 @@ def test_usc_reads_the_number_the_model_names():
     assert aggregation.usc_choice("1", 2) == 1
     assert aggregation.usc_choice(" 0.", 2) == 0
     assert aggregation.usc_choice("7", 2) is None and aggregation.usc_choice("none", 2) is None
+
+
+# -- on the real engine: constrained outputs --------------------------------------------
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_constrains_every_sample_and_votes_on_canonical_json(
+    client, engine, server_settings
+):
+    import json
+
+    import jsonschema
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from server.aggregation import canonical_json
+    from server.parallel import ParallelThinker
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=100,
+        temperature=1.0,
+        seed=1,
+        response_format=fmt,
+        extra_body={"parallelism": 4},
+    )
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "json" and t2["n_used"] == 4
+    jsonschema.validate(json.loads(response.choices[0].message.content), PERSON)
+    assert t2["answer"] == canonical_json(response.choices[0].message.content)
+    for key in t2["votes"]:  # every vote key is a canonical, schema-valid object
+        jsonschema.validate(json.loads(key), PERSON)
+        assert canonical_json(key) == key
+
+    # Every sample of such a vote is constrained (thinker level: all samples visible).
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    ids = list(engine.tokenizer.encode("A person as JSON:"))
+    params = SamplingParams(
+        max_tokens=100, temperature=1.0, seed=2, structured_outputs=StructuredOutputsParams(json=PERSON)
+    )
+    result = await thinker.run(ids, params, thinker.plan(4), request_id="json-vote")
+    samples = result.choices[0].samples
+    assert len(samples) == 4 and result.aggregate == "json"
+    for sample in samples:
+        if sample.finish_reason == "stop":
+            jsonschema.validate(json.loads(sample.text), PERSON)
+            assert sample.answer == canonical_json(sample.text)
+
+
+async def test_structured_outputs_choice_votes_on_the_choice(client):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        max_tokens=4,
+        temperature=1.0,
+        extra_body={"parallelism": 3, "structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "exact" and set(t2["votes"]) <= {"yes", "no"} and sum(t2["votes"].values()) == 3
+    assert response.choices[0].message.content in ("yes", "no")
+
+
+async def test_a_named_tool_choice_returns_one_voted_schema_valid_call(client):
+    import json
+
+    import jsonschema
+
+    from server.aggregation import canonical_calls
+
+    response = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=TOOL_QUESTION,
+        tools=[ADD_TOOL],
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=40,
+        temperature=1.0,
+        seed=3,
+        extra_body={"parallelism": 4},
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, ADD_TOOL["function"]["parameters"])
+    t2 = response.model_extra["t2"]
+    assert t2["aggregate"] == "json" and t2["n_used"] == 4
+    # The vote is over canonical calls: name + normalised arguments, whatever the spacing.
+    assert t2["answer"] == canonical_calls([call.model_dump()])
+    for key in t2["votes"]:
+        (voted,) = json.loads(key.removeprefix("calls:"))
+        assert voted["name"] == "add"
+        jsonschema.validate(voted["arguments"], ADD_TOOL["function"]["parameters"])

@@ -1,13 +1,17 @@
 """Selection among free-text samples (server/consensus.py, server/aggregation.py): the
 largest similarity group's medoid, the minimum-Bayes-risk fallback when no group wins, and
-the `auto` rules that keep a stray or copied number from outvoting free text."""
+the `auto` rules that keep a stray or copied number from outvoting free text. Then on the
+real engine: free-text samples at a forced N, `consensus` with ESC stopping, and `usc`."""
 
 from __future__ import annotations
 
 import pytest
+from openai import AsyncOpenAI
 
 from server import aggregation, consensus
 from server.aggregation import AutoAggregator, ConsensusAggregator, USCAggregator, decide
+from tests.conftest import MODEL_NAME
+from tests.server.helpers import client_for, serve
 
 # Five tips no two of which reach the 0.7 similarity threshold. CENTRE shares a clause with
 # each of the first three (one edit from each), which share less with one another; the
@@ -159,3 +163,99 @@ def test_create_passes_the_prompt_to_auto():
     assert isinstance(auto, AutoAggregator) and auto.prompt_numbers == {"3", "1.5"}
     assert auto.open_ended_parallelism == 2
     assert aggregation.create(SamplingParams(), "auto").prompt_numbers == set()
+
+
+# -- on the real engine -----------------------------------------------------------------
+
+
+async def sample(client: AsyncOpenAI, prompt: str, max_tokens: int, **extra_body):
+    """One seeded chat request at T = 0.8 with t2serve's extension fields."""
+    return await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.8,
+        seed=0,
+        extra_body=extra_body,
+    )
+
+
+# At a client-forced N the strict rule alone must keep list numbering and code out of the
+# vote. (A one-line translation that keeps a number, "... le 3 ...", can still read as a
+# short answer; under the defaults the gate gives such prompts one sample, tested above.)
+STRAY = ["Give me three tips for sleeping better.", "Write a Python function that reverses a string."]
+
+
+@pytest.mark.parametrize("prompt", STRAY, ids=["list", "code"])
+async def test_no_vote_is_decided_by_a_stray_number(engine, server_settings, prompt):
+    parallelism = server_settings.parallelism.model_copy(update={"aggregate": "auto"})
+    settings = server_settings.model_copy(update={"parallelism": parallelism})
+    async with serve(engine, settings) as (url, _), client_for(url) as client:
+        reply = await sample(client, prompt, 48, parallelism=4)  # an explicit N: all four samples vote
+        lenient = await sample(client, prompt, 48, parallelism=4, aggregate="answer")
+    t2 = reply.model_extra["t2"]
+    assert t2["samples"] == 4 and sum(t2["votes"].values()) == 4
+    # Similarity groups only, or, when no group won, all four pooled for the MBR pick.
+    assert all(key.startswith(("#", "mbr: ")) for key in t2["votes"]), t2["votes"]
+    assert t2["aggregate"] == ("auto:mbr" if t2["answer"].startswith("mbr: ") else "auto:consensus")
+    assert t2["open_ended"] is None  # fixed N: not stopped
+    # The same samples under the lenient rule (aggregate: answer) vote with numbers read out of them.
+    lenient_t2 = lenient.model_extra["t2"]
+    assert lenient_t2["aggregate"] == "answer" and any(not k.startswith("#") for k in lenient_t2["votes"])
+
+
+HAIKU = "Write a haiku about autumn leaves."
+
+
+async def test_a_forced_n_with_no_group_returns_the_medoid_of_all_samples(engine, server_settings):
+    from vllm import SamplingParams
+
+    from server.parallel import ParallelThinker
+
+    thinker = ParallelThinker(engine, server_settings.parallelism)
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": HAIKU}], add_generation_prompt=True, tokenize=False
+    )
+    ids = list(engine.tokenizer.encode(chat, add_special_tokens=False))
+    params = SamplingParams(max_tokens=32, temperature=0.8, seed=0)
+    result = await thinker.run(ids, params, thinker.plan(8, aggregate="consensus"), request_id="mbr-haiku")
+    (choice,) = result.choices
+    texts, keys = [s.text for s in choice.samples], [s.answer for s in choice.samples]
+    assert len(texts) == 8 and all(k is not None and k.startswith("#") for k in keys)
+    # Seeded haiku of 32 tokens do not repeat one another: no group of two wins.
+    assert consensus.mbr_keys(keys) is not None, keys
+    assert result.aggregate == "consensus:mbr" and choice.vote.votes == {choice.vote.answer: 8}
+    assert choice.vote.winner_index == consensus.medoid(texts)  # the medoid of all eight
+
+
+async def test_an_open_ended_request_at_a_forced_n_names_the_mbr_rule(engine, server_settings):
+    parallelism = server_settings.parallelism.model_copy(update={"aggregate": "auto"})
+    settings = server_settings.model_copy(update={"parallelism": parallelism})
+    async with serve(engine, settings) as (url, _), client_for(url) as client:
+        reply = await sample(client, HAIKU, 32, parallelism=8)
+    t2 = reply.model_extra["t2"]
+    assert t2["samples"] == 8 and t2["aggregate"] == "auto:mbr", t2
+    assert t2["answer"].startswith("mbr: medoid of 8") and t2["votes"] == {t2["answer"]: 8}
+    assert reply.choices[0].message.content
+
+
+async def test_consensus_with_esc_stopping_and_usc(client):
+    reply = await sample(client, HAIKU, 24, aggregate="consensus", policy="esc:window=2,max=6")
+    t2 = reply.model_extra["t2"]
+    # A group that won, or (none did) every sample pooled for the medoid of all: named so.
+    mbr = t2["answer"].startswith("mbr: ")
+    assert t2["aggregate"] == ("consensus:mbr" if mbr else "consensus") and t2["policy"].startswith("ESC")
+    assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
+    assert all(key.startswith("mbr: " if mbr else "#") for key in t2["votes"])
+    assert reply.choices[0].message.content
+
+    usc = await sample(client, HAIKU, 24, aggregate="usc", parallelism=3)
+    t2 = usc.model_extra["t2"]
+    # The pass names a candidate (its group's key is the answer); naming none keeps the MBR pick.
+    assert t2["aggregate"] == ("usc:mbr" if t2["answer"].startswith("mbr: ") else "usc")
+    assert t2["usc"]["passes"] == 1
+    assert 0 < t2["usc"]["completion_tokens"] <= 4
+    plain = await sample(client, HAIKU, 24, parallelism=3)
+    # The pass's tokens are billed: its prompt (the request's own + the candidates) and its answer.
+    assert usc.usage.prompt_tokens == plain.usage.prompt_tokens + t2["usc"]["prompt_tokens"]
+    assert t2["usc"]["prompt_tokens"] > plain.usage.prompt_tokens

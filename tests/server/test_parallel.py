@@ -1,38 +1,31 @@
-"""The orchestration loop's logic (server.parallel, server.samples) against a scripted
-engine (tests/server/engine_double.py): plans, launches, stopping, deadlines, aborts, the
-samples-in-flight count. Every outcome is driven by events, never by the clock; the same
-semantics are checked on the real engine in test_capture, test_policies_online and
-test_hardening."""
+"""The orchestration loop (server/parallel.py) against a scripted engine
+(tests/server/engine_double.py): plans, launches, stopping, deadlines, the load cap. Every
+outcome is driven by events, never by the clock. Then the same deadlines on the real engine
+(a 504, a partial vote), and a greedy request's single sample; stopping policies on the real
+engine are in test_policies_online."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
+import httpx
 import pytest
 
-from estimator.policies import ESC, Budget, Decision, Fixed, Tally
+from estimator.policies import ESC, Fixed
 from server.config import ParallelismSettings
-from server.engine.engine import EngineDead
 from server.errors import APIError
-from server.parallel import Deadline, ParallelThinker, Plan
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from tests.conftest import wait_until
-from tests.server.engine_double import Fail, Finish, Hang, ScriptedEngine
-
-PROMPT = list(range(10))
-
-
-def params(**fields):
-    from vllm import SamplingParams
-
-    return SamplingParams(**{"max_tokens": 16, "temperature": 1.0, **fields})
-
-
-def thinker_for(engine, **settings) -> ParallelThinker:
-    return ParallelThinker(
-        engine, ParallelismSettings(**{"default_parallelism": 4, "max_parallelism": 16, **settings})
-    )
+from server.parallel import Deadline, ParallelThinker
+from tests.conftest import MODEL_NAME, wait_until
+from tests.server.engine_double import Finish, Hang, ScriptedEngine
+from tests.server.helpers import (
+    PROMPT,
+    QUESTION,
+    FirstSampleQuick,
+    assert_openai_error,
+    metric,
+    params,
+    thinker_for,
+)
 
 
 def answers(result, choice: int = 0) -> list[str | None]:
@@ -80,24 +73,6 @@ def test_plan_resolves_once_what_a_request_asks_for():
             thinker.plan(**bad)
         assert err.value.status == 400 and err.value.param == param
     assert thinker.plan(temperature=0.0).greedy
-
-
-async def test_serving_resolves_the_plan_with_the_prompt_count():
-    from server.config import EngineSettings, ServerSettings
-    from server.serving import OpenAIServing
-
-    engine = ScriptedEngine(lambda i: Finish("1"))
-    engine.info = type("Info", (), {"name": "m"})()
-    settings = ServerSettings(engine=EngineSettings(model="x", served_model_name="m"))
-    serving = OpenAIServing(engine, thinker_for(engine), settings)
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=3)
-    assert serving.plan(chat).minimum_samples == 3
-    assert serving.plan(chat.model_copy(update={"parallelism": 4})).minimum_samples == 12
-    assert serving.plan(CompletionRequest(model="m", prompt=["a", "b"], parallelism=2)).minimum_samples == 4
-    assert serving.plan(CompletionRequest(model="m", prompt=[1, 2, 3])).minimum_samples == 1
-    with pytest.raises(APIError) as err:
-        serving.plan(chat.model_copy(update={"model": "other"}))
-    assert err.value.status == 404
 
 
 # -- launching and voting -----------------------------------------------------------------
@@ -210,55 +185,7 @@ async def test_deadline_timer_expires_by_itself():
     assert deadline.expired.done()
 
 
-# -- failures leave nothing behind ------------------------------------------------------------
-
-
-async def test_engine_error_mid_way_aborts_everything_and_settles_the_count():
-    engine = ScriptedEngine(lambda i: Fail() if i == 2 else Hang())
-    thinker = thinker_for(engine)
-    with pytest.raises(EngineDead, match="engine failed"):
-        await thinker.run(PROMPT, params(), thinker.plan(policy="esc:window=4"), request_id="r")
-    assert thinker.samples_in_flight == 0
-    assert engine.running() == [] and set(engine.aborted_ids) >= {"r-s0", "r-s1", "r-s3"}
-
-
-@dataclass(frozen=True)
-class Exploding:
-    """A policy that fails on its second result (a bug in a policy must not leak samples)."""
-
-    adapts = True
-    reads_prediction = False
-    family = "exploding"
-    knob = ""
-
-    def first_launch(self, budget: Budget) -> int:
-        return 3
-
-    def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
-        if tally.finished == 2:
-            raise RuntimeError("policy bug")
-        return Decision()
-
-
-async def test_a_policy_failing_mid_loop_leaves_the_in_flight_count_at_zero():
-    engine = ScriptedEngine(lambda i: Finish("1") if i < 2 else Hang())
-    thinker = thinker_for(engine)
-    plan = Plan(Exploding(), "auto", cap=8)  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match="policy bug"):
-        await thinker.run(PROMPT, params(), plan, request_id="r")
-    assert thinker.samples_in_flight == 0 and engine.running() == []
-
-
-async def test_cancelling_a_run_aborts_its_engine_requests():
-    engine = ScriptedEngine(lambda i: Hang())
-    thinker = thinker_for(engine)
-    task = asyncio.ensure_future(thinker.run(PROMPT, params(), thinker.plan(5), request_id="r"))
-    assert await wait_until(lambda: thinker.samples_in_flight == 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert thinker.samples_in_flight == 0 and engine.aborted_ids == ["r-s0"]
-    assert await wait_until(lambda: engine.running() == [])
+# -- load -------------------------------------------------------------------------------
 
 
 async def test_load_curve_caps_auto_by_the_samples_other_requests_hold():
@@ -271,4 +198,81 @@ async def test_load_curve_caps_auto_by_the_samples_other_requests_hold():
     fixed = await thinker.run(PROMPT, params(), thinker.plan(8), request_id="c")
     assert fixed.n_used == 8 and fixed.load_cap is None  # an integer N is not cut by load
     thinker.in_flight.add(-6)
+    assert thinker.samples_in_flight == 0
+
+
+# -- on the real engine -----------------------------------------------------------------
+
+
+async def test_greedy_auto_runs_one_sample(server_url):
+    body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(timeout=None) as http:
+        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["t2"]["n_used"] == 1 and response.json()["t2"]["samples"] == 1
+
+
+async def test_timeout_without_a_finished_sample_is_504(server_url, engine):
+    # 1900 tokens each: far more than any machine decodes in the 1 s deadline.
+    body = {"model": MODEL_NAME, "messages": QUESTION, "parallelism": 3, "timeout": 1.0}
+    body |= {"max_tokens": 1900, "ignore_eos": True}
+    failed_before = metric("t2serve_request_timeouts_total", outcome="failed")
+    async with httpx.AsyncClient(timeout=None) as http:
+        response = await http.post(f"{server_url}/v1/chat/completions", json=body)
+    assert_openai_error(response, 504, "request_timeout")
+    assert response.json()["error"]["type"] == "timeout_error"
+    assert metric("t2serve_request_timeouts_total", outcome="failed") == failed_before + 1
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
+
+
+def generated_tokens() -> float:
+    """The session engine's vllm:generation_tokens_total (it lives in this process)."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "vllm:generation_tokens_total"
+    )
+
+
+async def test_deadline_votes_over_the_samples_that_finished(engine, server_settings):
+    import uuid
+
+    from vllm import SamplingParams
+
+    from server.parallel import Deadline, ParallelThinker
+    from server.prompts import render_chat
+
+    # `auto` with no head: sample 0 goes out alone for its states, then the default N's other
+    # three as one request.
+    settings = server_settings.parallelism.model_copy(update={"default_parallelism": 4})
+    thinker = ParallelThinker(FirstSampleQuick(engine), settings)
+    deadline = Deadline(None)  # ended by the test, once sample 0 has finished
+    partial_before = metric("t2serve_request_timeouts_total", outcome="partial")
+    task = asyncio.ensure_future(
+        thinker.run(
+            render_chat(engine.tokenizer, QUESTION),
+            SamplingParams(max_tokens=1500, ignore_eos=True, temperature=1.0, seed=1),
+            thinker.plan("auto"),
+            request_id=uuid.uuid4().hex,
+            deadline=deadline,
+        )
+    )
+    generated_before = generated_tokens()
+    assert await wait_until(lambda: thinker.samples_in_flight == 3)  # sample 0 is done
+    # ... and the other three have decoded a few tokens each (vLLM publishes its counters
+    # about once a second), so their partial outputs carry tokens to account for.
+    assert await wait_until(lambda: generated_tokens() >= generated_before + 1 + 3 * 3)
+    deadline.expire()
+    result = await task
+    assert result.timed_out and result.launched == 4 and result.aborted == 3
+    (choice,) = result.choices
+    assert [s.number for s in choice.samples] == [0] and choice.winner.num_tokens == 1
+    assert choice.winner.finish_reason == "length"
+    # The aborted samples' tokens are paid for: usage counts them.
+    assert result.completion_tokens > 1 and result.aborted_tokens == result.completion_tokens - 1
+    assert metric("t2serve_request_timeouts_total", outcome="partial") == partial_before + 1
+    assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
     assert thinker.samples_in_flight == 0

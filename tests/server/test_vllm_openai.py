@@ -1,16 +1,26 @@
 """What t2serve takes from vLLM's OpenAI layer (server/vllm_openai.py), pinned: the field names
-it relies on, and SamplingParams built the way `vllm serve` builds them."""
+it relies on, and SamplingParams built the way `vllm serve` builds them. Then on the real
+engine: tool_choice modes, and vLLM's output parsers (--reasoning-parser: votes read each
+sample's final content only; --tool-call-parser: tool_choice auto, samples vote on the calls).
+
+The embedded model neither thinks in tags nor calls tools on its own, so structured-outputs
+regexes make it: e.g. every sample reasons "Answer: 9" inside <think>…</think>, then answers
+one digit 0-4."""
 
 from __future__ import annotations
 
 import json
 import logging
 
+import openai
 import pytest
+from openai import AsyncOpenAI
 
 from server import vllm_openai
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from tests.conftest import MODEL_NAME
+from tests.server.helpers import ADD_TOOL, QUESTION, TOOL_QUESTION, serve
 
 
 def params(body: dict, *, prompt_len: int = 10, context: int = 100, defaults=None, default_max_tokens=None):
@@ -155,26 +165,6 @@ def test_completion_fields_and_unknown_fields(caplog):
     assert "brand_new_field" in caplog.text
 
 
-def test_chat_template_kwargs_reach_the_template(model_dir):
-    """`chat_template_kwargs` (e.g. `enable_thinking`) are template variables, as in vLLM."""
-    from transformers import AutoTokenizer
-
-    from server.prompts import render_chat
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% if enable_thinking %} <think>{% endif %}{% endif %}"
-    )
-    messages = [{"role": "user", "content": "hi"}]
-    thinking = tokenizer.decode(render_chat(tokenizer, messages, enable_thinking=True))
-    plain = tokenizer.decode(render_chat(tokenizer, messages, enable_thinking=False))
-    assert thinking.endswith("assistant: <think>") and plain.endswith("assistant:")
-    assert not tokenizer.decode(render_chat(tokenizer, messages, add_generation_prompt=False)).endswith(
-        "assistant:"
-    )
-
-
 def test_logprobs_are_shaped_by_vllms_own_builders(model_dir):
     """vLLM's chat and completion logprob builders, bound through t2serve's adapter."""
     from transformers import AutoTokenizer
@@ -282,3 +272,143 @@ def test_unknown_parsers_are_refused_with_vllms_names():
         vllm_openai.Parsers(None, reasoning="no-such-parser")
     with pytest.raises(ValueError, match="hermes"):
         vllm_openai.Parsers(None, tool_call="no-such-parser")
+
+
+# -- on the real engine: tool_choice ----------------------------------------------------
+
+
+async def test_required_tool_choice_calls_a_listed_tool_streaming_too(client):
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], tool_choice="required", max_tokens=60,
+        extra_body={"parallelism": 2},
+    )  # fmt: skip
+    choice = response.choices[0]
+    if choice.finish_reason == "tool_calls":  # a sample cut off by max_tokens is text, not a call
+        assert choice.message.tool_calls and all(c.function.name == "add" for c in choice.message.tool_calls)
+    stream = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], max_tokens=40, stream=True,
+        tool_choice={"type": "function", "function": {"name": "add"}}, extra_body={"parallelism": 2},
+    )  # fmt: skip
+    chunks = [chunk async for chunk in stream]
+    calls = [c for chunk in chunks for choice in chunk.choices for c in (choice.delta.tool_calls or [])]
+    finishes = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert finishes == ["tool_calls"] and len(calls) == 1 and calls[0].function.name == "add"
+
+
+async def test_auto_tool_choice_is_refused_without_a_tool_call_parser(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(
+            model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], max_tokens=8
+        )
+    assert err.value.body["param"] == "tool_choice"
+    # tool_choice none: the tools reach the template, the answer is text.
+    response = await client.chat.completions.create(
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], tool_choice="none", max_tokens=4
+    )
+    assert response.choices[0].message.content is not None and response.choices[0].message.tool_calls is None
+
+
+# -- on the real engine: vLLM's output parsers ------------------------------------------
+
+
+THINK_THEN_ANSWER = r"<think>Answer: 9</think>[0-4]"
+
+
+def with_parsers(server_settings, **parsers):
+    parallelism = server_settings.parallelism.model_copy(update=parsers)
+    return server_settings.model_copy(update={"parallelism": parallelism})
+
+
+@pytest.fixture
+def reasoning_settings(server_settings):
+    return with_parsers(server_settings, reasoning_parser="qwen3")
+
+
+async def ask(url: str, regex: str, max_tokens: int, **fields):
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+        return await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=fields.pop("messages", QUESTION),
+            max_tokens=max_tokens,
+            temperature=1.0,
+            extra_body={"parallelism": 4, "structured_outputs": {"regex": regex}, **fields},
+        )
+
+
+async def test_votes_read_the_final_content_and_the_reasoning_comes_back(
+    engine, reasoning_settings, server_url
+):
+    async with serve(engine, reasoning_settings) as (url, _):
+        response = await ask(url, THINK_THEN_ANSWER, 30)
+        hidden = await ask(url, THINK_THEN_ANSWER, 30, include_reasoning=False)  # vLLM's field
+    t2 = response.model_extra["t2"]
+    assert sum(t2["votes"].values()) == 4 and set(t2["votes"]) <= set("01234")  # never the reasoning's 9
+    message = response.choices[0].message
+    assert message.content in set("01234") and message.content == t2["answer"]
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"] == "Answer: 9"
+    assert 0 < response.usage.completion_tokens_details.reasoning_tokens < response.usage.completion_tokens
+    assert hidden.choices[0].message.content in set("01234")
+    assert not hidden.choices[0].message.model_extra.get("reasoning")
+    # Without the parser the same samples vote with the reasoning's answer phrase.
+    plain = await ask(server_url, THINK_THEN_ANSWER, 30)
+    assert plain.model_extra["t2"]["votes"] == {"9": 4}
+
+
+async def test_a_sample_cut_off_while_reasoning_abstains(engine, reasoning_settings):
+    async with serve(engine, reasoning_settings) as (url, _):
+        response = await ask(url, r"<think>[a-z]{30,40}</think>Answer: [0-9]", 6)
+    t2 = response.model_extra["t2"]
+    assert t2["votes"] == {} and t2["answer"] is None
+    assert response.choices[0].finish_reason == "length" and not response.choices[0].message.content
+
+
+async def test_streaming_sends_the_reasoning_then_the_content(engine, reasoning_settings):
+    async with (
+        serve(engine, reasoning_settings) as (url, _),
+        AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=QUESTION,
+            max_tokens=30,
+            temperature=1.0,
+            stream=True,
+            extra_body={"parallelism": 4, "structured_outputs": {"regex": THINK_THEN_ANSWER}},
+        )
+        deltas = [choice.delta for chunk in [c async for c in stream] for choice in chunk.choices]
+    reasoning = [d.model_extra.get("reasoning") for d in deltas if d.model_extra.get("reasoning")]
+    content = "".join(d.content or "" for d in deltas)
+    assert reasoning == ["Answer: 9"] and content in set("01234")
+
+
+# A hermes tool call, written with the keys in either order: both are the same call.
+CALL = (
+    r'<tool_call>\{("name": "add", "arguments": \{"a": 2, "b": 3\}'
+    r'|"arguments": \{"b": 3, "a": 2\}, "name": "add")\}</tool_call>'
+)
+
+
+async def test_auto_tool_choice_finds_calls_with_the_tool_call_parser_and_votes_on_them(
+    engine, server_settings
+):
+    import json
+
+    settings = with_parsers(server_settings, reasoning_parser="qwen3", tool_call_parser="hermes")
+    async with serve(engine, settings) as (url, _):
+        # Reasoning, then a call: the call is found in the final content only.
+        response = await ask(
+            url, f"<think>Answer: 9</think>{CALL}", 300, messages=TOOL_QUESTION, tools=[ADD_TOOL]
+        )
+        # A sample may answer in text instead: it votes with its answer.
+        text = await ask(url, "<think>add</think>Answer: 5", 100, messages=TOOL_QUESTION, tools=[ADD_TOOL])
+    t2 = response.model_extra["t2"]
+    (key,) = t2["votes"]  # four samples, two spellings, one call
+    assert t2["votes"][key] == 4 and key.startswith("calls:")
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    assert call.id and call.type == "function"
+    assert choice.message.model_extra["reasoning_content"] == "Answer: 9" and not choice.message.content
+    assert text.model_extra["t2"]["votes"] == {"5": 4} and text.choices[0].message.tool_calls is None
+    assert text.choices[0].finish_reason == "stop"

@@ -1,10 +1,14 @@
-"""Answer extraction, normalisation and majority voting (pure logic)."""
+"""Answer extraction, normalisation and majority voting (server/voting.py; pure logic),
+and end to end: the content a choice returns states the answer its vote chose."""
+
+from __future__ import annotations
 
 import threading
 
 import pytest
 
 from server.voting import extract_answer, find_boxed, majority_vote, normalize_answer
+from tests.conftest import MODEL_NAME
 
 
 @pytest.mark.parametrize(
@@ -143,3 +147,31 @@ def test_vote_order_is_deterministic():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         majority_vote(["1"], [0.0, 0.0])
+
+
+# -- end to end -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"parallelism": 3}, {"parallelism": "auto"}, {"policy": "esc:window=2,max=4"}],
+    ids=["fixed", "auto", "esc"],
+)
+async def test_every_returned_choice_states_its_votes_answer(client, extra):
+    """The core invariant: the content a choice returns is a sample whose extracted answer
+    is the answer its vote chose (or no answer, when no sample had one)."""
+    arithmetic = [{"role": "user", "content": "What is 6 + 7? Think, then give the answer."}]
+    chat = await client.chat.completions.create(
+        model=MODEL_NAME, messages=arithmetic, max_tokens=24, temperature=1.0, n=2, seed=4, extra_body=extra
+    )
+    votes = chat.model_extra["t2"]["choices"]
+    assert len(chat.choices) == len(votes) == 2
+    for choice, vote in zip(chat.choices, votes, strict=True):
+        assert extract_answer(choice.message.content) == vote["answer"]
+    completion = await client.completions.create(
+        model=MODEL_NAME, prompt=["3 + 4 =", "10 - 8 ="], max_tokens=8, temperature=1.0, n=2, extra_body=extra
+    )
+    votes = completion.model_extra["t2"]["choices"]
+    assert len(completion.choices) == len(votes) == 4
+    for choice, vote in zip(completion.choices, votes, strict=True):
+        assert extract_answer(choice.text) == vote["answer"]
