@@ -285,7 +285,7 @@ class Engine:
         """Tokens generated so far by these running requests (all samples of an n>1 one),
         read from the front end's own request states: the samples run with final-only
         output, so nothing else reports their progress before they end (a request budget,
-        server.budget, needs it). Pinned by tests/server/test_hardening.py (the token budget on the real engine)."""
+        server.budget, needs it). Pinned by tests/server/test_budget.py (the token budget on the real engine)."""
         processor = self._llm.output_processor
         total = 0
         for request_id in request_ids:
