@@ -3,9 +3,9 @@
 `t2serve evaluate` reports on the test split of the labels the head, the stopping table and
 their knobs were developed against. This replays the same policy grid (estimator.offline.evaluation.comparison)
 on the test-split questions of `--holdout` folders that none of the `--labels` folders hold,
-so nothing about them informed any choice. Per family: launched samples at the target
-(fixed N_max - 1 point) on the family's Pareto front, and the knob `evaluate` chose on
-validation (read from --policies) replayed here.
+so nothing about them informed any choice. Per policy (by registered name): launched
+samples at the target (fixed N_max - 1 point) on its Pareto front, and the knobs `evaluate`
+chose on validation (read from --policies) replayed here.
 
     .venv/bin/t2serve label --count 2400 --seed 2 --split test --out labels/smollm2-s2-test
     .venv/bin/python benchmarks/holdout_policies.py --labels labels/smollm2 --labels labels/smollm2-s1 \
@@ -32,7 +32,7 @@ from estimator.offline.labels.labeling import load_label_sets  # noqa: E402
 
 
 def holdout_report(head, holdout: list[dict], states: np.ndarray, chosen: dict, orderings: int = 200) -> dict:
-    """The policy grid replayed on `holdout` questions: each family's launched samples at the
+    """The policy grid replayed on `holdout` questions: each policy's launched samples at the
     target on its Pareto front, and the knobs `chosen` on validation (evaluate's `selected`)."""
     n_max = len(holdout[0]["answers"])
     grid = comparison.policy_grid(n_max, stopping=getattr(head, "stopping", None))
@@ -49,12 +49,12 @@ def holdout_report(head, holdout: list[dict], states: np.ndarray, chosen: dict, 
     target = reference["accuracy"] - comparison.TOLERANCE
     front = comparison.fronts_at(rows, oracle_frontier(np.array([r["accuracy"] for r in holdout])), target)
     selected = {
-        f: next(r for r in rows if r["family"] == f and r["knob"] == pick["knob"])
-        for f, pick in chosen.items()
-        if f in front and f != "oracle"
+        name: next(r for r in rows if r["policy"] == name and r["knobs"] == pick["knobs"])
+        for name, pick in chosen.items()
+        if name in front and name != "oracle"
     }
     gap = None
-    t2, learned, oracle = front["T2"], front.get("T2+learned"), front["oracle"]
+    t2, learned, oracle = front["t2"], front.get("t2+learned"), front["oracle"]
     if oracle is not None and t2 is not None and learned is not None and t2 > oracle:
         gap = (t2 - learned) / (t2 - oracle)
     return {
@@ -95,16 +95,16 @@ def main() -> None:
         f"(fixed N_max {result['fixed_n_max']['accuracy']:.3f} - {comparison.TOLERANCE:g})"
     )
     print(
-        f"{'family':<13} {'front@target':>12}  {'knob chosen on validation':<34} {'acc':>6} {'launched':>8}"
+        f"{'policy':<13} {'front@target':>12}  {'knobs chosen on validation':<34} {'acc':>6} {'launched':>8}"
     )
-    for f, at in front.items():
-        s = selected.get(f)
+    for name, at in front.items():
+        s = selected.get(name)
         shown = f"{at:.2f}" if at is not None else "-"
-        pick = f"{s['knob']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f}" if s else ""
-        print(f"{f:<13} {shown:>12}  {pick}")
+        pick = f"{s['knobs']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f}" if s else ""
+        print(f"{name:<13} {shown:>12}  {pick}")
     if result["gap_closed_front"] is not None:
         print(
-            f"T2+learned closes {result['gap_closed_front']:.0%} of T2's gap to the oracle frontier (fronts)"
+            f"t2+learned closes {result['gap_closed_front']:.0%} of t2's gap to the oracle frontier (fronts)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

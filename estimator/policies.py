@@ -3,7 +3,10 @@
 One interface for every policy, before and while decoding. A policy is a frozen dataclass
 holding only its knobs; everything about the request lives in a `Budget` (what is known
 before decoding) and a `Tally` (the answers of the samples that have finished so far), so
-one policy object serves every request and sweeps are just lists of policies.
+one policy object serves every request and sweeps are just lists of policies. A policy
+names itself as its spec does: `name` (its registered name, e.g. "esc", "t2+beta") and
+`knobs` (e.g. "window=4,max=8"), which estimator.policy_spec.describe joins into a spec
+that parses back to the same policy.
 
 How the server drives a policy (one vote = one choice of one request):
 
@@ -224,6 +227,20 @@ STOP = Decision(stop=True)
 WAIT = Decision()
 
 
+def _number(value: float) -> str:
+    """A knob's value as the spec writes it: short ("1.5", "3"), exact where short is not."""
+    if isinstance(value, int):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _knobs(**values: float | None) -> str:
+    """`knob=value,...` in the spec's own knob names and syntax (estimator.policy_spec), so
+    that `name:knobs` parses back to the same policy; knobs given as None are left out."""
+    return ",".join(f"{knob}={_number(value)}" for knob, value in values.items() if value is not None)
+
+
 def _limit(max_samples: int | None, cap: int) -> int:
     return cap if max_samples is None else max(1, min(max_samples, cap))
 
@@ -250,12 +267,12 @@ class Fixed:
         return cls(knobs.get("n", ctx.fixed_n))
 
     @property
-    def family(self) -> str:
+    def name(self) -> str:
         return "fixed"
 
     @property
-    def knob(self) -> str:
-        return f"N={self.n}"
+    def knobs(self) -> str:
+        return _knobs(n=self.n)
 
     def first_launch(self, budget: Budget) -> int:
         return max(1, min(self.n, budget.cap))
@@ -278,12 +295,12 @@ class T2:
         return cls(knobs.get("margin", ctx.margin))
 
     @property
-    def family(self) -> str:
-        return "T2"
+    def name(self) -> str:
+        return "t2"
 
     @property
-    def knob(self) -> str:
-        return f"margin={self.margin:g}"
+    def knobs(self) -> str:
+        return _knobs(margin=self.margin)
 
     def first_launch(self, budget: Budget) -> int:
         return choose_parallelism(
@@ -315,12 +332,12 @@ class ESC:
         return cls(**knobs)
 
     @property
-    def family(self) -> str:
-        return "ESC"
+    def name(self) -> str:
+        return "esc"
 
     @property
-    def knob(self) -> str:
-        return f"w={self.window}" + (f",max={self.max_samples}" if self.max_samples else "")
+    def knobs(self) -> str:
+        return _knobs(window=self.window, max=self.max_samples)
 
     def first_launch(self, budget: Budget) -> int:
         return max(1, min(self.window, _limit(self.max_samples, budget.cap)))
@@ -364,16 +381,12 @@ class AdaptiveConsistency:
         return cls(**knobs)
 
     @property
-    def family(self) -> str:
-        return f"AC-{self.criterion}"
+    def name(self) -> str:
+        return f"ac-{self.criterion}"
 
     @property
-    def knob(self) -> str:
-        return (
-            f"c={self.confidence:g}"
-            + (f",batch={self.batch}" if self.batch != 1 else "")
-            + (f",max={self.max_samples}" if self.max_samples else "")
-        )
+    def knobs(self) -> str:
+        return _knobs(c=self.confidence, batch=self.batch if self.batch != 1 else None, max=self.max_samples)
 
     def first_launch(self, budget: Budget) -> int:
         return max(1, min(self.batch, _limit(self.max_samples, budget.cap)))
@@ -417,16 +430,19 @@ class Composition:
         return cls(**{"margin": ctx.margin, **knobs})
 
     @property
-    def family(self) -> str:
-        return f"T2+{self.criterion}"
+    def name(self) -> str:
+        return f"t2+{self.criterion}"
 
     @property
-    def knob(self) -> str:
-        decided = f"c={self.confidence:g}" if self.agreement is None else f"agree={self.agreement:g}xN*"
-        return (
-            f"{decided},margin={self.margin:g}"
-            + (f",extend={self.extend}" if self.extend != 1 else "")
-            + (f",max={self.max_factor:g}xN" if self.max_factor is not None else "")
+    def knobs(self) -> str:
+        # With `agree` the threshold comes from the estimate: c is shown only if it was set.
+        fixed_threshold = self.agreement is None or self.confidence != Composition.confidence
+        return _knobs(
+            c=self.confidence if fixed_threshold else None,
+            agree=self.agreement,
+            margin=self.margin,
+            extend=self.extend if self.extend != 1 else None,
+            max=self.max_factor,
         )
 
     def first_launch(self, budget: Budget) -> int:
@@ -487,14 +503,12 @@ class LearnedStop:
         return cls(ctx.stopping, **knobs)
 
     @property
-    def family(self) -> str:
-        return "T2+learned"
+    def name(self) -> str:
+        return "t2+learned"
 
     @property
-    def knob(self) -> str:
-        return f"cost={self.cost:g},margin={self.margin:g}" + (
-            f",extend={self.extend}" if self.extend != 1 else ""
-        )
+    def knobs(self) -> str:
+        return _knobs(cost=self.cost, margin=self.margin, extend=self.extend if self.extend != 1 else None)
 
     def first_launch(self, budget: Budget) -> int:
         return T2(self.margin).first_launch(budget)

@@ -17,7 +17,9 @@ e.g. `esc:window=4,max=8`, `ac-beta:c=0.9,max=8`, `t2+beta:c=0.8,margin=0.75,max
 `t2+learned:cost=0.005`. t2+learned keeps its own margin default (a small first launch: the
 learned rule decides how far to go), not the server's T2 margin.
 Names and knobs are case-insensitive; unknown names or knobs and bad values raise
-ValueError with a message meant for the client. `describe` gives the name a response reports.
+ValueError with a message meant for the client. `describe` gives a policy's spec back (its
+registered name and every knob it was given), as a response's `t2.policy` and the reports
+name it: parse_policy(describe(policy)) == policy.
 The names, knobs and defaults are the policies' own registrations (estimator.policies,
 `@register_policy`): this module is the grammar only.
 """
@@ -56,5 +58,5 @@ def parse_policy(spec: str, *, fixed_n: int, margin: float, stopping: StoppingTa
 
 
 def describe(policy: Policy) -> str:
-    """The family and knobs of a policy, as a response reports it (e.g. "ESC:w=4,max=8")."""
-    return f"{policy.family}:{policy.knob}"
+    """The spec of a policy, as a response reports it (e.g. "esc:window=4,max=8")."""
+    return f"{policy.name}:{policy.knobs}"

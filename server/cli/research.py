@@ -179,8 +179,8 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     policies.add_argument(
         "--policies",
         default="all",
-        help="policy families to replay, comma-separated (estimator.offline.evaluation.comparison.FAMILIES: fixed, "
-        "T2, ESC, AC-beta, ...) or 'all'",
+        help="policies to replay, by registered name, comma-separated (estimator.offline.evaluation.comparison."
+        "POLICY_NAMES: fixed, t2, esc, ac-beta, ...) or 'all'",
     )
     policies.add_argument(
         "--policies-out",
@@ -309,7 +309,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     from estimator.offline.evaluation import evaluate as evaluation
     from estimator.offline.labels.labeling import load_label_sets
 
-    families = _policy_families(args.policies)
+    policy_names = _policy_names(args.policies)
     records, states, header = load_label_sets(args.labels)
     if args.leave_one_out:
         _leave_one_out(args, records, states)
@@ -334,26 +334,28 @@ def evaluate_command(args: argparse.Namespace) -> None:
     evaluation.write_report(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
     if args.orderings > 0:
-        _compare_policies(args, head, records, states, families)
+        _compare_policies(args, head, records, states, policy_names)
 
 
-def _policy_families(policies: str) -> tuple[str, ...]:
-    from estimator.offline.evaluation.comparison import FAMILIES
+def _policy_names(policies: str) -> tuple[str, ...]:
+    from estimator.offline.evaluation.comparison import POLICY_NAMES
 
-    families = FAMILIES if policies == "all" else tuple(policies.split(","))
-    if unknown := set(families) - set(FAMILIES):
-        raise SystemExit(f"t2serve evaluate: unknown policy families {sorted(unknown)}")
-    return families
+    names = POLICY_NAMES if policies == "all" else tuple(policies.split(","))
+    if unknown := set(names) - set(POLICY_NAMES):
+        raise SystemExit(
+            f"t2serve evaluate: unknown policies {sorted(unknown)} (use {', '.join(POLICY_NAMES)} or all)"
+        )
+    return names
 
 
 def _compare_policies(
-    args: argparse.Namespace, head: Any, records: list[dict], states: Any, families: tuple[str, ...]
+    args: argparse.Namespace, head: Any, records: list[dict], states: Any, names: tuple[str, ...]
 ) -> None:
     from estimator.offline.evaluation import comparison
 
     try:
         compared = comparison.compare_on_labels(
-            head, records, states, orderings=args.orderings, seed=args.replay_seed, families=families
+            head, records, states, orderings=args.orderings, seed=args.replay_seed, names=names
         )
     except ValueError as exc:
         raise SystemExit(f"t2serve evaluate: {exc}") from exc

@@ -182,8 +182,8 @@ def test_composition_agreement_sets_the_threshold_from_the_estimate():
     assert comp.threshold(Budget(None, n_max=16, default=8, cap=16)) == 1 - 2**-5
     # The fixed confidence is not used once the estimate sets the threshold.
     assert Composition("beta", 0.99, agreement=0.5).threshold(low) == 0.75
-    assert comp.knob == "agree=0.5xN*,margin=1"
-    assert Composition("beta", 0.9, 0.5, max_factor=3.0).knob == "c=0.9,margin=0.5,max=3xN"
+    assert comp.knobs == "agree=0.5,margin=1"
+    assert Composition("beta", 0.9, 0.5, max_factor=3.0).knobs == "c=0.9,margin=0.5,max=3"
 
 
 def test_esc_and_adaptive_consistency_stop_at_their_own_budget():

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed
+from estimator.learned_stopping import StoppingTable
+from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, policy_names
 from estimator.policy_spec import describe, parse_policy
+
+TABLE = StoppingTable(
+    n_max=2,
+    bandwidth=1.0,
+    grid=np.array([1.0]),
+    states=[(1, 1, 0)],
+    visits=np.array([[1.0]]),
+    correct=np.array([[1.0]]),
+    edges=np.zeros((0, 2), dtype=int),
+    moves=np.zeros((1, 0)),
+)
 
 
 def parse(spec: str):
-    return parse_policy(spec, fixed_n=16, margin=1.5)
+    return parse_policy(spec, fixed_n=16, margin=1.5, stopping=TABLE)
 
 
 @pytest.mark.parametrize(
@@ -54,10 +67,53 @@ def test_parse_policy_rejects_bad_specs(spec, message):
         parse(spec)
 
 
-def test_describe_and_prediction_needs():
-    assert describe(parse("esc:window=4,max=8")) == "ESC:w=4,max=8"
-    assert describe(parse("t2")) == "T2:margin=1.5"
-    assert describe(parse("ac-beta:c=0.9")) == "AC-beta:c=0.9"
+# Per registered name, a policy with knobs away from their defaults: describe must give a
+# spec that parses back to it (with other server defaults, so no knob may go unsaid).
+NON_DEFAULT = {
+    "fixed": Fixed(5),
+    "t2": T2(1.375),
+    "esc": ESC(window=3, max_samples=9),
+    "ac": AdaptiveConsistency("dirichlet", 0.9, batch=2, max_samples=8),
+    "ac-beta": AdaptiveConsistency("beta", 0.8, batch=3, max_samples=6),
+    "ac-dirichlet": AdaptiveConsistency("dirichlet", 0.99, batch=2),
+    "t2+beta": Composition("beta", 0.9, margin=0.75, extend=2, max_factor=1.5),
+    "t2+dirichlet": Composition("dirichlet", 0.8, margin=2.0, extend=3, max_factor=3.0, agreement=0.35),
+    "t2+learned": LearnedStop(TABLE, cost=0.005, margin=1.0, extend=2),
+}
+
+
+def test_every_registered_policy_round_trips_through_its_description():
+    assert set(NON_DEFAULT) == set(policy_names())
+    for policy in NON_DEFAULT.values():
+        spec = describe(policy)
+        assert parse_policy(spec, fixed_n=7, margin=0.6, stopping=TABLE) == policy, spec
+    # The composition's agree threshold, a knob with no exact short form, an unset c.
+    for policy in (
+        Composition("beta", margin=0.25, agreement=0.5, max_factor=5.0),
+        T2(1 / 3),
+        AdaptiveConsistency("beta", 0.123456789),
+    ):
+        assert parse_policy(describe(policy), fixed_n=7, margin=0.6) == policy, describe(policy)
+
+
+@pytest.mark.parametrize(
+    ("policy", "spec"),
+    [
+        (Fixed(16), "fixed:n=16"),
+        (T2(1.375), "t2:margin=1.375"),
+        (ESC(4, 8), "esc:window=4,max=8"),
+        (AdaptiveConsistency("beta", 0.95, batch=2, max_samples=8), "ac-beta:c=0.95,batch=2,max=8"),
+        (Composition("beta", 0.95, 1.0, extend=2, max_factor=3.0), "t2+beta:c=0.95,margin=1,extend=2,max=3"),
+        (Composition("beta", margin=1.0, agreement=0.5), "t2+beta:agree=0.5,margin=1"),
+        (Composition("dirichlet", 0.8, 0.5, agreement=0.5), "t2+dirichlet:c=0.8,agree=0.5,margin=0.5"),
+        (LearnedStop(TABLE, cost=0.009, margin=0.25), "t2+learned:cost=0.009,margin=0.25"),
+    ],
+)
+def test_describe_gives_the_registry_name_and_the_spec_knobs(policy, spec):
+    assert describe(policy) == spec
+
+
+def test_prediction_needs():
     assert [parse(s).reads_prediction for s in ("fixed", "t2", "esc", "ac", "t2+beta")] == [
         False,
         True,

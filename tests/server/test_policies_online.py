@@ -35,14 +35,14 @@ def assert_counts(t2: dict, cap: int) -> None:
 async def test_default_policy_is_t2_and_runs_everything(client, engine, server_settings):
     _, t2 = await ask(client, None)
     default_n = server_settings.parallelism.default_parallelism
-    assert t2["policy"] == "T2:margin=1.5"  # no head here: T2 falls back to the default N
+    assert t2["policy"] == "t2:margin=1.5"  # no head here: t2 falls back to the default N
     assert t2["launched"] == t2["finished"] == default_n and t2["aborted"] == 0
     await assert_engine_idle(engine)
 
 
 async def test_esc_launches_whole_windows_per_choice(client, engine):
     response, t2 = await ask(client, "esc:window=2,max=6", n=2)
-    assert t2["policy"] == "ESC:w=2,max=6" and t2["mode"] == "auto"
+    assert t2["policy"] == "esc:window=2,max=6" and t2["mode"] == "auto"
     assert_counts(t2, cap=2 * 6)
     assert t2["launched"] % 2 == 0 and len(t2["choices"]) == len(response.choices) == 2
     # Every voted sample's tokens are paid for, and at most max_tokens each.
@@ -51,10 +51,10 @@ async def test_esc_launches_whole_windows_per_choice(client, engine):
 
 
 async def test_adaptive_consistency_stops_when_the_answers_agree(client, engine):
-    # Nearly greedy: the samples give the same answer, so AC-beta at c=0.9 stops at 3
+    # Nearly greedy: the samples give the same answer, so ac-beta at c=0.9 stops at 3
     # unanimous votes (P(Bin(4, 1/2) <= 3) = 15/16), long before its max of 8.
     _, t2 = await ask(client, "ac-beta:c=0.9,max=8", temperature=0.01, max_tokens=6)
-    assert t2["policy"] == "AC-beta:c=0.9,max=8"
+    assert t2["policy"] == "ac-beta:c=0.9,max=8"
     assert_counts(t2, cap=8)
     assert t2["answer"] is not None and t2["agreement"] == 1.0
     assert t2["launched"] == t2["finished"] == 3 and t2["aborted"] == 0
@@ -69,7 +69,7 @@ async def test_composition_aborts_running_samples_once_decided(client, engine, s
     response, t2 = await ask(client, "t2+beta:c=0.7", temperature=0.01, max_tokens=12)
     after = await scrape(server_url)
     default_n = server_settings.parallelism.default_parallelism
-    assert t2["policy"].startswith("T2+beta:c=0.7")
+    assert t2["policy"].startswith("t2+beta:c=0.7")
     assert_counts(t2, cap=default_n)
     assert t2["launched"] == default_n and t2["finished"] == 1 and t2["aborted"] == default_n - 1
     assert response.usage.completion_tokens >= t2["finished"]
@@ -79,7 +79,7 @@ async def test_composition_aborts_running_samples_once_decided(client, engine, s
 
     assert delta("t2serve_samples_aborted_total{}") == t2["aborted"]
     assert delta("t2serve_samples_dispatched_total{}") == t2["launched"]
-    assert delta("t2serve_policy_requests_total{policy=T2+beta}") == 1
+    assert delta("t2serve_policy_requests_total{policy=t2+beta}") == 1
     assert delta("t2serve_generated_tokens_total{}") == response.usage.completion_tokens
     await assert_engine_idle(engine)
 
@@ -93,7 +93,7 @@ async def test_integer_parallelism_overrides_the_policy(client, engine):
         extra_body={"parallelism": 3, "policy": "esc:window=2"},
     )
     t2 = response.model_extra["t2"]
-    assert t2["mode"] == "fixed" and t2["policy"] == "fixed:N=3" and t2["launched"] == 3
+    assert t2["mode"] == "fixed" and t2["policy"] == "fixed:n=3" and t2["launched"] == 3
     await assert_engine_idle(engine)
 
 
@@ -138,7 +138,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
         thinker.plan(policy="t2+learned:cost=0.001,margin=0.5", temperature=0.3),  # the head's T
         request_id=uuid.uuid4().hex,
     )
-    assert result.policy == "T2+learned:cost=0.001,margin=0.5" and result.estimate.prediction is not None
+    assert result.policy == "t2+learned:cost=0.001,margin=0.5" and result.estimate.prediction is not None
     assert result.estimate.gate == "answerable"
     assert 1 <= result.samples <= result.launched <= result.max_parallelism
     assert result.launched == result.samples + result.aborted

@@ -2,11 +2,13 @@
 validation split, reported on the test split (`t2serve evaluate`, policies.json/.png).
 
 Question answered: at accuracy within TOLERANCE (1 point) of fixed N_max, which policy
-family launches the fewest samples? Per family, the selected knob is the one with the fewest
-mean launched samples among the knobs whose *validation* accuracy is >= validation
-accuracy of fixed N_max - TOLERANCE; its test numbers are reported. The oracle reference is
-the per-question fixed-N frontier (estimator.offline.evaluation.replay.oracle_frontier) at the test target, and
-"gap closed" = (T2 samples - composition samples) / (T2 samples - oracle samples).
+launches the fewest samples? Policies are keyed by their registered names (POLICY_NAMES,
+estimator.policies); per name, the selected knobs are those with the fewest mean launched
+samples among the knobs whose *validation* accuracy is >= validation accuracy of fixed
+N_max - TOLERANCE; their test numbers are reported. The oracle reference is the
+per-question fixed-N frontier (estimator.offline.evaluation.replay.oracle_frontier) at the
+test target, and "gap closed" = (t2 samples - composition samples) / (t2 samples - oracle
+samples).
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ AGREEMENT_MAX_FACTORS = (3.0, 5.0, None)
 # The learned stopping rule (from the head's table): cost per sample x first-launch margin.
 COSTS = (0.002, 0.003, 0.005, 0.007, 0.009, 0.011, 0.013, 0.016, 0.02, 0.03)
 LEARNED_MARGINS = (0.25, 0.5, 1.0)
-FAMILIES = ("fixed", "T2", "ESC", "AC-beta", "AC-dirichlet", "T2+beta", "T2+dirichlet", "T2+learned")
+# The registered names the grid holds policies of (`t2serve evaluate --policies`).
+POLICY_NAMES = ("fixed", "t2", "esc", "ac-beta", "ac-dirichlet", "t2+beta", "t2+dirichlet", "t2+learned")
 
 
 def policy_grid(
-    n_max: int, families: tuple[str, ...] = FAMILIES, stopping: StoppingTable | None = None
+    n_max: int, names: tuple[str, ...] = POLICY_NAMES, stopping: StoppingTable | None = None
 ) -> list[Policy]:
     grid: list[Policy] = [Fixed(n) for n in range(1, n_max + 1)]
     grid += [T2(m) for m in MARGINS]
@@ -70,10 +73,10 @@ def policy_grid(
         for m in AGREEMENT_MARGINS
         for f in AGREEMENT_MAX_FACTORS
     ]
-    if stopping is not None:  # a head without a table has no T2+learned family
+    if stopping is not None:  # a head without a table has no t2+learned policies
         grid += [LearnedStop(stopping, cost=c, margin=m) for c in COSTS for m in LEARNED_MARGINS]
     # Fixed N_max is the reference, so it is always in.
-    return [p for p in grid if p.family in families or p == Fixed(n_max)]
+    return [p for p in grid if p.name in names or p == Fixed(n_max)]
 
 
 def pools(records: list[dict], predictions: np.ndarray) -> list[Pool]:
@@ -103,18 +106,27 @@ def samples_at(points: list[dict], target: float) -> float | None:
     return None
 
 
+def _of(rows: list[dict], name: str) -> list[dict]:
+    """The rows of the policies registered as `name`."""
+    return [r for r in rows if r["policy"] == name]
+
+
+def _names(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["policy"] for r in rows))
+
+
 def fixed_n_max_row(rows: list[dict], n_max: int) -> dict:
     """Fixed N_max's row: the reference the target is set from."""
-    return next(r for r in rows if r["family"] == "fixed" and r["knob"] == f"N={n_max}")
+    reference = Fixed(n_max)
+    return next(r for r in _of(rows, reference.name) if r["knobs"] == reference.knobs)
 
 
 def fronts_at(rows: list[dict], frontier: list[dict], target: float) -> dict[str, float | None]:
-    """Mean launched samples the oracle frontier and each family's Pareto front need for
+    """Mean launched samples the oracle frontier and each policy's Pareto front need for
     `target` (samples_at; None where a front never reaches it)."""
-    families = dict.fromkeys(r["family"] for r in rows)
     return {
         "oracle": samples_at(frontier, target),
-        **{f: samples_at([r for r in rows if r["family"] == f], target) for f in families},
+        **{name: samples_at(_of(rows, name), target) for name in _names(rows)},
     }
 
 
@@ -127,6 +139,69 @@ def pareto(rows: list[dict], x: str = "launched") -> list[dict]:
     return best
 
 
+def replay_split(
+    grid: list[Policy], records: list[dict], predictions: np.ndarray, *, orderings: int, seed: int, desc: str
+) -> tuple[dict, np.ndarray]:
+    """One split's report (every knob's row, the oracle, fixed N_max and the target) and its
+    replay matrix [question, policy, outcome]."""
+    n_max = len(records[0]["answers"])
+    matrix = replay_matrix(
+        pools(records, predictions), grid, orderings=orderings, seed=seed, default=n_max, desc=desc
+    )
+    rows = summarise(grid, matrix)
+    accuracy = np.array([r["accuracy"] for r in records])
+    n_star = np.array([r["n_star"] for r in records])
+    reference = fixed_n_max_row(rows, n_max)
+    split = {
+        "questions": len(records),
+        "rows": rows,
+        "oracle_n_star": {
+            "accuracy": float(accuracy[np.arange(len(records)), n_star - 1].mean()),
+            "launched": float(n_star.mean()),
+        },
+        "oracle_frontier": oracle_frontier(accuracy),
+        "fixed_n_max": reference,
+        "target": reference["accuracy"] - TOLERANCE,
+    }
+    return split, matrix
+
+
+def select_on_validation(validation: dict, test: dict) -> dict[str, dict]:
+    """Per policy name: the knobs cheapest on validation at its target (none reaching it: the
+    most accurate), with their test numbers."""
+    selected = {}
+    for name in _names(test["rows"]):
+        candidates = _of(validation["rows"], name)
+        pick = _cheapest(candidates, validation["target"]) or max(candidates, key=lambda r: r["accuracy"])
+        on_test = next(r for r in _of(test["rows"], name) if r["knobs"] == pick["knobs"])
+        selected[name] = {
+            **on_test,
+            "validation_accuracy": pick["accuracy"],
+            "validation_launched": pick["launched"],
+            "meets_target_on_validation": pick["accuracy"] >= validation["target"] - 1e-12,
+            "meets_target_on_test": on_test["accuracy"] >= test["target"] - 1e-12,
+        }
+    return selected
+
+
+def gap_closed(selected: dict[str, dict], front: dict[str, float | None], oracle: float | None) -> dict:
+    """The composition (t2 first, a stopping rule after) cheaper on validation, and the share
+    of t2's gap to the oracle frontier it closes: with the selected knobs and on the test
+    fronts. Empty without t2, a composition or an oracle at the target."""
+    compositions = [name for name in selected if name.startswith("t2+")]
+    if "t2" not in selected or not compositions or oracle is None:
+        return {}
+    # The composition's criterion is a knob too: the one cheaper on validation.
+    comp = min(compositions, key=lambda name: selected[name]["validation_launched"])
+    t2_n, comp_n = selected["t2"]["launched"], selected[comp]["launched"]
+    gap = t2_n - oracle
+    out = {"composition": comp, "gap_closed": (t2_n - comp_n) / gap if gap > 0 else None}
+    if front["t2"] is not None and front[comp] is not None and front["oracle"] is not None:
+        front_gap = front["t2"] - front["oracle"]
+        out["gap_closed_front"] = (front["t2"] - front[comp]) / front_gap if front_gap > 0 else None
+    return out
+
+
 def compare_policies(
     head: T2Head,
     validation: list[dict],
@@ -136,56 +211,23 @@ def compare_policies(
     *,
     orderings: int,
     seed: int = 0,
-    families: tuple[str, ...] = FAMILIES,
+    names: tuple[str, ...] = POLICY_NAMES,
 ) -> dict:
     n_max = len(test[0]["answers"])
-    grid = policy_grid(n_max, families, getattr(head, "stopping", None))
-    splits = {}
-    matrices = {}
+    grid = policy_grid(n_max, names, getattr(head, "stopping", None))
     test_predictions = head.predict_batch(test_states)
-    for name, records, states in (("validation", validation, validation_states), ("test", test, test_states)):
-        matrix = replay_matrix(
-            pools(records, test_predictions if name == "test" else head.predict_batch(states)),
-            grid,
-            orderings=orderings,
-            seed=seed,
-            default=n_max,
-            desc=f"replay {name}",
+    splits, matrices = {}, {}
+    for name, records, predictions in (
+        ("validation", validation, head.predict_batch(validation_states)),
+        ("test", test, test_predictions),
+    ):
+        splits[name], matrices[name] = replay_split(
+            grid, records, predictions, orderings=orderings, seed=seed, desc=f"replay {name}"
         )
-        matrices[name] = matrix
-        rows = summarise(grid, matrix)
-        accuracy = np.array([r["accuracy"] for r in records])
-        frontier = oracle_frontier(accuracy)
-        n_star = np.array([r["n_star"] for r in records])
-        oracle = {
-            "accuracy": float(accuracy[np.arange(len(records)), n_star - 1].mean()),
-            "launched": float(n_star.mean()),
-        }
-        reference = fixed_n_max_row(rows, n_max)
-        splits[name] = {
-            "questions": len(records),
-            "rows": rows,
-            "oracle_n_star": oracle,
-            "oracle_frontier": frontier,
-            "fixed_n_max": reference,
-            "target": reference["accuracy"] - TOLERANCE,
-        }
-    val, tst = splits["validation"], splits["test"]
-    selected = {}
-    for family in dict.fromkeys(r["family"] for r in tst["rows"]):
-        pick = _cheapest([r for r in val["rows"] if r["family"] == family], val["target"])
-        if pick is None:  # nothing reaches the target on validation: the most accurate knob
-            pick = max((r for r in val["rows"] if r["family"] == family), key=lambda r: r["accuracy"])
-        on_test = next(r for r in tst["rows"] if r["family"] == family and r["knob"] == pick["knob"])
-        selected[family] = {
-            **on_test,
-            "validation_accuracy": pick["accuracy"],
-            "validation_launched": pick["launched"],
-            "meets_target_on_validation": pick["accuracy"] >= val["target"] - 1e-12,
-            "meets_target_on_test": on_test["accuracy"] >= tst["target"] - 1e-12,
-        }
+    selected = select_on_validation(splits["validation"], splits["test"])
+    tst = splits["test"]
     oracle_at_target = samples_at(tst["oracle_frontier"], tst["target"])
-    # Selection-free view: each family's Pareto front, interpolated at the target, per split.
+    # Selection-free view: each policy's Pareto front, interpolated at the target, per split.
     at_target = {
         name: {
             "target": split["target"],
@@ -203,26 +245,15 @@ def compare_policies(
         "selected": selected,
         "oracle_launched_at_target": oracle_at_target,
         "front_at_target": at_target,
+        **gap_closed(selected, at_target["test"], oracle_at_target),
     }
-    compositions = [f for f in selected if f.startswith("T2+")]
-    if "T2" in selected and compositions and oracle_at_target is not None:
-        # The composition's criterion is a knob too: the one cheaper on validation.
-        comp = min(compositions, key=lambda f: selected[f]["validation_launched"])
-        t2_n, comp_n = selected["T2"]["launched"], selected[comp]["launched"]
-        gap = t2_n - oracle_at_target
-        result["composition"] = comp
-        result["gap_closed"] = (t2_n - comp_n) / gap if gap > 0 else None
-        front = at_target["test"]
-        if front["T2"] is not None and front[comp] is not None and front["oracle"] is not None:
-            front_gap = front["T2"] - front["oracle"]
-            result["gap_closed_front"] = (front["T2"] - front[comp]) / front_gap if front_gap > 0 else None
     result["by_type"] = by_type(grid, matrices["test"], test, test_predictions, selected)
     if "composition" in result:
         result["bootstrap"] = bootstrap_fronts(
             grid, matrices["test"], [r["accuracy"] for r in test], result["composition"], seed=seed
         )
-    ranked = sorted(selected, key=lambda f: selected[f]["launched"])
-    result["fewest_samples"] = next((f for f in ranked if selected[f]["meets_target_on_test"]), None)
+    ranked = sorted(selected, key=lambda name: selected[name]["launched"])
+    result["fewest_samples"] = next((name for name in ranked if selected[name]["meets_target_on_test"]), None)
     return result
 
 
@@ -233,7 +264,7 @@ def compare_on_labels(
     *,
     orderings: int,
     seed: int = 0,
-    families: tuple[str, ...] = FAMILIES,
+    names: tuple[str, ...] = POLICY_NAMES,
 ) -> dict:
     """`compare_policies` on labels read by load_label_sets: knobs chosen on their validation
     split, reported on their test split."""
@@ -249,19 +280,19 @@ def compare_on_labels(
         test_states,
         orderings=orderings,
         seed=seed,
-        families=families,
+        names=names,
     )
 
 
 def by_type(
     grid: list[Policy], matrix: np.ndarray, records: list[dict], predictions: np.ndarray, selected: dict
 ) -> dict:
-    """Where the samples go (test split): per sample type, T2's mean estimate N*/N_max * N_max,
+    """Where the samples go (test split): per sample type, t2's mean estimate N*/N_max * N_max,
     the oracle's N*, and each selected policy's mean launched samples and accuracy."""
     n_max = len(records[0]["answers"])
     types = np.array([sample_type(np.array(r["accuracy"])) for r in records])
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
-    column = {(p.family, p.knob): i for i, p in enumerate(grid)}
+    column = {(p.name, p.knobs): i for i, p in enumerate(grid)}
     out = {}
     for t, name in TYPES.items():
         rows = types == t
@@ -274,9 +305,9 @@ def by_type(
                 np.mean([r["n_star"] for r, keep in zip(records, rows, strict=True) if keep])
             ),
         }
-        for family, pick in selected.items():
-            i = column[(family, pick["knob"])]
-            entry[family] = {
+        for policy, pick in selected.items():
+            i = column[(policy, pick["knobs"])]
+            entry[policy] = {
                 "launched": float(matrix[rows, i, n].mean()),
                 "accuracy": float(matrix[rows, i, a].mean()),
             }
@@ -294,24 +325,24 @@ def bootstrap_fronts(
     seed: int = 0,
 ) -> dict:
     """How much of the front comparison is question sampling noise: resample the test
-    questions with replacement, recompute every family's samples at the target (and the
-    oracle's), and report 95% intervals of the composition's difference to each family."""
+    questions with replacement, recompute every policy's samples at the target (and the
+    oracle's), and report 95% intervals of the composition's difference to each policy."""
     rng = np.random.default_rng(seed)
     acc = np.asarray(accuracy)
-    families = list(dict.fromkeys(p.family for p in grid))
-    reference = next(i for i, p in enumerate(grid) if p.family == "fixed" and p.knob == f"N={acc.shape[1]}")
+    names = list(dict.fromkeys(p.name for p in grid))
+    reference = grid.index(Fixed(acc.shape[1]))
     a, n = OUTCOMES.index("accuracy"), OUTCOMES.index("launched")
-    draws: dict[str, list[float]] = {f: [] for f in [*families, "oracle"]}
+    draws: dict[str, list[float]] = {name: [] for name in [*names, "oracle"]}
     for _ in range(resamples):
         pick = rng.integers(0, len(matrix), size=len(matrix))
         means = matrix[pick].mean(axis=0)
         target = means[reference, a] - TOLERANCE
         rows = [
-            {"family": p.family, "accuracy": m[a], "launched": m[n]} for p, m in zip(grid, means, strict=True)
+            {"policy": p.name, "accuracy": m[a], "launched": m[n]} for p, m in zip(grid, means, strict=True)
         ]
-        for f in families:
-            value = samples_at([r for r in rows if r["family"] == f], target)
-            draws[f].append(np.nan if value is None else value)
+        for name in names:
+            value = samples_at(_of(rows, name), target)
+            draws[name].append(np.nan if value is None else value)
         draws["oracle"].append(samples_at(oracle_frontier(acc[pick]), target) or np.nan)
     comp = np.array(draws[composition])
     out = {}
@@ -325,7 +356,7 @@ def bootstrap_fronts(
             "difference_95": [float(v) for v in np.percentile(ok, [2.5, 97.5])] if len(ok) else None,
             "composition_cheaper_share": float(np.mean(ok < 0)) if len(ok) else None,
         }
-    t2, oracle = np.array(draws["T2"]), np.array(draws["oracle"])
+    t2, oracle = np.array(draws["t2"]), np.array(draws["oracle"])
     closed = (t2 - comp) / (t2 - oracle)
     closed = closed[np.isfinite(closed)]
     out["gap_closed_95"] = [float(v) for v in np.percentile(closed, [2.5, 97.5])] if len(closed) else None
@@ -340,15 +371,15 @@ def report_table(result: dict) -> str:
         f"reported on test ({tst['questions']} q)",
         f"target: accuracy >= fixed N_max - {result['tolerance']:g} = {tst['target']:.3f} on test "
         f"({result['splits']['validation']['target']:.3f} on validation)",
-        f"{'family':<13} {'knob':<34} {'acc':>6} {'launched':>8} {'finished':>8} {'rounds':>6} "
+        f"{'policy':<13} {'knobs':<34} {'acc':>6} {'launched':>8} {'finished':>8} {'rounds':>6} "
         f"{'tokens':>6} {'tok_up':>6}  target",
     ]
-    for family, s in result["selected"].items():
+    for policy, s in result["selected"].items():
         mark = "yes" if s["meets_target_on_test"] else "no"
         if not s["meets_target_on_validation"]:
             mark += " (none on val)"
         lines.append(
-            f"{family:<13} {s['knob']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f} {s['finished']:8.2f} "
+            f"{policy:<13} {s['knobs']:<34} {s['accuracy']:6.3f} {s['launched']:8.2f} {s['finished']:8.2f} "
             f"{s['rounds']:6.2f} {s['tokens']:6.3f} {s['tokens_upper']:6.3f}  {mark}"
         )
     oracle = tst["oracle_n_star"]
@@ -360,14 +391,14 @@ def report_table(result: dict) -> str:
     )
     if result.get("gap_closed") is not None:
         lines.append(
-            f"{result['composition']} closes {result['gap_closed']:.0%} of T2's gap to the oracle frontier "
+            f"{result['composition']} closes {result['gap_closed']:.0%} of t2's gap to the oracle frontier "
             "(mean launched samples)"
         )
     lines.append(
         f"fewest samples within {result['tolerance']:g} of fixed N_max on test (knobs chosen on validation): "
         f"{result['fewest_samples']}"
     )
-    lines.append("mean launched samples at the target on each family's Pareto front (no knob choice):")
+    lines.append("mean launched samples at the target on each policy's Pareto front (no knob choice):")
     for name, front in result["front_at_target"].items():
         lines.append(
             f"  {name:<10} "
@@ -377,23 +408,23 @@ def report_table(result: dict) -> str:
         )
     if result.get("gap_closed_front") is not None:
         lines.append(
-            f"  on the test fronts {result['composition']} closes {result['gap_closed_front']:.0%} of T2's gap "
+            f"  on the test fronts {result['composition']} closes {result['gap_closed_front']:.0%} of t2's gap "
             "to the oracle"
         )
     lines.append("launched samples per sample type (test), knobs as above:")
-    families = list(result["selected"])
+    names = list(result["selected"])
     lines.append(
-        f"  {'type':<13} {'share':>5} {'T2 est':>6} {'N*':>5} " + " ".join(f"{f:>12}" for f in families)
+        f"  {'type':<13} {'share':>5} {'t2 est':>6} {'N*':>5} " + " ".join(f"{name:>12}" for name in names)
     )
     for name, e in result["by_type"].items():
         lines.append(
             f"  {name:<13} {e['share']:5.0%} {e['t2_estimate']:6.2f} {e['oracle_n_star']:5.2f} "
-            + " ".join(f"{e[f]['launched']:12.2f}" for f in families)
+            + " ".join(f"{e[name]['launched']:12.2f}" for name in names)
         )
     if "bootstrap" in result:
         b = result["bootstrap"]
         lines.append(
-            f"  {b['composition']} minus each family at the target, test fronts, 95% interval over "
+            f"  {b['composition']} minus each policy at the target, test fronts, 95% interval over "
             f"{b['resamples']} question resamples:"
         )
         for f, v in b["versus"].items():
@@ -411,13 +442,13 @@ def report_table(result: dict) -> str:
 
 COLORS = {
     "fixed": "#999999",
-    "T2": "#3b7dd8",
-    "ESC": "#e08a1e",
-    "AC-beta": "#2a9d4b",
-    "AC-dirichlet": "#8cc63f",
-    "T2+beta": "#c0392b",
-    "T2+dirichlet": "#8e44ad",
-    "T2+learned": "#d81b60",
+    "t2": "#3b7dd8",
+    "esc": "#e08a1e",
+    "ac-beta": "#2a9d4b",
+    "ac-dirichlet": "#8cc63f",
+    "t2+beta": "#c0392b",
+    "t2+dirichlet": "#8e44ad",
+    "t2+learned": "#d81b60",
 }
 
 
@@ -435,14 +466,14 @@ def plot(result: dict, path: Path) -> None:
         ("mean samples launched", "generated tokens / those of N_max", "latency (rounds of one sample)"),
         strict=True,
     ):
-        for family in result["selected"]:
-            rows = [r for r in tst["rows"] if r["family"] == family]
+        for name in result["selected"]:
+            rows = _of(tst["rows"], name)
             # Fixed N is the reference curve: drawn whole, not only its Pareto front.
-            front = rows if family == "fixed" else pareto(rows, x)
-            color = COLORS.get(family, "#333333")
+            front = rows if name == "fixed" else pareto(rows, x)
+            color = COLORS.get(name, "#333333")
             ax.scatter([r[x] for r in rows], [r["accuracy"] for r in rows], s=8, color=color, alpha=0.35)
-            ax.plot([r[x] for r in front], [r["accuracy"] for r in front], "-", color=color, label=family)
-            s = result["selected"][family]
+            ax.plot([r[x] for r in front], [r["accuracy"] for r in front], "-", color=color, label=name)
+            s = result["selected"][name]
             ax.plot(s[x], s["accuracy"], "o", color=color, markersize=9, markeredgecolor="black")
         if x == "launched":
             front = sorted(tst["oracle_frontier"], key=lambda p: p["launched"])

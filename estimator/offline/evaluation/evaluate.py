@@ -77,8 +77,8 @@ def evaluate(
     policies = {
         f"fixed N_max={n_max}": score(np.full(len(test), n_max), acc, tokens),
         f"fixed N_D={n_d}": score(np.full(len(test), n_d), acc, tokens),
-        "T2 estimator": score(chosen(1.0), acc, tokens),
-        **{f"T2 x{m:g} margin": score(chosen(m), acc, tokens) for m in MARGINS},
+        "t2 estimator": score(chosen(1.0), acc, tokens),
+        **{f"t2 x{m:g} margin": score(chosen(m), acc, tokens) for m in MARGINS},
     }
     routes = [gate.route(s) for s in test_states] if gate is not None else None
     if routes is not None:
@@ -88,7 +88,7 @@ def evaluate(
             "default_parallelism": default_parallelism,
             "open_ended_parallelism": open_ended_parallelism,
         }
-        policies[f"T2 x{head.margin:g} + gate"] = score(gated(n, routes, **fallbacks), acc, tokens)
+        policies[f"t2 x{head.margin:g} + gate"] = score(gated(n, routes, **fallbacks), acc, tokens)
     policies["oracle N*"] = score(n_star, acc, tokens)
     curve = [score(np.full(len(test), n), acc, tokens) for n in range(1, n_max + 1)]
     margin_curve = [
@@ -112,7 +112,7 @@ def evaluate(
         },
         "type_shares": {TYPES[t]: types.get(t, 0) / len(test) for t in TYPES},
         "gate": None if routes is None else route_shares(routes),
-        "estimator_mean_n_over_oracle": policies["T2 estimator"]["mean_n"] / float(n_star.mean()),
+        "estimator_mean_n_over_oracle": policies["t2 estimator"]["mean_n"] / float(n_star.mean()),
         "head": head.identity,
     }
 
@@ -216,9 +216,9 @@ def plot(result: dict, path: Path) -> None:
         "-",
         color="#3b7dd8",
         alpha=0.6,
-        label="T2, margin sweep",
+        label="t2, margin sweep",
     )
-    markers = {"fixed N_max": "s", "fixed N_D": "D", "T2 estimator": "o", "T2 x": "^", "oracle": "*"}
+    markers = {"fixed N_max": "s", "fixed N_D": "D", "t2 estimator": "o", "t2 x": "^", "oracle": "*"}
     for name, s in result["policies"].items():
         marker = next(m for prefix, m in markers.items() if name.startswith(prefix))
         ax[0].plot(s["mean_n"], s["accuracy"], marker, markersize=9 if marker != "*" else 14, label=name)

@@ -6,16 +6,16 @@ train and validation splits as `t2serve train` does (but cross-fitting the stopp
 predictions in 2 folds rather than 5: each fit takes ~40 s on 2 cores), then replay every
 question of S through the policies a user gets by default:
   fixed N_max       standard parallel thinking
-  T2                the server's default `auto` policy (policy "t2" at the fold's own margin,
+  t2                the server's default `auto` policy (policy "t2" at the fold's own margin,
                     chosen on the fold's validation split as `t2serve train` does)
-  T2+learned        policy "t2+learned" at its default knobs
+  t2+learned        policy "t2+learned" at its default knobs
   oracle N*         each question's own sample-optimal N (a bound, not a policy)
-Where the fold's gate calls a question unfamiliar, T2 and T2+learned start from the
+Where the fold's gate calls a question unfamiliar, t2 and t2+learned start from the
 server's safe default N instead of the head's guess, and where it calls one open-ended they
 get one sample (--open-ended-parallelism), as the server does; how often the gate fires is
-reported per source; where it trusts the head, T2's margin is multiplied by the gate's
-margin_scale (larger far from the training questions). Fixed N and T2 are scored with the
-exact A_x(N); T2+learned by the mean over `orderings` random finishing orders of each pool
+reported per source; where it trusts the head, t2's margin is multiplied by the gate's
+margin_scale (larger far from the training questions). Fixed N and t2 are scored with the
+exact A_x(N); t2+learned by the mean over `orderings` random finishing orders of each pool
 (estimator.offline.evaluation.replay). MAE is |N_max * prediction - N*|.
 """
 
@@ -201,8 +201,8 @@ def score_source(
         Pool(r["answers"], r["tokens"], gold_of(r), p, float(k))
         for r, p, k in zip(records, trusted, scales, strict=True)
     ]
-    policies = {"fixed N_max": Fixed(n_max), "T2": T2(margin), "T2+learned": LearnedStop(table)}
-    swept = {f"T2 x{m:g}": T2(m) for m in sweep}
+    policies = {"fixed N_max": Fixed(n_max), "t2": T2(margin), "t2+learned": LearnedStop(table)}
+    swept = {f"t2 x{m:g}": T2(m) for m in sweep}
     matrix = replay_matrix(
         pools,
         [*policies.values(), *swept.values()],
@@ -270,15 +270,15 @@ def mean_over_sources(rows: dict[str, dict]) -> dict:
         "policies": mean,
         "mae_n": float(np.mean([r["mae_n"] for r in rows.values()])),
         # The issue's target: the default policy within TOLERANCE of fixed N_max at <= half its samples.
-        "t2_accuracy_gap": mean["T2"]["accuracy"] - fixed["accuracy"],
-        "t2_sample_share": mean["T2"]["samples"] / fixed["samples"],
-        "t2_meets_target": mean["T2"]["accuracy"] >= fixed["accuracy"] - TOLERANCE
-        and mean["T2"]["samples"] <= 0.5 * fixed["samples"],
+        "t2_accuracy_gap": mean["t2"]["accuracy"] - fixed["accuracy"],
+        "t2_sample_share": mean["t2"]["samples"] / fixed["samples"],
+        "t2_meets_target": mean["t2"]["accuracy"] >= fixed["accuracy"] - TOLERANCE
+        and mean["t2"]["samples"] <= 0.5 * fixed["samples"],
     }
 
 
 def margin_sweep(rows: dict[str, dict]) -> list[dict]:
-    """T2 at each swept margin, averaged over the held-out sources, against fixed N_max."""
+    """t2 at each swept margin, averaged over the held-out sources, against fixed N_max."""
     margins = next(iter(rows.values())).get("t2_margins", {})
     fixed = np.mean([r["policies"]["fixed N_max"]["accuracy"] for r in rows.values()])
     n_max = np.mean([r["policies"]["fixed N_max"]["samples"] for r in rows.values()])
@@ -313,7 +313,7 @@ def report_table(result: dict) -> str:
     gated = any("gate" in r for r in rows.values())
     lines = [
         f"leave-one-dataset-out, N_max {result['n_max']}, accuracy / mean samples "
-        f"({result['orderings']} orderings per pool), T2 margin: {result['margin']}",
+        f"({result['orderings']} orderings per pool), t2 margin: {result['margin']}",
         f"{'held-out source':<18} {'qs':>5}  {'margin':>6}  {head}  {'MAE N':>5}"
         + ("  gate fired" if gated else ""),
     ]
@@ -325,12 +325,12 @@ def report_table(result: dict) -> str:
         + f"  {mean['mae_n']:5.2f}"
     )
     lines.append(
-        f"T2 vs fixed N_max: {100 * mean['t2_accuracy_gap']:+.1f} points at {mean['t2_sample_share']:.0%} of its "
+        f"t2 vs fixed N_max: {100 * mean['t2_accuracy_gap']:+.1f} points at {mean['t2_sample_share']:.0%} of its "
         f"samples (target: >= -1 point at <= 50%): {'met' if mean['t2_meets_target'] else 'missed'}"
     )
     for m in result.get("margin_sweep", []):
         lines.append(
-            f"  T2 x{m['margin']:<4g} {m['accuracy']:.3f} /{m['samples']:5.2f}: {100 * m['accuracy_gap']:+.1f} points "
+            f"  t2 x{m['margin']:<4g} {m['accuracy']:.3f} /{m['samples']:5.2f}: {100 * m['accuracy_gap']:+.1f} points "
             f"at {m['sample_share']:.0%} ({'met' if m['meets_target'] else 'missed'})"
         )
     return "\n".join(lines)
@@ -351,7 +351,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["sources"]
     names = list(next(iter(rows.values()))["policies"])
-    colors = {"fixed N_max": "#999", "T2": "#3b7dd8", "T2+learned": "#e07b39", "oracle N*": "#2a9d5c"}
+    colors = {"fixed N_max": "#999", "t2": "#3b7dd8", "t2+learned": "#e07b39", "oracle N*": "#2a9d5c"}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
     x = np.arange(len(rows))
     width = 0.8 / len(names)

@@ -170,10 +170,10 @@ def replay_matrix(
 
 
 def summarise(policies: list[Policy], matrix: np.ndarray) -> list[dict]:
-    """Per policy: family, knob and the question-mean of every outcome."""
+    """Per policy: its registered name, its knobs and the question-mean of every outcome."""
     means = matrix.mean(axis=0)
     return [
-        {"family": p.family, "knob": p.knob, **dict(zip(OUTCOMES, (float(v) for v in m), strict=True))}
+        {"policy": p.name, "knobs": p.knobs, **dict(zip(OUTCOMES, (float(v) for v in m), strict=True))}
         for p, m in zip(policies, means, strict=True)
     ]
 

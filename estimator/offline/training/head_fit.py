@@ -175,7 +175,7 @@ def report(trained: TrainedHead) -> str:
         f"train {len(train_records)}  validation {len(val_records)}  N_max {head.meta.n_max}",
         "best layers (validation MSE of N*/N_max): " + ", ".join(f"{i}: {mse[i]:.4f}" for i in order[:5]),
         f"combined over {len(head.meta.layers)} layers {head.meta.layers}: {head.meta.combined_val_mse:.4f}",
-        f"T2 margin {fitted['margin']:g} (validation: accuracy {fitted['accuracy']:.3f} at "
+        f"t2:margin={fitted['margin']:g} (validation: accuracy {fitted['accuracy']:.3f} at "
         f"{fitted['samples']:.2f} samples, fixed N_max {fitted['fixed_accuracy']:.3f}, tolerance "
         f"{fitted['tolerance']:g}{'' if fitted['met'] else ', not met: the grid largest'})",
         f"wrote {out}.safetensors and {out}.json" + (f", {gate_path(out)}" if gate else ""),

@@ -78,8 +78,8 @@ def test_train_flags_left_unset_keep_the_train_config_defaults():
 
 
 def test_evaluate_command_takes_the_replay_options():
-    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--policies", "T2,ESC"])
-    assert (args.orderings, args.replay_seed, args.policies) == (200, 0, "T2,ESC")
+    args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--policies", "t2,esc"])
+    assert (args.orderings, args.replay_seed, args.policies) == (200, 0, "t2,esc")
     args = build_parser().parse_args(["evaluate", "--labels", "l", "--head", "h", "--orderings", "0"])
     assert args.orderings == 0 and str(args.policies_out) == "benchmarks/results/policies"
 
@@ -114,7 +114,7 @@ def test_train_command_stores_the_margin_chosen_on_validation(labels, tmp_path, 
     main([*args, "--stopping-folds", "0"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:4] == ["source", "train", "val", "test"]  # the source table first
-    assert "T2 margin" in out and f"wrote {head_path}.safetensors and {head_path}.json" in out
+    assert "t2:margin=" in out and f"wrote {head_path}.safetensors and {head_path}.json" in out
     assert "stopping table" not in out  # --stopping-folds 0
     head = T2Head.load(head_path)
     fitted = head.meta.margin_fit
@@ -164,7 +164,7 @@ def test_evaluate_command_writes_the_report_of_the_head(labels, tmp_path, capsys
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["questions"] == sum(r["split"] == "test" for r in records) and report["n_max"] == 8
 
-    with pytest.raises(SystemExit, match="unknown policy families"):
-        main(["evaluate", "--labels", str(folder), "--head", str(head_path), "--policies", "T3"])
+    with pytest.raises(SystemExit, match=r"unknown policies \['T2'\]"):
+        main(["evaluate", "--labels", str(folder), "--head", str(head_path), "--policies", "T2"])
     with pytest.raises(SystemExit, match="--head is needed"):
         main(["evaluate", "--labels", str(folder)])

@@ -77,7 +77,7 @@ def test_serve_command_end_to_end(model_dir):
         assert t2["estimator_fallback"] is None
         # No --estimator-margin: the shipped head's own, times the gate's multiple.
         margin = T2Head.load(DEFAULT_HEAD).meta.margin
-        assert margin is not None and t2["policy"] == f"T2:margin={margin:g}"
+        assert margin is not None and t2["policy"] == f"t2:margin={margin:g}"
         n_wanted = round(t2["n_max"] * t2["prediction"] * margin * t2["margin_scale"])
         assert t2["n_used"] == max(1, min(n_wanted, t2["max_parallelism"]))
         # No temperature: vLLM's default 1.0, farther than the tolerance asked for: the default N, and why.

@@ -50,21 +50,21 @@ def test_compare_policies_selects_on_validation_and_writes_the_report(tmp_path):
         test,
         np.zeros((len(test), 1, 1)),
         orderings=10,
-        families=("fixed", "T2", "ESC", "T2+beta"),
+        names=("fixed", "t2", "esc", "t2+beta"),
     )
-    assert set(result["selected"]) == {"fixed", "T2", "ESC", "T2+beta"}
+    assert set(result["selected"]) == {"fixed", "t2", "esc", "t2+beta"}
     val_rows = result["splits"]["validation"]["rows"]
-    for family, pick in result["selected"].items():
+    for name, pick in result["selected"].items():
         # The selected knob is the cheapest on validation that reaches the validation target.
         reaching = [
             r
             for r in val_rows
-            if r["family"] == family and r["accuracy"] >= result["splits"]["validation"]["target"] - 1e-12
+            if r["policy"] == name and r["accuracy"] >= result["splits"]["validation"]["target"] - 1e-12
         ]
         assert pick["validation_launched"] == min(r["launched"] for r in reaching)
     assert result["selected"]["fixed"]["launched"] <= 16
     table = comparison.report_table(result)
-    assert "T2+beta" in table and "fewest samples" in table
+    assert "t2+beta" in table and "fewest samples" in table
     comparison.write_report(result, tmp_path / "policies")
     assert (tmp_path / "policies.png").stat().st_size > 0
     assert json.loads((tmp_path / "policies.json").read_text())["orderings"] == 10
@@ -99,14 +99,14 @@ def test_the_comparison_runs_on_keys_from_any_aggregator():
         records,
         np.zeros((10, 1, 1)),
         orderings=400,
-        families=("fixed", "T2"),
+        names=("fixed", "t2"),
     )
-    rows = {r["knob"]: r for r in result["splits"]["test"]["rows"] if r["family"] == "fixed"}
+    rows = {r["knobs"]: r for r in result["splits"]["test"]["rows"] if r["policy"] == "fixed"}
     for n in (1, 4, 16):
         labelled = np.mean([r["accuracy"][n - 1] for r in records])
-        assert rows[f"N={n}"]["accuracy"] == pytest.approx(labelled, abs=0.04)
+        assert rows[f"n={n}"]["accuracy"] == pytest.approx(labelled, abs=0.04)
     # Counting only the first group as right (the answer-string rule) scores lower.
-    assert rows["N=16"]["accuracy"] > np.mean(
+    assert rows["n=16"]["accuracy"] > np.mean(
         [expected_accuracy(r["answers"], "#1: seven")[-1] for r in records]
     )
 
@@ -124,3 +124,20 @@ def test_samples_at_interpolates_on_the_pareto_front():
     assert samples_at(points, 0.45) == pytest.approx(2.5)
     assert samples_at(points, 0.30) == 1.0
     assert samples_at(points, 0.60) is None
+
+
+def test_the_grid_is_keyed_by_registry_names_and_its_rows_are_specs():
+    """Every policy the comparison replays is named as `--policy` names it: its row's
+    `policy:knobs` parses back to it."""
+    from estimator.offline.evaluation.comparison import POLICY_NAMES, policy_grid
+    from estimator.offline.training.stopping_fit import fit_stopping
+    from estimator.policies import policy_names
+    from estimator.policy_spec import parse_policy
+
+    assert set(POLICY_NAMES) <= set(policy_names())
+    table = fit_stopping(synthetic_records(3, count=8), np.full(8, 0.25), orderings=5, progress=False)
+    grid = policy_grid(16, stopping=table)
+    assert {p.name for p in grid} == set(POLICY_NAMES)
+    for p in grid:
+        assert parse_policy(f"{p.name}:{p.knobs}", fixed_n=16, margin=1.0, stopping=table) == p
+    assert {p.name for p in policy_grid(16, ("esc",))} == {"esc", "fixed"}  # fixed N_max: the reference

@@ -45,15 +45,15 @@ def test_the_default_policy_behind_the_gate_is_scored_as_the_server_routes_it():
         {"open_ended": 3 / len(test), "unfamiliar": 3 / len(test), "answerable": 1 - 6 / len(test)}
     )
     ungated = evaluate(head, train, test_records, test_states, **FALLBACKS)
-    assert ungated["gate"] is None and "T2 x1.5 + gate" not in ungated["policies"]
+    assert ungated["gate"] is None and "t2 x1.5 + gate" not in ungated["policies"]
 
     # Expected: one sample for the open-ended ones, the default 8 for the unfamiliar ones and
-    # the head's own choice (T2 x1.5) for the rest, each scored by its exact A_x(N).
-    margin = ungated["policies"]["T2 x1.5 margin"]
+    # the head's own choice (t2 x1.5) for the rest, each scored by its exact A_x(N).
+    margin = ungated["policies"]["t2 x1.5 margin"]
     n_head = np.clip(np.round(16 * head.predict_batch(test_states) * 1.5), 1, 16).astype(int)
     n = np.concatenate([[1] * 3, [8] * 3, n_head[6:]])
     accuracy = np.array([r["accuracy"] for r in test_records])
-    gated = result["policies"]["T2 x1.5 + gate"]
+    gated = result["policies"]["t2 x1.5 + gate"]
     assert gated["mean_n"] == pytest.approx(n.mean())
     assert gated["accuracy"] == pytest.approx(accuracy[np.arange(len(n)), n - 1].mean())
     assert margin["mean_n"] == pytest.approx(n_head.mean())

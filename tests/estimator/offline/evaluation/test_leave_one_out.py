@@ -57,14 +57,14 @@ def test_each_source_is_scored_by_a_head_trained_without_it(tmp_path):
         assert row["questions"] == sum(r["source"] == name for r in records)  # every split of it
         policies = row["policies"]
         assert policies["fixed N_max"]["samples"] == 16
-        assert 1 <= policies["T2"]["samples"] <= 16 and 1 <= policies["T2+learned"]["samples"] <= 16
+        assert 1 <= policies["t2"]["samples"] <= 16 and 1 <= policies["t2+learned"]["samples"] <= 16
         assert policies["oracle N*"]["accuracy"] >= policies["fixed N_max"]["accuracy"] - 1e-9
-        # The margin sweep replays T2 on the same orderings: its x1.5 is the T2 column.
-        assert row["t2_margins"][1.5] == pytest.approx(policies["T2"])
+        # The margin sweep replays T2 on the same orderings: its x1.5 is the t2 column.
+        assert row["t2_margins"][1.5] == pytest.approx(policies["t2"])
         samples = [row["t2_margins"][m]["samples"] for m in loo.SWEEP_MARGINS]
         assert samples == sorted(samples)
     mean = result["mean"]
-    assert mean["t2_sample_share"] == pytest.approx(mean["policies"]["T2"]["samples"] / 16)
+    assert mean["t2_sample_share"] == pytest.approx(mean["policies"]["t2"]["samples"] / 16)
     sweep = {m["margin"]: m for m in result["margin_sweep"]}
     assert list(sweep) == list(loo.SWEEP_MARGINS)
     assert sweep[1.5]["accuracy_gap"] == pytest.approx(mean["t2_accuracy_gap"])
@@ -101,12 +101,12 @@ def test_the_gate_sends_unfamiliar_questions_to_the_default_and_open_ended_ones_
     row = result["sources"]["far"]
     assert row["gate"] == {"unfamiliar": 1.0}
     # Unfamiliar: T2 launches the safe default for every question, whatever the head guessed.
-    assert row["policies"]["T2"]["samples"] == 8
+    assert row["policies"]["t2"]["samples"] == 8
     row = result["sources"]["prose"]
     assert row["gate"] == {"open_ended": 1.0}
     # Open-ended: one sample under the default policies (its exact A_x(1)); fixed N_max keeps 16.
     single = np.mean([r["accuracy"][0] for r in prose])
-    for name in ("T2", "T2+learned"):
+    for name in ("t2", "t2+learned"):
         assert row["policies"][name] == pytest.approx({"accuracy": single, "samples": 1.0})
     assert row["policies"]["fixed N_max"]["samples"] == 16
 
@@ -133,7 +133,7 @@ def test_t2_is_scored_with_the_exact_accuracy_and_the_gates_multiple_raises_its_
     )
     accuracy = np.array([r["accuracy"] for r in records])
     # Three orderings would be noisy; T2 chooses N before decoding, so it is A_x(N) exactly.
-    assert plain["policies"]["T2"] == pytest.approx({"accuracy": accuracy[:, 5].mean(), "samples": 6.0})
-    assert far["policies"]["T2"] == pytest.approx({"accuracy": accuracy[:, 11].mean(), "samples": 12.0})
+    assert plain["policies"]["t2"] == pytest.approx({"accuracy": accuracy[:, 5].mean(), "samples": 6.0})
+    assert far["policies"]["t2"] == pytest.approx({"accuracy": accuracy[:, 11].mean(), "samples": 12.0})
     assert far["t2_margins"][1.0]["samples"] == 8.0  # the multiple applies to every swept margin
     assert far["policies"]["fixed N_max"] == plain["policies"]["fixed N_max"]

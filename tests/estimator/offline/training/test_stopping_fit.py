@@ -86,7 +86,7 @@ def test_policy_launches_the_t2_estimate_then_one_at_a_time(fitted):
         assert policy.on_result(tally, 4, budget).launch == 0  # the estimate is still running
     tally.add("3")
     assert policy.on_result(tally, 4, budget).launch == 1  # undecided, all in: one more
-    assert describe(policy) == "T2+learned:cost=0.001,margin=0.5"
+    assert describe(policy) == "t2+learned:cost=0.001,margin=0.5"
 
 
 def test_save_load_and_the_head_carries_its_table(fitted, tmp_path):
