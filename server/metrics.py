@@ -35,7 +35,7 @@ for _route in ("answerable", "open_ended", "unfamiliar"):  # exported at 0 befor
     GATE_ROUTES.labels(_route)
 POLICY_REQUESTS = Counter(
     "t2serve_policy_requests",
-    "Prompts served, by the sampling policy's family (fixed, T2, ESC, ...).",
+    "Prompts served, by the sampling policy's registered name (fixed, t2, esc, t2+beta, ...).",
     ["policy"],
 )
 BASELINE_SAMPLES = Counter(

@@ -244,7 +244,7 @@ async def test_consensus_with_esc_stopping_and_usc(client):
     t2 = reply.model_extra["t2"]
     # A group that won, or (none did) every sample pooled for the medoid of all: named so.
     mbr = t2["answer"].startswith("mbr: ")
-    assert t2["aggregate"] == ("consensus:mbr" if mbr else "consensus") and t2["policy"].startswith("ESC")
+    assert t2["aggregate"] == ("consensus:mbr" if mbr else "consensus") and t2["policy"].startswith("esc")
     assert 2 <= t2["samples"] <= 6 and sum(t2["votes"].values()) == t2["samples"]
     assert all(key.startswith("mbr: " if mbr else "#") for key in t2["votes"])
     assert reply.choices[0].message.content

@@ -8,7 +8,7 @@ import pytest
 
 from estimator.offline.inputs.problems import PROMPT_SUFFIX
 from tests.conftest import MODEL_NAME, wait_until
-from tests.server.test_api import scrape
+from tests.server.helpers import scrape
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Reply with just the number."}]
 
@@ -155,7 +155,7 @@ async def test_learned_stopping_runs_with_the_shipped_head(engine, server_settin
 async def test_deadline_aborts_an_adaptive_policys_samples(client, engine, server_url):
     # 1900 tokens past end-of-sequence: no sample can finish within the 1 s deadline on any
     # machine, so the request fails with 504 and every sample is aborted in the engine.
-    # (The partial vote at a deadline is checked in test_hardening and test_parallel.)
+    # (The partial vote at a deadline is checked in test_parallel.)
     before = await scrape(server_url)
     body = {"policy": "esc:window=2,max=4", "ignore_eos": True, "timeout": 1.0}
     with pytest.raises(openai.APIStatusError) as err:
