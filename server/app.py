@@ -88,64 +88,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(KeyBeforeBody)
 
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        serving = getattr(request.app.state, "serving", None)
-        if serving is None:
-            return error_response(503, "the engine is starting", code="engine_starting")
-        if not serving.engine.healthy:
-            return error_response(503, "engine is not running", code="engine_dead")
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
-
-    @v1.get("/models", response_model=ModelList)
-    async def models(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
-        info = serving.engine.info
-        return ModelList(
-            data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len, dtype=info.dtype)]
-        )
-
-    @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(
-        body: ChatCompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
-    ) -> Response:
-        return await handle(request, RequestContext("chat", body), serving)
-
-    @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(
-        body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
-    ) -> Response:
-        return await handle(request, RequestContext("completion", body), serving)
-
-    app.include_router(v1)
-
-    # vLLM's server keeps these at the root, beside /v1; here they take the same API key.
-    root = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
-
-    @root.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
-    async def tokenize(
-        body: TokenizeChatRequest | TokenizeCompletionRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
-    ) -> TokenizeResponse:
-        return tokens.tokenize(body)
-
-    @root.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
-    async def detokenize(
-        body: DetokenizeRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
-    ) -> DetokenizeResponse:
-        return tokens.detokenize(body)
-
-    @root.get("/version")
-    async def version() -> dict[str, str]:
-        import vllm
-
-        return {"version": vllm.__version__, "t2serve": app.version}
-
-    app.include_router(root)
+    for router in (probes, openai_routes, vllm_routes):
+        app.include_router(router)
     return app
 
 
@@ -235,3 +179,69 @@ def get_serving(request: Request) -> OpenAIServing:
         metrics.REJECTED.labels("engine_dead").inc()
         raise engine_dead_error()
     return serving
+
+
+# Routes: stateless functions of the request; what they serve lives on `app.state`
+# (install_serving). Liveness and metrics stay open (metrics: --metrics-auth).
+probes = APIRouter()
+openai_routes = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
+# vLLM's server keeps these at the root, beside /v1; here they take the same API key.
+vllm_routes = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]})
+
+
+@probes.get("/health")
+async def health(request: Request) -> Response:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        return error_response(503, "the engine is starting", code="engine_starting")
+    if not serving.engine.healthy:
+        return error_response(503, "engine is not running", code="engine_dead")
+    return JSONResponse({"status": "ok"})
+
+
+@probes.get("/metrics", dependencies=[Depends(require_metrics_key)])
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@openai_routes.get("/models", response_model=ModelList)
+async def models(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
+    info = serving.engine.info
+    return ModelList(
+        data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len, dtype=info.dtype)]
+    )
+
+
+@openai_routes.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
+) -> Response:
+    return await handle(request, RequestContext("chat", body), serving)
+
+
+@openai_routes.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(
+    body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
+) -> Response:
+    return await handle(request, RequestContext("completion", body), serving)
+
+
+@vllm_routes.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(
+    body: TokenizeChatRequest | TokenizeCompletionRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
+) -> TokenizeResponse:
+    return tokens.tokenize(body)
+
+
+@vllm_routes.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(
+    body: DetokenizeRequest, tokens: Annotated[Tokens, Depends(get_tokens)]
+) -> DetokenizeResponse:
+    return tokens.detokenize(body)
+
+
+@vllm_routes.get("/version")
+async def version(request: Request) -> dict[str, str]:
+    import vllm
+
+    return {"version": vllm.__version__, "t2serve": request.app.version}
