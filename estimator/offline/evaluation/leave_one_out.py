@@ -94,13 +94,9 @@ def leave_one_out(
             routes = [gate.route(s) for s in states[test]]
             scales = gate.margin_scale(states[test])
         # margin None: the fold's own, chosen on its validation split (margin_fit).
-        fold_margin = margin
-        if fold_margin is None:
-            fold_margin = fit_margin(
-                np.array([records[i]["accuracy"] for i in rest_val]),
-                head.predict_batch(states[rest_val]),
-                scales=gate.margin_scale(states[rest_val]) if gate is not None else None,
-            )["margin"]
+        fold_margin = (
+            margin if margin is not None else validation_margin(records, states, rest_val, head, gate)
+        )
         rows[held] = score_source(
             test_records,
             predictions,
@@ -127,6 +123,15 @@ def leave_one_out(
         "mean": mean_over_sources(rows),
         "margin_sweep": margin_sweep(rows),
     }
+
+
+def validation_margin(records: list[dict], states: np.ndarray, validation: np.ndarray, head, gate) -> float:
+    """The fold's T2 margin, chosen on its validation questions as `t2serve train` does."""
+    return fit_margin(
+        np.array([records[i]["accuracy"] for i in validation]),
+        head.predict_batch(states[validation]),
+        scales=gate.margin_scale(states[validation]) if gate is not None else None,
+    )["margin"]
 
 
 def fit_fold(
