@@ -25,14 +25,16 @@ POLL_S = 0.05
 
 
 class TokenBudget:
-    """One request's budget, shared by its prompts' sample groups. `limit=None`: none."""
+    """One request's budget, shared by its prompts' sample groups. `limit=None`: none.
+    `most` is the most tokens the request can generate at all (its samples' cap times their
+    max_tokens): a budget it cannot reach is not watched, so ordinary requests pay nothing."""
 
-    def __init__(self, engine: Any, limit: int | None):
+    def __init__(self, engine: Any, limit: int | None, most: int | None = None):
         self.engine = engine
-        self.limit = limit
+        self.limit = limit if limit is None or most is None or most > limit else None
         self.exhausted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._groups: list[SampleGroup] = []
-        self._watcher = asyncio.ensure_future(self._watch()) if limit is not None else None
+        self._watcher = asyncio.ensure_future(self._watch()) if self.limit is not None else None
 
     def watch(self, group: SampleGroup) -> None:
         if self.limit is not None:

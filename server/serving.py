@@ -191,7 +191,11 @@ class OpenAIServing:
         assert ctx.plan is not None
         # One deadline and one token budget for the whole request, all its prompts.
         deadline = Deadline(ctx.timeout_s)
-        budget = TokenBudget(self.engine, ctx.token_budget)
+        most = None
+        if ctx.token_budget is not None:  # then every sample's max_tokens is set (sampling.from_request)
+            plan = ctx.plan
+            most = plan.prompts * plan.n_choices * plan.cap * max(p.max_tokens for p, _ in ctx.sampling)
+        budget = TokenBudget(self.engine, ctx.token_budget, most=most)
         tasks = [
             asyncio.ensure_future(
                 self.thinker.run(

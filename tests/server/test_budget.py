@@ -120,3 +120,15 @@ async def test_the_server_bounds_each_request_by_its_token_budget(engine, server
         assert reply["choices"][0]["finish_reason"] == "length"
         assert metric("t2serve_budget_exhausted_total") >= 1
     assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
+
+
+async def test_a_budget_the_request_cannot_reach_is_not_watched():
+    engine = ScriptedEngine(lambda i: Hang(7))
+    unreachable = TokenBudget(engine, 100, most=100)  # every sample at max_tokens: exactly the budget
+    reachable = TokenBudget(engine, 100, most=101)
+    try:
+        assert unreachable.limit is None and unreachable._watcher is None
+        assert reachable.limit == 100 and reachable._watcher is not None
+    finally:
+        await unreachable.close()
+        await reachable.close()
