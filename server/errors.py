@@ -50,6 +50,17 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def check_model(requested: str | None, served: str) -> None:
+    """404 when a request names a model this server does not serve (None: it names none)."""
+    if requested is not None and requested != served:
+        raise APIError(
+            404,
+            f"The model `{requested}` does not exist. Available: `{served}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
 def engine_dead_error() -> APIError:
     return APIError(503, "the inference engine has stopped; the server is shutting down", code="engine_dead")
 

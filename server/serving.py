@@ -25,7 +25,7 @@ from server import aggregation, metrics, prompts, result, sampling, vllm_openai
 from server.budget import TokenBudget
 from server.config import ServerSettings
 from server.engine.engine import Engine, EngineDead, EngineRejected
-from server.errors import APIError, engine_dead_error, error_event
+from server.errors import APIError, check_model, engine_dead_error, error_event
 from server.parallel import Deadline, ParallelThinker, Plan
 from server.protocol import (
     ChatChoice,
@@ -87,19 +87,10 @@ class OpenAIServing:
         ctx.sampling = [self.sampling_params(request, len(p), ctx.token_budget) for p in ctx.prompts]
         ctx.timeout_s = self.timeout_s(request)
 
-    def check_model(self, name: str) -> None:
-        if name != self.engine.info.name:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist. Available: `{self.engine.info.name}`.",
-                param="model",
-                code="model_not_found",
-            )
-
     def plan(self, request: SamplingFields) -> Plan:
         """How the request samples (server.parallel.Plan), resolved once; 404 for another
         model, 400 for fields t2serve cannot honour or a plan that cannot run."""
-        self.check_model(request.model)
+        check_model(request.model, self.engine.info.name)
         body = sampling.request_body(request)
         chat = isinstance(request, ChatCompletionRequest)
         vllm_openai.check_fields(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from server import prompts
-from server.errors import APIError
+from server.errors import APIError, check_model
 from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -63,13 +63,7 @@ class Tokens:
         return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
 
     def _check(self, request: Any) -> None:
-        if request.model is not None and request.model != self.model_name:
-            raise APIError(
-                404,
-                f"The model `{request.model}` does not exist. Available: `{self.model_name}`.",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(request.model, self.model_name)
         for name in REFUSED_FIELDS:
             if (request.model_extra or {}).get(name) is not None:
                 raise APIError(
