@@ -23,6 +23,7 @@ import numpy as np
 
 from estimator.offline.engine_runs import EngineRuns, consensus, extract_answer, model_identity
 from estimator.offline.inputs.grading import Grader
+from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, Problem
 from estimator.offline.labels.targets import (
     TYPES,
     expected_accuracy,
@@ -30,7 +31,6 @@ from estimator.offline.labels.targets import (
     sample_optimal_n,
     sample_type,
 )
-from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, Problem
 
 LABELS_FILE = "labels.json"
 

@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from estimator.offline.labels.labeling import LabelConfig, load_labels, run_labeling, shard_complete, shard_paths
 from estimator.offline.inputs.problems import generate
+from estimator.offline.labels.labeling import (
+    LabelConfig,
+    load_labels,
+    run_labeling,
+    shard_complete,
+    shard_paths,
+)
 
 
 async def test_label_writes_verifiable_resumable_shards(engine, tmp_path, capsys):
