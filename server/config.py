@@ -185,16 +185,69 @@ class LimitSettings(BaseModel):
     )
 
 
+class ResponsesSettings(BaseModel):
+    """/v1/responses: the in-memory store behind `store`, GET /v1/responses/{id} and
+    `previous_response_id` (one per process: a continuation must reach the same replica)."""
+
+    store: bool = Field(
+        default=True,
+        description="the response store (GET /v1/responses/{id}, previous_response_id); when off, a "
+        "request with store=true gets a 400",
+    )
+    response_store_size: int = Field(
+        default=1024, ge=1, description="responses the store holds; a request with store=true beyond it: 400"
+    )
+    response_store_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds a stored response is kept (a full store frees expired ones)",
+    )
+
+
+class RecordingSettings(BaseModel):
+    """Exploration and traffic records: the label store the server learns from (docs/estimator.md)."""
+
+    explore_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of 'auto' requests sent to N_max samples and recorded (needs --record-dir)",
+    )
+    record_dir: str | None = Field(
+        default=None,
+        description="label store folder traffic records are appended to (shared by every replica); none: "
+        "no recording",
+    )
+    record_text: bool = Field(
+        default=False, description="keep prompt and completion text in records (off: never written)"
+    )
+    record_queue: int = Field(
+        default=256,
+        ge=1,
+        description="records waiting for the writer; beyond it a record is dropped and counted",
+    )
+    replica: str | None = Field(
+        default=None, description="this replica's name in shard names (default: host name and process id)"
+    )
+
+
 class ServerSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, description="port to listen on")
     engine: EngineSettings
     parallelism: ParallelismSettings = ParallelismSettings()
     limits: LimitSettings = LimitSettings()
+    responses: ResponsesSettings = ResponsesSettings()
+    recording: RecordingSettings = RecordingSettings()
     api_keys: list[str] = Field(
         default=[],
         description="accept this Bearer key on /v1/* (repeatable; also T2SERVE_API_KEYS=k1,k2); none: no "
         "auth (/health is always open)",
+    )
+    admin_keys: list[str] = Field(
+        default=[],
+        description="accept this Bearer key on /admin/* and for admin-only request fields (repeatable; "
+        "also T2SERVE_ADMIN_KEYS=k1,k2); none: those are refused",
     )
     metrics_auth: bool = Field(default=False, description="require an API key on /metrics too")
     default_max_tokens: int | None = Field(

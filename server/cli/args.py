@@ -30,6 +30,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Fields whose flag is not `--` + the field's name.
 FLAG_NAMES = {
     "api_keys": "--api-key",  # repeatable: one key per flag
+    "admin_keys": "--admin-key",
     "cpu_kvcache_space_gib": "--cpu-kvcache-space",
     "queue_timeout_s": "--queue-timeout",
     "request_timeout_s": "--request-timeout",
@@ -37,7 +38,11 @@ FLAG_NAMES = {
     "sse_keepalive_s": "--sse-keepalive",
 }
 # Booleans that are on by default, turned off by one flag (as vLLM spells them).
-OFF_SWITCHES = {"enable_prefix_caching": "--no-prefix-caching", "log_stats": "--disable-log-stats"}
+OFF_SWITCHES = {
+    "enable_prefix_caching": "--no-prefix-caching",
+    "log_stats": "--disable-log-stats",
+    "store": "--no-store",
+}
 # Settings the command line leaves at their defaults.
 NO_FLAG = {"enable_chunked_prefill", "capture_timeout_s"}
 # Choices a `str` field's flag accepts.

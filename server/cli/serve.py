@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from server.cli.args import add_settings_flags, configure_logging, engine_settings, settings_from
-from server.config import EngineSettings, LimitSettings, ParallelismSettings, ServerSettings
+from server.config import (
+    EngineSettings,
+    LimitSettings,
+    ParallelismSettings,
+    RecordingSettings,
+    ResponsesSettings,
+    ServerSettings,
+)
 
 # Exit statuses: start-up failed (uvicorn's own code), the engine died while serving (an
 # orchestrator should restart the server).
@@ -31,6 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(serve, EngineSettings, "engine (passed to vLLM)")
     add_settings_flags(serve, ParallelismSettings, "parallel thinking")
     add_settings_flags(serve, LimitSettings, "limits (docs/operating.md)")
+    add_settings_flags(serve, ResponsesSettings, "/v1/responses")
+    add_settings_flags(serve, RecordingSettings, "exploration and traffic records")
     serve.set_defaults(run=serve_command)
 
     prepare = sub.add_parser(
@@ -49,10 +58,17 @@ def serve_settings(args: argparse.Namespace) -> ServerSettings:
         parse_policy(args.policy, fixed_n=1, margin=1.0)
     except ValueError as exc:
         raise SystemExit(f"t2serve: --policy: {exc}") from None
-    env_keys = [k.strip() for k in os.environ.get("T2SERVE_API_KEYS", "").split(",") if k.strip()]
     return settings_from(
-        ServerSettings, args, engine=engine_settings(args), api_keys=[*args.api_keys, *env_keys]
+        ServerSettings,
+        args,
+        engine=engine_settings(args),
+        api_keys=[*args.api_keys, *_env_keys("T2SERVE_API_KEYS")],
+        admin_keys=[*args.admin_keys, *_env_keys("T2SERVE_ADMIN_KEYS")],
     )
+
+
+def _env_keys(variable: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()]
 
 
 def serve_command(args: argparse.Namespace) -> None:
