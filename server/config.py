@@ -30,8 +30,31 @@ class EngineSettings(BaseModel):
     )
     seed: int = Field(default=0, description="vLLM's seed (`t2serve label`: also the problems' and samples')")
     max_model_len: int | None = Field(default=None, description="context length (default: the model's)")
-    tensor_parallel_size: int = Field(default=1, description="GPUs one replica spans (tensor parallel)")
-    pipeline_parallel_size: int = Field(default=1, description="pipeline stages (capture needs 1)")
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="ranks each pipeline stage spans (tensor parallel; GPUs, or CPU core groups)",
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="pipeline stages; each taps its own layers and the states are assembled"
+    )
+    data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="engine cores, each a full copy of the model, that vLLM balances requests over "
+        "(data parallel); captures are matched whichever core ran the request",
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None,
+        description="as in vLLM: mp (worker processes on this host) or ray (workers on a Ray cluster, "
+        "other hosts too: set --capture-address)",
+    )
+    capture_address: str | None = Field(
+        default=None,
+        description="HOST:PORT the capture channel listens on over TCP, HOST being this host's address "
+        "as workers on other hosts reach it (Ray across nodes; port 0: any free one); default: a local "
+        "socket",
+    )
     gpu_memory_utilization: float = Field(default=0.9, description="share of GPU memory vLLM may use")
     # False: torch.compile (and CUDA graphs on GPU), vLLM's default; the capture tap is
     # compiled into the graph (server/engine/capture.py).

@@ -127,3 +127,12 @@ ESTIMATOR_FALLBACKS = Counter(
 for _reason in ("load", "predict", "temperature"):  # exported at 0 before any request
     ESTIMATOR_FALLBACKS.labels(_reason)
 ENGINE_HEALTHY = Gauge("t2serve_engine_healthy", "1 while the vLLM engine is alive, 0 once it died.")
+# -- hidden-state capture across pipeline stages and engine cores (server/engine/capture.py) --
+CAPTURE_DROPPED = Counter(
+    "t2serve_capture_dropped",
+    "Captures that fell back to the default N at once, by reason: slots (more captures in one step "
+    "than --capture-slots) or part_missing (a pipeline stage's part of the states never arrived).",
+    ["reason"],
+)
+for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
+    CAPTURE_DROPPED.labels(_reason)

@@ -29,8 +29,15 @@ is always computed and a fully cached prompt still yields its states.
 
 Wire format and the opt-in keys: server/engine/capture.py.
 
-Limits: pipeline parallelism is not supported (each stage holds only its own layers); on
-GPU the V1 model runner is needed (the V2 runner has no `_model_forward`/`input_batch`).
+Parallelism: under pipeline parallelism each stage taps only the layers it computes (the
+others are vLLM's `PPMissingLayer` placeholders) and sends that part with its first layer;
+the front end assembles `[L, d]` (server/engine/capture.py). Under tensor parallelism the
+first tensor-parallel rank of each stage sends (every rank holds the same reduced residual
+stream). Each data-parallel engine core has its own workers; all push to the one receiver,
+which matches captures by tag whichever core ran the request.
+
+Limits: the V1 model runner is needed (the V2 runner has no `_model_forward`/`input_batch`;
+server/engine/engine.py refuses VLLM_USE_V2_MODEL_RUNNER=1).
 """
 
 from __future__ import annotations
@@ -49,6 +56,17 @@ from server.engine.capture import CAPTURE_KEY, CONFIG_KEY
 logger = logging.getLogger(__name__)
 
 
+def owned_layers(layers: torch.nn.ModuleList) -> tuple[int, int]:
+    """`(first, end)`: the decoder layers this pipeline stage computes; vLLM fills the rest of
+    the stack with `PPMissingLayer` placeholders (one stage: all of it)."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    owned = [i for i, layer in enumerate(layers) if not isinstance(layer, PPMissingLayer)]
+    if not owned or owned != list(range(owned[0], owned[-1] + 1)):
+        raise RuntimeError(f"t2serve capture: this stage's layers are not one run: {owned}")
+    return owned[0], owned[-1] + 1
+
+
 def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layer stack of a vLLM decoder-only model (Llama, Qwen, Mistral, ...)."""
     for path in ("model.layers", "language_model.model.layers", "transformer.h", "model.decoder.layers"):
@@ -63,11 +81,22 @@ def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class ResidualTap:
-    """Persistent, fixed-shape capture buffers of one worker. Their addresses never change
-    after the model is loaded, which is what lets a captured CUDA graph write into them."""
+    """Persistent, fixed-shape capture buffers of one worker: `num_layers` layers from
+    `first_layer` (its pipeline stage's) of a model of `total_layers`. Their addresses never
+    change after the model is loaded, which is what lets a captured CUDA graph write into them."""
 
-    def __init__(self, num_layers: int, hidden_size: int, slots: int, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        slots: int,
+        device: torch.device,
+        first_layer: int = 0,
+        total_layers: int | None = None,
+    ):
         self.num_layers = num_layers
+        self.first_layer = first_layer
+        self.total_layers = total_layers if total_layers is not None else num_layers
         self.hidden_size = hidden_size
         self.slots = slots
         self.rows = torch.zeros(slots, dtype=torch.long, device=device)
@@ -136,12 +165,22 @@ def install_tap(runner: Any) -> None:
         return
     register_op()
     layers = find_decoder_layers(runner.get_model())
+    first, end = owned_layers(layers)
     hidden = int(runner.model_config.hf_config.hidden_size)
-    _TAP = ResidualTap(len(layers), hidden, int(config["slots"]), torch.device(runner.device))
-    for index, layer in enumerate(layers):
-        layer.register_forward_hook(_layer_hook(index))
+    _TAP = ResidualTap(
+        end - first, hidden, int(config["slots"]), torch.device(runner.device), first, len(layers)
+    )
+    for index in range(first, end):
+        # The op's layer is the tap's own row: this stage's buffer holds its layers only.
+        layers[index].register_forward_hook(_layer_hook(index - first))
     runner._t2_planner = StepPlanner(runner, _TAP)
-    logger.info("t2serve capture: tap on %d layers, %d slots per step", len(layers), _TAP.slots)
+    logger.info(
+        "t2serve capture: tap on layers %d..%d of %d, %d slots per step",
+        first,
+        end - 1,
+        len(layers),
+        _TAP.slots,
+    )
 
 
 class StepPlanner:
@@ -199,16 +238,20 @@ class StepPlanner:
 
 
 class Sender:
-    """Pushes captured states to the front end. On CUDA the device-to-host copy is started
-    asynchronously and a thread waits for it; elsewhere the rows are sent inline."""
+    """Pushes captured states (this stage's layers from `first_layer`, of `total_layers`) to
+    the front end. On CUDA the device-to-host copy is started asynchronously and a thread
+    waits for it; elsewhere the rows are sent inline, before the stage hands its activations
+    on (the receiver's missing-part rule relies on that order)."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, first_layer: int, total_layers: int):
         import zmq
 
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 10_000)
         self._socket.connect(endpoint)
+        self._first_layer = first_layer
+        self._total_layers = total_layers
         self._queue: queue.SimpleQueue[tuple[list[tuple[str, int]], torch.Tensor, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # zmq sockets are not thread-safe
@@ -240,7 +283,14 @@ class Sender:
 
     def _push(self, plan: list[tuple[str, int]], states: np.ndarray) -> None:
         for (tag, _), rows in zip(plan, states, strict=True):
-            header = json.dumps({"shape": list(rows.shape), "dtype": "float32"}).encode()
+            header = json.dumps(
+                {
+                    "shape": list(rows.shape),
+                    "dtype": "float32",
+                    "first_layer": self._first_layer,
+                    "total_layers": self._total_layers,
+                }
+            ).encode()
             self._send_parts([tag.encode(), header, np.ascontiguousarray(rows).tobytes()])
 
     def _send_parts(self, parts: list[bytes]) -> None:
@@ -295,17 +345,26 @@ class HiddenStateCapture:
 
     All attributes carry a `_t2` prefix because this class is mixed into vLLM's Worker."""
 
-    def t2_capture_install(self, endpoint: str) -> dict[str, int]:
+    def t2_capture_install(self, endpoint: str) -> dict[str, Any]:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         model_runner = self.model_runner  # type: ignore[attr-defined]
         planner: StepPlanner | None = getattr(model_runner, "_t2_planner", None)
         if planner is None:
             raise RuntimeError("t2serve capture: the engine was started without the capture tap")
-        # Only one tensor-parallel rank sends: after the all-reduce every rank holds the
-        # same residual stream.
-        rank = int(getattr(self, "rank", 0))
-        if rank == 0 and planner.sender is None:
-            planner.sender = Sender(endpoint)
-        return {"num_layers": planner.tap.num_layers, "hidden_size": planner.tap.hidden_size, "rank": rank}
+        tap = planner.tap
+        # One tensor-parallel rank per pipeline stage sends: after the all-reduce every rank
+        # of a stage holds the same residual stream.
+        sends = get_tensor_model_parallel_rank() == 0
+        if sends and planner.sender is None:
+            planner.sender = Sender(endpoint, tap.first_layer, tap.total_layers)
+        return {
+            "num_layers": tap.total_layers,
+            "hidden_size": tap.hidden_size,
+            "layers": [tap.first_layer, tap.first_layer + tap.num_layers],
+            "sends": sends,
+            "rank": int(getattr(self, "rank", 0)),
+        }
 
 
 install_runner_patches()

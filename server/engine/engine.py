@@ -22,6 +22,7 @@ import numpy as np
 from server import vllm_openai
 from server.config import EngineSettings
 from server.engine.capture import WORKER_EXTENSION, CaptureReceiver, capture_config
+from server.engine.parallel import check_stage_parts, refuse_unsupported
 from server.engine.platform import CPU_BLOCK_SIZE, apply_cpu_environment, on_cpu, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,9 @@ class Engine:
             apply_cpu_environment(settings)
         # On GPU vLLM's Model Runner V2 is the default for dense models, and the capture
         # patches the V1 runner (CPU uses V1 anyway). Spawned engine processes
-        # inherit the environment; a value the user exported wins.
+        # inherit the environment; a value the user exported wins, or is refused.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        if settings.pipeline_parallel_size != 1:
-            raise ValueError("hidden-state capture needs --pipeline-parallel-size 1")
+        refuse_unsupported(settings, cpu)
         block_size = settings.block_size or (CPU_BLOCK_SIZE if cpu else None)
         dtype = resolve_dtype(settings.dtype, cpu)
         if dtype != settings.dtype:
@@ -124,6 +124,9 @@ class Engine:
             generation_config=settings.generation_config,
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            data_parallel_size=settings.data_parallel_size,
+            distributed_executor_backend=settings.distributed_executor_backend,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
             block_size=block_size,
@@ -143,14 +146,22 @@ class Engine:
             # turned off as with vLLM's --disable-log-stats.
             disable_log_stats=not settings.log_stats,
         )
-        llm = AsyncLLM.from_engine_args(args)
-        receiver = CaptureReceiver()
+        # Bound before the engine starts: a --capture-address in use fails in a second, not
+        # after minutes of start-up.
+        receiver = CaptureReceiver(settings.capture_address)
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            await receiver.close()
+            raise
         try:
             receiver.start()
             config = llm.model_config
             if settings.capture:
+                # Every worker of every engine core connects (vLLM answers with the first
+                # core's workers): one sender per pipeline stage, whose parts tile the layers.
                 workers = await llm.collective_rpc("t2_capture_install", args=(receiver.endpoint,))
-                num_layers, hidden_size = int(workers[0]["num_layers"]), int(workers[0]["hidden_size"])
+                num_layers, hidden_size = check_stage_parts(workers)
             else:
                 num_layers = int(config.hf_config.num_hidden_layers)
                 hidden_size = int(config.hf_config.hidden_size)
@@ -180,9 +191,10 @@ class Engine:
 
     async def self_test(self) -> dict[str, Any]:
         """Capture one known prompt end to end, as a request would, and check the states:
-        `[num_layers, hidden_size]`, finite, not all zero. Raises CaptureSelfTestError
-        naming the model and the mode, so a server never starts with a capture that
-        silently produces nothing (then every `auto` request would wait for states)."""
+        `[num_layers, hidden_size]` (assembled from every pipeline stage), finite, not all
+        zero. Raises CaptureSelfTestError naming the model and the mode, so a server never
+        starts with a capture that silently produces nothing (then every `auto` request
+        would wait for states)."""
         states = await self.prompt_states(list(self.tokenizer.encode(SELF_TEST_PROMPT)))
         expected = (self.info.num_layers, self.info.hidden_size)
         where = f"model {self.info.name!r} in {self.mode} mode ({self.info.dtype})"
@@ -237,7 +249,8 @@ class Engine:
 
     @property
     def capture_messages(self) -> int:
-        """Capture messages the workers have pushed so far (one per captured request)."""
+        """Capture messages the workers have pushed so far (one per captured request and
+        pipeline stage)."""
         return self._receiver.messages
 
     def verify(self, params: Any) -> None:

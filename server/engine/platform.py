@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from server.config import EngineSettings
+from server.engine.parallel import cpu_threads_bind, ranks_per_engine_core
 
 # Defaults that make vLLM work well on a small CPU box; applied only on the CPU platform.
 CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; the default 128 caches little.
@@ -50,4 +51,8 @@ def apply_cpu_environment(settings: EngineSettings) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
     # vLLM binds one core and reserves another by default; on small boxes use them all.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or f"0-{cores - 1}")
+    # One `|`-separated core list per rank of every engine core (data x tensor x pipeline).
+    ranks = settings.data_parallel_size * ranks_per_engine_core(settings)
+    os.environ.setdefault(
+        "VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or cpu_threads_bind(cores, ranks)
+    )

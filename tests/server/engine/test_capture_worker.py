@@ -171,7 +171,7 @@ async def test_states_and_drops_reach_the_receiver_over_the_socket():
     receiver = CaptureReceiver()
     receiver.start()
     try:
-        sender = capture_worker.Sender(receiver.endpoint)
+        sender = capture_worker.Sender(receiver.endpoint, first_layer=0, total_layers=3)
         kept, dropped = receiver.expect("kept"), receiver.expect("dropped")
         states = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(3, 2, 4)  # [L, requests, d]
         sender.send([("kept", 0), ("other", 5)], states)
@@ -181,5 +181,78 @@ async def test_states_and_drops_reach_the_receiver_over_the_socket():
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(dropped, 30)
         assert receiver.messages == 3
+        assert receiver.dropped == {"slots": 1}
     finally:
         await receiver.close()
+
+
+def dropped_total(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("t2serve_capture_dropped_total", {"reason": reason}) or 0.0
+
+
+async def test_pipeline_stages_parts_are_assembled_in_layer_order_over_tcp():
+    """Two stages (layers 0-2 and 3-4 of 5) push their parts over the TCP channel that
+    workers on other hosts use; the later stage's part may come first."""
+    receiver = CaptureReceiver("127.0.0.1:0")
+    receiver.start()
+    try:
+        assert receiver.endpoint.startswith("tcp://127.0.0.1:") and not receiver.endpoint.endswith(":0")
+        first = capture_worker.Sender(receiver.endpoint, first_layer=0, total_layers=5)
+        last = capture_worker.Sender(receiver.endpoint, first_layer=3, total_layers=5)
+        future = receiver.expect("x")
+        full = torch.randn(5, 1, 4)  # [L, requests, d]
+        last.send([("x", 0)], full[3:])
+        first.send([("x", 0)], full[:3])
+        np.testing.assert_array_equal(await asyncio.wait_for(future, 30), full[:, 0].numpy())
+        assert receiver.dropped == {}
+    finally:
+        await receiver.close()
+
+
+async def test_a_stage_part_that_never_comes_falls_back_at_once_and_is_counted():
+    """The last stage's part is in and the socket holds nothing more: the first stage's part
+    was lost (it would have been pushed before the last stage ran), so the waiter is
+    cancelled without waiting for a timeout or for any other message."""
+    receiver = CaptureReceiver()
+    receiver.start()
+    try:
+        last = capture_worker.Sender(receiver.endpoint, first_layer=3, total_layers=5)
+        future = receiver.expect("lost")
+        before = dropped_total("part_missing")
+        last.send([("lost", 0)], torch.randn(2, 1, 4))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(future, 30)  # cancelled: the dropped capture, not a timeout
+        assert receiver.dropped == {"part_missing": 1}
+        assert dropped_total("part_missing") == before + 1
+        assert "lost" not in receiver._parts  # nothing kept for a capture given up on
+    finally:
+        await receiver.close()
+
+
+async def test_a_first_stage_part_alone_waits_for_the_rest():
+    """Only the last stage's part ends a step's capture: an earlier stage's part alone keeps
+    the request waiting for the later stages (they run after it)."""
+    receiver = CaptureReceiver()  # not started: the message is handed in directly
+    try:
+        future = receiver.expect("early")
+        header = b'{"shape": [3, 4], "dtype": "float32", "first_layer": 0, "total_layers": 5}'
+        receiver.receive([b"early", header, np.zeros((3, 4), np.float32).tobytes()])
+        assert not future.done() and not receiver._last_stage_in
+    finally:
+        await receiver.close()
+
+
+def test_owned_layers_are_the_stage_s_run_of_real_layers():
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    stage = torch.nn.ModuleList(
+        [PPMissingLayer(), PPMissingLayer(), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    )
+    assert capture_worker.owned_layers(stage) == (2, 4)
+    assert capture_worker.owned_layers(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 3)) == (0, 3)
+    with pytest.raises(RuntimeError, match="not one run"):
+        capture_worker.owned_layers(
+            torch.nn.ModuleList([torch.nn.Linear(2, 2), PPMissingLayer(), torch.nn.Linear(2, 2)])
+        )
