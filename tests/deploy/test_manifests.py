@@ -259,8 +259,9 @@ def test_k8s_deployment_runs_valid_arguments_with_gpus_and_health_probes():
     assert args.port == PORT and args.host == "0.0.0.0"
 
     gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-    assert gpus >= 1 and args.tensor_parallel_size == gpus, "one replica = TP size GPUs"
-    assert args.pipeline_parallel_size == 1, "hidden-state capture needs pipeline parallel size 1"
+    assert gpus >= 1 and args.tensor_parallel_size * args.pipeline_parallel_size == gpus, (
+        "one replica = TP x PP GPUs on one node"
+    )
 
     [port] = container["ports"]
     assert port["containerPort"] == PORT
@@ -293,3 +294,88 @@ def test_k8s_selectors_and_ports_line_up():
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == service_port["name"]
     assert endpoint["path"] == "/metrics" and "/metrics" in app_routes()
+
+
+def container_argv(container: dict, env: dict[str, str]) -> list[str]:
+    """A `sh -c` container's command as words, with `$NAME` replaced from `env`."""
+    assert container["command"][:2] == ["sh", "-c"]
+    script = container["command"][2]
+    for key, value in env.items():
+        script = script.replace(f"${key}", value)
+    return shlex.split(script)
+
+
+def test_hpa_scales_the_deployment_on_t2serve_gauges_the_adapter_serves():
+    objects = k8s_objects()
+    hpa, deployment = objects["HorizontalPodAutoscaler"], objects["Deployment"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    rules = load_yaml(K8S / "autoscaling/prometheus-adapter-values.yaml")["rules"]["custom"]
+    served = {rule["name"]["as"]: rule for rule in rules}
+    exported = exported_metric_names()  # registers the metrics
+    import prometheus_client
+
+    gauges = {family.name for family in prometheus_client.REGISTRY.collect() if family.type == "gauge"}
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+        name = metric["pods"]["metric"]["name"]
+        rule = served[name]  # the adapter serves it ...
+        assert re.fullmatch(rule["name"]["matches"], name) and rule["seriesQuery"].startswith(name + "{")
+        assert name in exported  # ... from a t2serve gauge (a per-pod level, not a counter)
+        assert name in gauges, name
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    # Engine start takes minutes: scaling down waits longer than a start may take.
+    startup = deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    window = hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+    assert window >= startup["periodSeconds"] * startup["failureThreshold"]
+
+
+def test_every_replica_records_into_one_shared_label_store():
+    objects = k8s_objects()
+    claim, config = objects["PersistentVolumeClaim"], objects["ConfigMap"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "all replicas write at once"
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v.get("persistentVolumeClaim")]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    [container] = pod["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    args = serve_args(container_argv(container, config["data"])[1:])
+    assert args.record_dir == mount["mountPath"] and not mount.get("readOnly")
+    assert args.replica is None, "each pod names its shards after its host name (the pod name)"
+
+
+def test_multinode_example_runs_tp_x_pp_over_ray_with_a_tcp_capture_channel():
+    multinode = K8S / "multinode"
+    assert load_yaml(multinode / "kustomization.yaml")["resources"] == ["leaderworkerset.yaml"]
+    objects = {
+        doc["kind"]: doc for doc in yaml.safe_load_all((multinode / "leaderworkerset.yaml").read_text())
+    }
+    lws, service = objects["LeaderWorkerSet"], objects["Service"]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    leader = template["leaderTemplate"]
+    [container] = leader["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    argv = container_argv(container, {"POD_IP": "10.0.0.7"})
+    assert argv[:4] == ["ray", "start", "--head", "--port=6379"]
+    serve = argv[argv.index("exec") + 1 :]
+    args = serve_args(serve)
+    assert (args.host, args.port) == ("0.0.0.0", PORT)
+    assert args.distributed_executor_backend == "ray"
+    gpus_per_pod = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert args.tensor_parallel_size == gpus_per_pod, "tensor parallel inside a node"
+    assert args.pipeline_parallel_size == template["size"], "one pipeline stage per pod"
+    host, port = args.capture_address.rsplit(":", 1)
+    assert host == "10.0.0.7", "the leader's pod IP, reachable from the worker pod"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["capture"] == int(port) and ports["http"] == PORT and ports["ray"] == 6379
+    [worker] = template["workerTemplate"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == gpus_per_pod
+    worker_argv = container_argv(worker, {"LWS_LEADER_ADDRESS": "leader"})
+    assert worker_argv[:3] == ["exec", "ray", "start"] and f"--address=leader:{ports['ray']}" in worker_argv
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert args.record_dir == mounts["labels"] and args.model.startswith(mounts["models"] + "/")
+    assert service["spec"]["selector"].items() <= leader["metadata"]["labels"].items()
+    assert leader["metadata"]["labels"]["role"] != template["workerTemplate"]["metadata"]["labels"]["role"]
+    assert service["spec"]["ports"][0]["targetPort"] in ports
