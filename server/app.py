@@ -26,11 +26,13 @@ from server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DeletedResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    ResponsesCreateRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -224,6 +226,42 @@ async def completions(
     body: CompletionRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
 ) -> Response:
     return await handle(request, RequestContext("completion", body), serving)
+
+
+# /v1/responses: a Responses request runs as the chat request it becomes (server.responses);
+# stored responses live in the serving object's store (server.response_store).
+@openai_routes.post("/responses", responses=ERRORS)
+async def create_response(
+    body: ResponsesCreateRequest, request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]
+) -> Response:
+    return await handle(request, RequestContext("responses", body), serving)
+
+
+@openai_routes.get("/responses/{response_id}", responses=ERRORS)
+async def get_response(response_id: str, serving: Annotated[OpenAIServing, Depends(get_serving)]) -> Response:
+    return JSONResponse(serving.response_store.response(response_id))
+
+
+@openai_routes.delete("/responses/{response_id}", response_model=DeletedResponse, responses=ERRORS)
+async def delete_response(
+    response_id: str, serving: Annotated[OpenAIServing, Depends(get_serving)]
+) -> DeletedResponse:
+    serving.response_store.delete(response_id)
+    return DeletedResponse(id=response_id)
+
+
+@openai_routes.post("/responses/{response_id}/cancel", responses=ERRORS)
+async def cancel_response(
+    response_id: str, serving: Annotated[OpenAIServing, Depends(get_serving)]
+) -> Response:
+    serving.response_store.response(response_id)  # 404 when it holds none
+    raise APIError(
+        400,
+        "Cannot cancel a synchronous response: only background responses can be cancelled, and t2serve "
+        "runs none",
+        param="response_id",
+        code="invalid_value",
+    )
 
 
 @vllm_routes.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

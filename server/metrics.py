@@ -136,3 +136,20 @@ CAPTURE_DROPPED = Counter(
 )
 for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
     CAPTURE_DROPPED.labels(_reason)
+# -- /v1/responses (server.response_store) --
+RESPONSE_STORE = Counter(
+    "t2serve_response_store",
+    "Response store outcomes: stored, skipped_full (store left out, no room: not stored), "
+    "refused_full / refused_off (store=true: 400), expired, deleted, previous_missing "
+    "(previous_response_id not held: 400).",
+    ["outcome"],
+)
+# -- hidden-state capture across pipeline stages and engine cores (server/engine/capture.py) --
+CAPTURE_DROPPED = Counter(
+    "t2serve_capture_dropped",
+    "Captures that fell back to the default N at once, by reason: slots (more captures in one step "
+    "than --capture-slots) or part_missing (a pipeline stage's part of the states never arrived).",
+    ["reason"],
+)
+for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
+    CAPTURE_DROPPED.labels(_reason)

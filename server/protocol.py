@@ -187,6 +187,40 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+# -- /v1/responses (server.responses) ---------------------------------------------------
+
+
+class ResponsesCreateRequest(OpenAIModel):
+    """POST /v1/responses as routed: OpenAI's Responses fields, typed loosely here. vLLM's own
+    ResponsesRequest then reads the items, tools and formats (server.vllm_openai), and the
+    chat request they become checks the rest: t2serve's extension fields (parallelism,
+    policy, aggregate, max_total_tokens, timeout, ...) and vLLM's sampling extras arrive as
+    extra fields and mean what they mean in chat."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool | None = None  # None: stored when the store has room (the response says which)
+    previous_response_id: str | None = None
+    stream: bool = False
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: Literal[True] = True
+
+
 # -- responses -------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -27,9 +27,10 @@ from sse_starlette import EventSourceResponse
 from server import metrics
 from server.admission import Admission, Ticket
 from server.parallel import Plan
-from server.protocol import SamplingFields
+from server.protocol import ResponsesCreateRequest, SamplingFields
 
 if TYPE_CHECKING:
+    from server.responses import ResponsesTurn
     from server.serving import OpenAIServing, PromptSampling
 
 T = TypeVar("T")
@@ -39,8 +40,8 @@ T = TypeVar("T")
 class RequestContext:
     """One request, from its route to its response."""
 
-    endpoint: Literal["chat", "completion"]
-    request: SamplingFields
+    endpoint: Literal["chat", "completion", "responses"]
+    request: SamplingFields | ResponsesCreateRequest  # prepare turns a Responses request into chat's
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
     # Prepared before admission (server.serving.OpenAIServing.prepare).
@@ -49,6 +50,8 @@ class RequestContext:
     sampling: list[PromptSampling] = field(default_factory=list)  # per prompt
     timeout_s: float | None = None
     token_budget: int | None = None  # tokens all samples may generate together (server.budget)
+    responses: ResponsesTurn | None = None  # /v1/responses: the turn its chat request came from
+    on_done: list[Callable[[], None]] = field(default_factory=list)  # run once it settles
     # Admission, then the outcome.
     ticket: Ticket | None = None
     admitted: float | None = None
@@ -68,6 +71,8 @@ class RequestContext:
         self.finished = True
         if self.ticket is not None:
             self.ticket.release()
+        for settle in self.on_done:
+            settle()
         metrics.REQUESTS_IN_FLIGHT.dec()
         metrics.REQUESTS.labels(self.endpoint, self.mode, outcome).inc()
         metrics.REQUEST_SECONDS.labels(self.endpoint).observe(time.monotonic() - self.started)
@@ -111,7 +116,7 @@ async def handle(request: Request, ctx: RequestContext, serving: OpenAIServing) 
     if isinstance(result, AsyncIterator):
         return TrackedStream(result, ctx, serving.settings.limits.sse_keepalive_s)
     ctx.done("ok")
-    return JSONResponse(result.model_dump())
+    return JSONResponse(result.model_dump(by_alias=True))  # by_alias: openai's Response types
 
 
 class TrackedStream(EventSourceResponse):

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server import aggregation, metrics, prompts, result, sampling, vllm_openai
+from server import aggregation, metrics, prompts, response_events, responses, result, sampling, vllm_openai
 from server.budget import TokenBudget
 from server.config import ServerSettings
 from server.engine.engine import Engine, EngineDead, EngineRejected
@@ -39,9 +39,11 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ResponsesCreateRequest,
     SamplingFields,
 )
 from server.requests import RequestContext
+from server.response_store import ResponseStore
 from server.result import ThinkingResult
 from server.samples import Sample
 
@@ -62,12 +64,17 @@ class OpenAIServing:
             reasoning=settings.parallelism.reasoning_parser,
             tool_call=settings.parallelism.tool_call_parser,
         )
+        # /v1/responses: stored responses (GET, DELETE, previous_response_id).
+        self.response_store = ResponseStore(settings.responses)
 
     # -- prepare: every check, before admission -------------------------------------------
 
     def prepare(self, ctx: RequestContext) -> None:
         """Fill `ctx` with the plan, prompts and sampling params; 404 for another model,
         400 naming the field for anything that cannot run."""
+        if isinstance(ctx.request, ResponsesCreateRequest):
+            self.prepare_responses(ctx, ctx.request)
+            return
         request = ctx.request
         ctx.plan = self.plan(request)
         if isinstance(request, ChatCompletionRequest):
@@ -86,6 +93,19 @@ class OpenAIServing:
         ctx.token_budget = self.token_budget(request)
         ctx.sampling = [self.sampling_params(request, len(p), ctx.token_budget) for p in ctx.prompts]
         ctx.timeout_s = self.timeout_s(request)
+
+    def prepare_responses(self, ctx: RequestContext, body: ResponsesCreateRequest) -> None:
+        """/v1/responses: the chat request it becomes, prepared as chat (400s under the
+        Responses names), then room in the store if it is to be stored."""
+        turn = responses.begin(body, self.response_store, self.engine.info.name)
+        ctx.responses, ctx.request = turn, turn.chat
+        try:
+            self.prepare(ctx)
+        except APIError as exc:
+            responses.rename(exc)
+            raise
+        turn.stored = self.response_store.reserve(turn.id, turn.asked_store)
+        ctx.on_done.append(lambda: self.response_store.release(turn.id))
 
     def plan(self, request: SamplingFields) -> Plan:
         """How the request samples (server.parallel.Plan), resolved once; 404 for another
@@ -161,6 +181,12 @@ class OpenAIServing:
 
     async def run(self, ctx: RequestContext) -> Any:
         """The endpoint's response model, or its SSE stream (an async iterator of events)."""
+        if ctx.responses is not None:
+            turn = ctx.responses
+            if turn.stream:
+                return response_events.stream(turn, lambda: self._responses_outcome(ctx, turn, streamed=True))
+            response, _ = await self._responses_outcome(ctx, turn, streamed=False)
+            return response
         if isinstance(ctx.request, ChatCompletionRequest):
             if ctx.request.stream:
                 return self._chat_stream(ctx, ctx.request)
@@ -303,6 +329,20 @@ class OpenAIServing:
             return None
         return vllm_openai.chat_logprobs(
             winner.token_ids, winner.logprobs, request.top_logprobs or 0, self.engine.tokenizer
+        )
+
+    # -- responses ------------------------------------------------------------------------
+
+    async def _responses_outcome(
+        self, ctx: RequestContext, turn: responses.ResponsesTurn, streamed: bool
+    ) -> tuple[Any, list[Any]]:
+        """The vote, as a Response (and its item events when `streamed`), stored if it holds room."""
+        results = await self.think(ctx)
+        winner = results[0].choices[0].winner
+        message, _ = chat_message(winner, ctx.sampling[0][1])
+        usage, t2 = result.usage(results), result.t2_info(results, ctx.token_budget)
+        return responses.finish(
+            turn, message, winner.finish_reason, usage, t2, self.response_store, streamed=streamed
         )
 
     # -- completions ----------------------------------------------------------------------
