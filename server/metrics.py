@@ -144,12 +144,3 @@ RESPONSE_STORE = Counter(
     "(previous_response_id not held: 400).",
     ["outcome"],
 )
-# -- hidden-state capture across pipeline stages and engine cores (server/engine/capture.py) --
-CAPTURE_DROPPED = Counter(
-    "t2serve_capture_dropped",
-    "Captures that fell back to the default N at once, by reason: slots (more captures in one step "
-    "than --capture-slots) or part_missing (a pipeline stage's part of the states never arrived).",
-    ["reason"],
-)
-for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
-    CAPTURE_DROPPED.labels(_reason)
