@@ -44,7 +44,7 @@ from server.tokens import Tokens
 logger = logging.getLogger(__name__)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 504)
 }
 # How often the watchdog looks at the engine.
 WATCHDOG_INTERVAL_S = 0.5
@@ -75,10 +75,12 @@ def create_app(
                 raise  # uvicorn reports it and the command exits 3
         install_serving(app, settings, live)
         watchdog = asyncio.ensure_future(watch_engine(app, live, on_engine_dead))
+        await app.state.serving.exploration.start()  # the traffic records' writer
         try:
             yield
         finally:
             watchdog.cancel()
+            await app.state.serving.exploration.stop()  # flushes the queued records
             if owned:
                 await live.shutdown()
 

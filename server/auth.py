@@ -26,13 +26,25 @@ def key_matches(token: str, keys: list[str]) -> bool:
     return matched
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the /v1 routes."""
-    keys = request.app.state.settings.api_keys
-    if not keys:
-        return
+def bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request carries an admin key (--admin-key): admin-only fields need one."""
+    keys = request.app.state.settings.admin_keys
+    token = bearer_token(request)
+    return bool(keys) and token is not None and key_matches(token, keys)
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency for the /v1 routes (an admin key is an API key too)."""
+    settings = request.app.state.settings
+    if not settings.api_keys:
+        return
+    token = bearer_token(request)
+    if token is None or not key_matches(token, [*settings.api_keys, *settings.admin_keys]):
         metrics.REJECTED.labels("unauthorized").inc()
         raise APIError(
             401,

@@ -234,7 +234,8 @@ class RecordingSettings(BaseModel):
         default=0.0,
         ge=0,
         le=1,
-        description="share of 'auto' requests sent to N_max samples and recorded (needs --record-dir)",
+        description="share of 'auto' requests sent to N_max samples, replayed by the live gauge and (with "
+        "--record-dir) recorded",
     )
     record_dir: str | None = Field(
         default=None,

@@ -144,3 +144,18 @@ RESPONSE_STORE = Counter(
     "(previous_response_id not held: 400).",
     ["outcome"],
 )
+# -- exploration and traffic records (server/exploration.py, server/recording.py) --
+EXPLORED = Counter(
+    "t2serve_explored_requests",
+    "Requests run at N_max for the live gauge and the traffic records, by why: share "
+    "(--explore-share) or requested (t2_explore with an admin key).",
+    ["reason"],
+)
+LABEL_RECORDS = Counter(
+    "t2serve_label_records",
+    "Traffic records, by outcome: written to the label store, dropped_full (the writer's queue was "
+    "full) or dropped_error (the store failed, or shutdown came first).",
+    ["outcome"],
+)
+for _outcome in ("written", "dropped_full", "dropped_error"):  # exported at 0 before any record
+    LABEL_RECORDS.labels(_outcome)

@@ -44,6 +44,7 @@ from server.config import ParallelismSettings
 from server.engine.engine import Engine
 from server.errors import APIError
 from server.estimate import Estimate, Estimator
+from server.exploration import Explore
 from server.result import ChoiceResult, ThinkingResult
 from server.samples import InFlight, Sample, SampleGroup
 from server.voting import majority_vote
@@ -72,6 +73,9 @@ class Plan:
     # Why the head's prediction is not used ("temperature": the request samples unlike the
     # head's labels); None: it is, where one runs.
     estimator_fallback: str | None = None
+    # Explored (server.exploration): N_max samples per choice, none stopped early, whatever
+    # the load; its states are captured and its pools recorded.
+    explore: bool = False
 
     @property
     def minimum_samples(self) -> int:
@@ -195,6 +199,15 @@ class ParallelThinker:
             )
         return plan
 
+    def explored(self, plan: Plan) -> Plan:
+        """The plan explored: every choice runs N_max samples to their end (server.exploration)."""
+        if plan.greedy:
+            raise APIError(
+                400, "exploration needs a temperature > 0 (greedy samples are all the same)",
+                param="temperature", code="invalid_value",
+            )  # fmt: skip
+        return replace(plan, policy=Explore(self.n_max), cap=self.n_max, explore=True)
+
     def _estimator_fallback(self, temperature: float | None) -> str | None:
         """Why the head's N is not used at this request temperature (None: vLLM's default,
         1.0): "temperature" when it is too far from the one the head's labels were sampled at,
@@ -247,7 +260,8 @@ class ParallelThinker:
                 budget.watch(group)
             loop = _VoteLoop(self, plan, group, aggregator, expired, budget)
             # Capture only when someone reads the states: they cost the engine step time.
-            if plan.mode == "auto" and plan.policy.reads_prediction and self.engine.settings.capture:
+            reads = plan.mode == "auto" or plan.explore
+            if reads and plan.policy.reads_prediction and self.engine.settings.capture:
                 loop.estimate = await self.estimator_reader.estimate(
                     group, request_id, plan.estimator_fallback, expired
                 )
@@ -283,6 +297,8 @@ class ParallelThinker:
             else sum(reader.reasoning_tokens(s.token_ids) for s in samples),
             usc=usc,
             open_ended=plan.mode == "auto" and aggregator.sample_limit is not None,
+            explored=plan.explore,
+            finish_order=loop.finish_order(),
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -442,6 +458,8 @@ class _VoteLoop:
     def budget(self) -> Budget:
         """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
         plan, thinker = self.plan, self.thinker
+        if plan.explore:  # N_max, whatever the load and the gate
+            return thinker.budget(self.estimate.prediction, plan.cap, self.estimate.margin_scale)
         cap = plan.cap if plan.mode == "fixed" else thinker.scaled_cap(plan, own=self.group.running())
         cap = thinker.estimator_reader.gate_cap(self.estimate, cap)
         return thinker.budget(self.estimate.prediction, cap, self.estimate.margin_scale)
@@ -453,7 +471,7 @@ class _VoteLoop:
     async def run(self) -> None:
         plan, group = self.plan, self.group
         ends = [self.expired] if self.exhausted is None else [self.expired, self.exhausted]
-        if plan.mode == "auto" and not self.cut():
+        if plan.mode == "auto" and not plan.explore and not self.cut():
             self.load_cap = self.thinker.first_cap(plan, self.estimate, own=group.running())
         for c in range(plan.n_choices):
             if self.cut():
@@ -499,7 +517,7 @@ class _VoteLoop:
         launched = group.launched_for(sample.choice)
         decision = plan.policy.on_result(vote.tally, launched, self.budget())
         # Open-ended free text under `aggregate: auto`: an `auto` vote stops early.
-        limit = self.aggregator.sample_limit if plan.mode == "auto" else None
+        limit = self.aggregator.sample_limit if plan.mode == "auto" and not plan.explore else None
         if limit is not None and vote.tally.finished >= limit:
             decision = Decision(stop=True)
         if decision.launch > 0 and not decision.stop:
@@ -507,6 +525,10 @@ class _VoteLoop:
         elif decision.stop or vote.tally.finished >= launched:  # nothing left to wait for
             vote.stopped = True
             await group.abort(sample.choice)
+
+    def finish_order(self) -> list[list[int]]:
+        """Each choice's voters' sample numbers in the order they finished."""
+        return [[s.number for s in v.samples] for v in self.votes]
 
     def voted(self) -> list[list[Sample]]:
         """Each choice's voters in launch order (so, under a seed, the result does not

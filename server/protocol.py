@@ -9,6 +9,8 @@ arrive in the body (the official SDK's `extra_body`):
                     (default: --aggregate)
   max_total_tokens: tokens all samples may generate together (default and ceiling:
                     --max-request-tokens)
+  t2_explore:       admin-only (an --admin-key Bearer token): run at N_max and record
+                    (server.exploration)
 and come back in the response's `t2` object.
 """
 
@@ -79,6 +81,8 @@ class SamplingFields(OpenAIModel):
     # tokens all of the request's samples may generate together; the server's
     # --max-request-tokens is the default and the ceiling (server/budget.py)
     max_total_tokens: int | None = Field(default=None, ge=1)
+    # admin-only (a Bearer key from --admin-key): run at N_max and record (server.exploration)
+    t2_explore: bool | None = None
 
     @field_validator("parallelism")
     @classmethod
@@ -274,6 +278,9 @@ class T2Info(BaseModel):
     # request samples unlike the head's labels, --estimator-temperature-tolerance)
     estimator_fallback: str | None = None
     open_ended: bool | None = None  # `aggregate: auto` found free text and stopped early
+    # ran at N_max samples, none stopped early, for the live gauge and the traffic records
+    # (--explore-share, or `t2_explore` with an admin key); the answer is the N_max vote
+    explored: bool | None = None
     launched: int  # samples sent to the engine (all prompts and choices)
     finished: int  # of those, samples that finished and voted
     aborted: int  # of those, samples aborted (early stop or deadline); their tokens count in usage

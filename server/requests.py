@@ -26,6 +26,7 @@ from sse_starlette import EventSourceResponse
 
 from server import metrics
 from server.admission import Admission, Ticket
+from server.auth import is_admin
 from server.parallel import Plan
 from server.protocol import ResponsesCreateRequest, SamplingFields
 
@@ -50,6 +51,7 @@ class RequestContext:
     sampling: list[PromptSampling] = field(default_factory=list)  # per prompt
     timeout_s: float | None = None
     token_budget: int | None = None  # tokens all samples may generate together (server.budget)
+    admin: bool = False  # the Bearer token is an admin key (admin-only fields, server.exploration)
     responses: ResponsesTurn | None = None  # /v1/responses: the turn its chat request came from
     on_done: list[Callable[[], None]] = field(default_factory=list)  # run once it settles
     # Admission, then the outcome.
@@ -97,6 +99,7 @@ async def handle(request: Request, ctx: RequestContext, serving: OpenAIServing) 
     client's disconnect; a streaming body is cancelled by the server itself when the client
     goes away mid-stream."""
     admission: Admission = request.app.state.admission
+    ctx.admin = is_admin(request)
 
     async def admitted_work() -> Any:
         serving.prepare(ctx)

@@ -47,6 +47,9 @@ class ThinkingResult:
     reasoning_tokens: int | None = None  # of completion_tokens, with a reasoning parser
     usc: dict[str, int] | None = None  # the self-consistency pass: its tokens and pick
     open_ended: bool = False  # `aggregate: auto` stopped the vote at --open-ended-parallelism
+    explored: bool = False  # ran at N_max for the gauge and the records (server.exploration)
+    # per choice: its voters' sample numbers in the order they finished
+    finish_order: list[list[int]] = field(default_factory=list)
 
     @property
     def samples(self) -> int:
@@ -95,6 +98,7 @@ def t2_info(results: list[ThinkingResult], token_budget: int | None = None) -> T
         usc=first.usc,
         load_cap=first.load_cap,
         open_ended=first.open_ended or None,
+        explored=first.explored or None,
         prediction=estimate.prediction,
         capture_ms=estimate.capture_ms,
         gate=estimate.gate,

@@ -26,6 +26,7 @@ from server.budget import TokenBudget
 from server.config import ServerSettings
 from server.engine.engine import Engine, EngineDead, EngineRejected
 from server.errors import APIError, check_model, engine_dead_error, error_event
+from server.exploration import Exploration
 from server.parallel import Deadline, ParallelThinker, Plan
 from server.protocol import (
     ChatChoice,
@@ -64,6 +65,8 @@ class OpenAIServing:
             reasoning=settings.parallelism.reasoning_parser,
             tool_call=settings.parallelism.tool_call_parser,
         )
+        # --explore-share, t2_explore: requests run at N_max, replayed and recorded.
+        self.exploration = Exploration(settings, thinker, engine)
         # /v1/responses: stored responses (GET, DELETE, previous_response_id).
         self.response_store = ResponseStore(settings.responses)
 
@@ -76,7 +79,7 @@ class OpenAIServing:
             self.prepare_responses(ctx, ctx.request)
             return
         request = ctx.request
-        ctx.plan = self.plan(request)
+        ctx.plan = self.exploration.plan(self.plan(request), request, ctx.admin)
         if isinstance(request, ChatCompletionRequest):
             ctx.prompts = [
                 prompts.chat_prompt(
@@ -247,6 +250,8 @@ class OpenAIServing:
         metrics.TIME_TO_FIRST_TOKEN.labels(ctx.endpoint).observe(time.monotonic() - admitted)
         for r in results:
             result.record(r)
+        if ctx.plan.explore:
+            self.exploration.observe(ctx, results)
         metrics.REQUEST_TOKENS.observe(sum(r.completion_tokens for r in results))
         if any(r.budget_exhausted for r in results):
             metrics.BUDGET_EXHAUSTED.inc()
