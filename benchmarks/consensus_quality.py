@@ -59,7 +59,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def questions(labels: Path, count: int) -> list[dict]:
-    from estimator.offline.labels.labeling import load_records
+    from estimator.label_store import load_records
 
     held_out = [r for r in load_records(labels) if r["split"] in ("validation", "test")]  # never "train"
     return held_out[:count]

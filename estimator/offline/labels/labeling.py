@@ -4,9 +4,8 @@ captured during the prompt's prefill.
 
 Output folder layout (resumable: a killed run continues with the first missing shard):
     labels.json            run config + model identity; a run with another config refuses
-    shard-00000.npz        states [Q, L, d] float16, ids [Q]
-    shard-00000.json       per-question records + sha256 of the .npz
-Each shard is written to a temporary name and renamed, so a shard file is complete or absent.
+    shard-00000.npz/.json  the label store's shards (estimator.label_store, which the
+                           server's traffic records share): states, and per-question records
 """
 
 from __future__ import annotations
@@ -14,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from estimator.label_store import discard_shard, load_labels, load_records, shard_complete, write_shard
 from estimator.offline.engine_runs import EngineRuns, consensus, extract_answer, model_identity
 from estimator.offline.inputs.grading import Grader
 from estimator.offline.inputs.problems import DEFAULT_TEMPLATE, Problem
@@ -50,24 +49,6 @@ class LabelConfig:
     # What the samples vote with (server.aggregation): "answer" (what the shipped head is
     # trained on), "consensus" or "auto" to label and compare policies on other keys.
     aggregate: str = "answer"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def shard_paths(out: Path, index: int) -> tuple[Path, Path]:
-    return out / f"shard-{index:05d}.npz", out / f"shard-{index:05d}.json"
-
-
-def shard_complete(out: Path, index: int) -> bool:
-    npz, meta = shard_paths(out, index)
-    if not (npz.is_file() and meta.is_file()):
-        return False
-    try:
-        return json.loads(meta.read_text())["sha256"] == _sha256(npz)
-    except (json.JSONDecodeError, KeyError):
-        return False
 
 
 def correct_keys(
@@ -150,16 +131,6 @@ async def label_shard(
     return records, np.stack([run.states for run in runs_out])
 
 
-def write_shard(out: Path, index: int, records: list[dict], states: np.ndarray) -> None:
-    npz, meta = shard_paths(out, index)
-    tmp = npz.with_name(f".{npz.name}.tmp.npz")
-    np.savez(tmp, states=states.astype(np.float16), ids=np.array([r["id"] for r in records]))
-    os.replace(tmp, npz)
-    tmp_meta = meta.with_name(f".{meta.name}.tmp")
-    tmp_meta.write_text(json.dumps({"sha256": _sha256(npz), "records": records}))
-    os.replace(tmp_meta, meta)
-
-
 def prepare_output(out: Path, config: LabelConfig, model: dict, problems: list[Problem]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ids_digest = hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()
@@ -198,35 +169,13 @@ async def run_labeling(engine, problems: list[Problem], out: Path, config: Label
     with Grader() as grader:
         for index in todo:
             records, states = await label_shard(runs, shards[index], config, grader)
+            discard_shard(out, index)  # what a killed run left of it
             write_shard(out, index, records, states)
             bar.update(len(records))
     bar.close()
     records = load_records(out)
     print(summary_table(records, time.monotonic() - started))
     return records
-
-
-def load_records(out: Path) -> list[dict]:
-    records = []
-    for meta in sorted(out.glob("shard-*.json")):
-        records += json.loads(meta.read_text())["records"]
-    return records
-
-
-def load_labels(out: Path, verify: bool = True) -> tuple[list[dict], np.ndarray]:
-    """All records and states [Q, L, d] float32 of a labeled folder (checksums verified)."""
-    records, states = [], []
-    for meta in sorted(out.glob("shard-*.json")):
-        body = json.loads(meta.read_text())
-        npz = meta.with_suffix(".npz")
-        if verify and _sha256(npz) != body["sha256"]:
-            raise ValueError(f"{npz} does not match its checksum")
-        with np.load(npz) as data:
-            states.append(data["states"].astype(np.float32))
-        records += body["records"]
-    if not records:
-        raise ValueError(f"no label shards in {out}")
-    return records, np.concatenate(states)
 
 
 def summary_table(records: list[dict], seconds: float | None = None) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from estimator.head import T2Head
+from estimator.label_store import write_shard
 from estimator.offline.inputs.problems import generate
-from estimator.offline.labels.labeling import LabelConfig, label_record, prepare_output, write_shard
+from estimator.offline.labels.labeling import LabelConfig, label_record, prepare_output
 from estimator.offline.training.probes import TrainConfig
 from server.cli import build_parser, main
 from server.cli.research import label_config, train_config

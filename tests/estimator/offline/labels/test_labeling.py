@@ -7,14 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from estimator.label_store import load_labels, shard_complete, shard_paths
 from estimator.offline.inputs.problems import generate
-from estimator.offline.labels.labeling import (
-    LabelConfig,
-    load_labels,
-    run_labeling,
-    shard_complete,
-    shard_paths,
-)
+from estimator.offline.labels.labeling import LabelConfig, run_labeling
 
 
 async def test_label_writes_verifiable_resumable_shards(engine, tmp_path, capsys):
@@ -170,7 +165,8 @@ async def test_replay_through_server_measures_both_modes(server_url):
 
 def _fake_label_folder(path, problems, config: LabelConfig, num_layers: int = 3, hidden: int = 4):
     """A label folder as `label` writes it, with made-up answers and states (pure data)."""
-    from estimator.offline.labels.labeling import label_record, prepare_output, write_shard
+    from estimator.label_store import write_shard
+    from estimator.offline.labels.labeling import label_record, prepare_output
 
     model = {"name": "m", "num_layers": num_layers, "hidden_size": hidden, "fingerprint": "f"}
     prepare_output(path, config, model, problems)
