@@ -24,7 +24,8 @@ from estimator.policies import Fixed
 from server import metrics
 from server.config import ServerSettings
 from server.errors import APIError
-from server.recording import Recorder, model_identity, traffic_records
+from server.recording import Recorder, complete_pools, model_identity, traffic_records
+from server.shadow import ShadowGauge, shadow_policies
 
 if TYPE_CHECKING:
     from server.parallel import ParallelThinker, Plan
@@ -59,6 +60,9 @@ class Exploration:
         self.engine = engine
         self.recorder = Recorder(settings.recording) if settings.recording.record_dir else None
         self.random = random.Random()
+        self.gauge = ShadowGauge(
+            shadow_policies(thinker), n_max=thinker.n_max, default=thinker.settings.default_parallelism
+        )
 
     def plan(self, plan: Plan, request: SamplingFields, admin: bool) -> Plan:
         """The request's plan, explored if it asked (admin only: 403 otherwise) or was drawn."""
@@ -80,7 +84,14 @@ class Exploration:
         return explored
 
     def observe(self, ctx: RequestContext, results: list[ThinkingResult]) -> None:
-        """An explored request's pools, to the records (queued; never raises)."""
+        """An explored request's pools, to the gauge and the records (queued); never raises."""
+        try:
+            for result in results:
+                estimate = result.estimate
+                for _, pool in complete_pools(result):
+                    self.gauge.observe([s.answer for s in pool], estimate.prediction, estimate.margin_scale)
+        except Exception:
+            logger.warning("the live gauge could not replay an explored pool", exc_info=True)
         if self.recorder is None:
             return
         try:

@@ -159,3 +159,32 @@ LABEL_RECORDS = Counter(
 )
 for _outcome in ("written", "dropped_full", "dropped_error"):  # exported at 0 before any record
     LABEL_RECORDS.labels(_outcome)
+# -- the live gauge: policies replayed on explored pools (server/shadow.py) --
+SHADOW_POOLS = Counter("t2serve_shadow_pools", "Explored pools the live gauge replayed every policy on.")
+SHADOW_AGREED = Counter(
+    "t2serve_shadow_agreed",
+    "Explored pools on which a policy's vote agreed with the N_max vote, by policy.",
+    ["policy"],
+)
+SHADOW_SAMPLES_LAUNCHED = Counter(
+    "t2serve_shadow_samples_launched",
+    "Samples a policy would have launched on the explored pools.",
+    ["policy"],
+)
+SHADOW_AGREEMENT = Gauge(
+    "t2serve_shadow_agreement",
+    "Share of explored pools on which a policy's vote agrees with the N_max vote (running mean; "
+    "1 - it bounds the accuracy given up against fixed N_max).",
+    ["policy"],
+)
+SHADOW_SAMPLES = Gauge(
+    "t2serve_shadow_samples",
+    "Samples a policy would have launched per explored pool (running mean).",
+    ["policy"],
+)
+SHADOW_SAVED = Gauge(
+    "t2serve_shadow_samples_saved",
+    "Samples per pool a policy saves against the cheapest fixed N with at least its agreement "
+    "(negative: that fixed N is cheaper).",
+    ["policy"],
+)

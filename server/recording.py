@@ -44,6 +44,7 @@ from estimator.label_store import ShardAppender
 from server import metrics
 from server.config import RecordingSettings
 from server.result import ThinkingResult
+from server.samples import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,20 @@ def model_identity(info: Any) -> dict[str, Any]:
 
 def default_replica() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def complete_pools(result: ThinkingResult) -> list[tuple[int, list[Sample]]]:
+    """An explored result's choices whose N_max samples all finished, each with its samples
+    in finishing order (a vote cut by the deadline or the token budget has no pool)."""
+    if result.timed_out or result.budget_exhausted:
+        return []
+    pools = []
+    for c, choice in enumerate(result.choices):
+        by_number = {s.number: s for s in choice.samples}
+        order = [by_number[n] for n in result.finish_order[c] if n in by_number]
+        if len(order) == result.n_max:
+            pools.append((c, order))
+    return pools
 
 
 @dataclass(frozen=True)
@@ -88,8 +103,6 @@ def traffic_records(
     """One prompt's explored result as records, one per complete pool. `shape` is the
     model's (layers, hidden size), for the NaN states of a prompt whose states did not
     arrive; `prompt_text` (with --record-text) is kept with the texts of the samples."""
-    if result.timed_out or result.budget_exhausted:
-        return []
     estimate = result.estimate
     captured = estimate.states is not None
     states = np.asarray(estimate.states, dtype=np.float32) if captured else np.full(shape, np.nan, np.float32)
@@ -100,11 +113,7 @@ def traffic_records(
         "seed": params.seed,
     }
     records = []
-    for c, choice in enumerate(result.choices):
-        by_number = {s.number: s for s in choice.samples}
-        order = [by_number[n] for n in result.finish_order[c] if n in by_number]
-        if len(order) < result.n_max:
-            continue
+    for c, order in complete_pools(result):
         body: dict[str, Any] = {
             "id": f"{request_id}-p{prompt}-c{c}",
             "request_id": request_id,
@@ -114,7 +123,7 @@ def traffic_records(
             "answers": [s.answer for s in order],
             "tokens": [s.num_tokens for s in order],
             "samples": [s.number for s in order],
-            "vote": choice.vote.answer,
+            "vote": result.choices[c].vote.answer,
             "n_max": result.n_max,
             "aggregate": result.aggregate,
             "sampling": sampling,

@@ -1,5 +1,5 @@
-"""Sampling policies (estimator/policies.py): criteria and decisions; `drive` (the offline
-replay's driver) checks that every policy keeps the launch/stop protocol."""
+"""Sampling policies (estimator/policies.py): criteria and decisions; `drive` (the replay's
+driver, estimator/replay.py) checks that every policy keeps the launch/stop protocol."""
 
 import dataclasses
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from estimator.criteria import beta_confidence, confidence, dirichlet_confidence
-from estimator.offline.evaluation.replay import drive
 from estimator.policies import (
     ESC,
     STOP,
@@ -21,6 +20,7 @@ from estimator.policies import (
     Tally,
     choose_parallelism,
 )
+from estimator.replay import drive
 
 BUDGET = Budget(prediction=0.25, n_max=16, default=8, cap=16)  # T2 estimate: 4 samples
 

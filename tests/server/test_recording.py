@@ -1,6 +1,7 @@
 """Traffic records (server/recording.py): what a record holds (no text unless asked), the
 bounded queue and the writer (written / dropped_full / dropped_error, flushed at stop); then
-explored requests through the real server writing records that the label loader reads."""
+explored requests through the real server writing records that the label loader reads (and
+feeding the live gauge, server/shadow.py)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ async def test_explored_requests_write_records_the_label_loader_reads(engine, se
     """Every request explored (--explore-share 1): the records load with the label loader,
     with the prompt's states and no text; with --record-text the texts are kept."""
     body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 8, "temperature": 0.8, "n": 2}
+    pools = metric("t2serve_shadow_pools_total")
     for store, text in [(tmp_path / "plain", False), (tmp_path / "text", True)]:
         recording = RecordingSettings(explore_share=1.0, record_dir=str(store), record_text=text, replica="a")
         settings = server_settings.model_copy(update={"recording": recording})
@@ -128,3 +130,6 @@ async def test_explored_requests_write_records_the_label_loader_reads(engine, se
             assert "texts" not in raw and "prompt_text" not in raw and QUESTION[0]["content"] not in raw
             assert all(set(r) >= {"request_id", "time", "replica", "vote", "samples"} for r in records)
     json.loads((tmp_path / "plain" / "shard-a-00000000.json").read_text())  # named by replica and sequence
+    # Every pool fed the live gauge too; fixed N_max agrees with itself.
+    assert metric("t2serve_shadow_pools_total") == pools + 8
+    assert metric("t2serve_shadow_agreement", policy="fixed:n=4") == 1.0

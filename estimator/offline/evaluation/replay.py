@@ -3,7 +3,8 @@
 A labelled question has a pool of N_max sampled answers (and their generated token counts).
 For each question we draw R random orderings of the pool (fixed seed); an ordering is the
 order in which samples are launched and finish. Every policy is driven through its real
-interface (estimator.policies) over every ordering, capped at N_max (the pool is finite):
+interface (estimator.policies) by estimator.replay.drive, the live gauge's driver too
+(server/shadow.py), over every ordering, capped at N_max (the pool is finite):
 
     finished  = samples whose answers the vote used (a prefix of the ordering)
     launched  = samples started; launched - finished were aborted when the vote was decided
@@ -29,14 +30,14 @@ estimator.offline.labels.targets for Fixed(N) (tests/estimator/offline/evaluatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from estimator.offline.engine_runs import majority_vote
 from estimator.offline.labels.targets import Gold, gold_keys
-from estimator.policies import Budget, Policy, Tally
+from estimator.policies import Budget, Policy
+from estimator.replay import Run, drive
 
 
 @dataclass
@@ -48,35 +49,6 @@ class Pool:
     gold: Gold  # the correct key, or keys (estimator.offline.labels.targets.gold_of)
     prediction: float | None = None
     margin_scale: float = 1.0  # the gate's multiple of T2's margin (estimator.gate)
-
-
-@dataclass(frozen=True)
-class Run:
-    finished: int
-    launched: int
-    rounds: int
-
-
-def drive(policy: Policy, budget: Budget, answers: Sequence[str | None]) -> Run:
-    """Run one vote: the samples finish in the order of `answers` (launch order)."""
-    tally = Tally()
-    launched = policy.first_launch(budget)
-    if not 1 <= launched <= budget.cap:
-        raise ValueError(f"{policy} launched {launched} with cap {budget.cap}")
-    finish_round = [1] * launched  # unit-duration samples: round in which each one finishes
-    while True:
-        i = tally.finished
-        if i >= launched:
-            raise RuntimeError(f"{policy} waits with nothing in flight")
-        tally.add(answers[i])
-        decision = policy.on_result(tally, launched, budget)
-        if decision.stop:
-            return Run(tally.finished, launched, finish_round[i])
-        if decision.launch:
-            if launched + decision.launch > budget.cap:
-                raise RuntimeError(f"{policy} launched past the cap {budget.cap}")
-            finish_round += [finish_round[i] + 1] * decision.launch
-            launched += decision.launch
 
 
 class PoolReplay:

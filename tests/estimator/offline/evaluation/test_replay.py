@@ -6,7 +6,6 @@ import pytest
 from estimator.offline.evaluation.replay import (
     Pool,
     PoolReplay,
-    drive,
     oracle_frontier,
     orderings_for,
     replay_matrix,
@@ -14,6 +13,7 @@ from estimator.offline.evaluation.replay import (
 )
 from estimator.offline.labels.targets import expected_accuracy
 from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed
+from estimator.replay import drive
 
 
 def test_replay_of_fixed_n_converges_to_exact_accuracy():
