@@ -107,6 +107,62 @@ COMPLETION = {
     "echo": (st.just(False), st.just(True)),
     "logprobs": (st.integers(0, 5), st.integers(21, 40)),
 }
+# /v1/responses: its own fields, and the extension fields it shares with chat.
+FUNCTION_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+text_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text"]), "text": st.text(max_size=20)}
+)
+input_item = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "user", "assistant"])},
+        optional={"content": st.text(max_size=40), "type": st.just("message")},
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("message"),
+            "role": st.just("user"),
+            "content": st.lists(text_part, min_size=1, max_size=2),
+        }
+    ),
+    st.just({"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}),
+    st.just({"type": "function_call_output", "call_id": "call_1", "output": "42"}),
+    st.just({"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]}),
+)
+RESPONSES = {
+    **{
+        key: SAMPLING[key]
+        for key in ("temperature", "top_p", "seed", "parallelism", "max_parallelism", "timeout")
+    },
+    "model": SAMPLING["model"],
+    "input": (
+        st.text(min_size=1, max_size=40) | st.lists(input_item, min_size=1, max_size=3),
+        st.just([])
+        | st.just([{"type": "item_reference", "id": "x"}])
+        | st.just([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])
+        | st.just(
+            [{"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]
+        )
+        | st.just([{"type": "message", "role": "assistant", "content": []}]),
+    ),
+    "instructions": (st.text(max_size=20), st.just(["x"])),
+    "max_output_tokens": (st.integers(1, 4), st.integers(max_value=0) | st.integers(min_value=3000)),
+    "stream": (st.booleans(), NOTHING),
+    "tools": (st.just([FUNCTION_TOOL]), st.just([{"type": "web_search"}]) | st.just([{"type": "function"}])),
+    "tool_choice": (
+        st.sampled_from(["none", "required", {"type": "function", "name": "f"}]),
+        st.just("sometimes") | st.just({"type": "function", "name": "g"}) | st.just({"type": "mcp"}),
+    ),
+    "text": (
+        st.just({"format": {"type": "text"}}) | st.just({"format": {"type": "json_object"}}),
+        st.just({"format": {"type": "json_schema"}}) | st.just({"format": {"type": "yaml"}}),
+    ),
+    "reasoning": (st.just({"effort": "low"}), st.just({"effort": "galaxy"})),
+    "store": (st.booleans(), st.just("maybe")),
+    "previous_response_id": (st.none(), st.just("resp_unknown")),
+    "metadata": (st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2), st.just({"k": 1})),
+    "background": (st.just(False), st.just(True)),
+    "include": (st.just([]), st.just(["message.output_text.logprobs"])),
+}
 REQUIRED = ("model", "max_tokens")
 
 
@@ -125,7 +181,11 @@ def bodies(draw: Any, fields: dict, required: tuple[str, ...]) -> dict:
 
 chat_bodies = bodies(CHAT, (*REQUIRED, "messages"))
 completion_bodies = bodies(COMPLETION, (*REQUIRED, "prompt"))
+responses_bodies = bodies(RESPONSES, ("model", "max_output_tokens", "input"))
+# How a Responses stream ends (it sends no [DONE]).
+RESPONSES_ENDS = {"response.completed", "response.incomplete", "response.failed"}
 STATUSES: collections.Counter[int] = collections.Counter()
+RESPONSE_REPLY = frozenset({"output", "t2"})
 
 
 def check(
@@ -144,6 +204,9 @@ def check(
         if content_type.startswith("text/event-stream"):
             # SSE lines end at \n only; a sample's text may hold other line breaks (U+2028, ...).
             events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+            if "output" in reply:  # /v1/responses
+                assert json.loads(events[-1])["type"] in RESPONSES_ENDS or not whole_stream
+                events.append("[DONE]")
             assert events[-1] == "[DONE]" or not whole_stream
             for event in events[:-1]:
                 payload = json.loads(event)
@@ -172,10 +235,17 @@ async def test_fuzz_fields_and_raw_bodies(server_url, engine):
             def completion(body: dict) -> None:
                 check(http.post("/v1/completions", content=json.dumps(body), headers=JSON))
 
+            @FUZZ
+            @given(body=responses_bodies)
+            def responses(body: dict) -> None:
+                check(
+                    http.post("/v1/responses", content=json.dumps(body), headers=JSON), reply=RESPONSE_REPLY
+                )
+
             @settings(FUZZ, max_examples=40)
             @given(
                 raw=st.binary(max_size=300),
-                path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+                path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses"]),
                 content_type=st.sampled_from(
                     ["application/json", "text/plain", "application/x-www-form-urlencoded"]
                 ),
@@ -185,6 +255,7 @@ async def test_fuzz_fields_and_raw_bodies(server_url, engine):
 
             chat()
             completion()
+            responses()
             raw_bytes()
 
     STATUSES.clear()
@@ -194,16 +265,18 @@ async def test_fuzz_fields_and_raw_bodies(server_url, engine):
     assert await wait_until(lambda: engine.num_unfinished_requests() == 0)
 
 
-def bounded(body: Any) -> Any:
+def bounded(body: Any, length: str = "max_tokens") -> Any:
     """Keep schema-valid bodies cheap: at most 4 tokens, 2 choices, N <= 3 (pydantic also
-    takes 19.0 or "19" for an int, so any number-like value is capped)."""
+    takes 19.0 or "19" for an int, so any number-like value is capped). `length`: the
+    path's name for max_tokens."""
     if not isinstance(body, dict):
         return body
     body["model"] = MODEL_NAME  # otherwise nearly every case stops at 404
-    for key, top in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2), ("parallelism", 3)):
+    lengths = (("max_tokens", 4), ("max_completion_tokens", 4), ("max_output_tokens", 4))
+    for key, top in (*lengths, ("n", 2), ("parallelism", 3)):
         if (number_like(body.get(key)) or 0) > top:
             body[key] = top
-    body.setdefault("max_tokens", 4)
+    body.setdefault(length, 4)
     return body
 
 
@@ -230,13 +303,14 @@ async def test_schemathesis_against_the_openapi_schema(server_url, server_settin
         "/v1/completions": frozenset({"choices", "t2"}),
         "/tokenize": frozenset({"count", "tokens", "max_model_len"}),
         "/detokenize": frozenset({"prompt"}),
+        "/v1/responses": RESPONSE_REPLY,
     }
 
     def fuzz(path: str, reply: frozenset[str]) -> None:
         @settings(FUZZ, max_examples=40 if path.startswith("/v1/") else 20)
         @given(case=schema[path]["POST"].as_strategy())
         def call(case: Any) -> None:
-            case.body = bounded(case.body)
+            case.body = bounded(case.body, "max_output_tokens" if path == "/v1/responses" else "max_tokens")
             check(case.call(base_url=server_url, timeout=120), whole_stream=False, reply=reply)
 
         call()

@@ -412,3 +412,124 @@ async def test_auto_tool_choice_finds_calls_with_the_tool_call_parser_and_votes_
     assert choice.message.model_extra["reasoning_content"] == "Answer: 9" and not choice.message.content
     assert text.model_extra["t2"]["votes"] == {"5": 4} and text.choices[0].message.tool_calls is None
     assert text.choices[0].finish_reason == "stop"
+
+
+# -- Responses API (server/vllm_openai.py's last section, used by server/responses.py) ------
+
+
+def test_the_responses_names_t2serve_relies_on_exist():
+    from vllm.entrypoints.openai.responses import streaming_events, utils
+
+    fields = set(vllm_openai.responses_request_model().model_fields)
+    assert fields & vllm_openai.SAMPLING_FIELDS >= vllm_openai.RESPONSES_SAMPLING_FIELDS
+    assert fields >= vllm_openai.RESPONSES_OWN_FIELDS | vllm_openai.RESPONSES_INERT_FIELDS
+    for name in ("construct_input_messages", "construct_tool_dicts", "build_response_output_items"):
+        assert callable(getattr(utils, name))
+    assert callable(streaming_events.SimpleStreamingEventProcessor)
+
+
+def test_vllms_responses_request_coerces_items_and_t2serve_refuses_by_name(caplog):
+    request = vllm_openai.responses_request(
+        {
+            "input": [
+                {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{}"},
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+            ],
+            "include": [],  # what openai-agents always sends
+            "service_tier": "auto",
+            "no_such_field": 1,
+        }
+    )
+    call, reasoning = request.input
+    assert type(call).__name__ == "ResponseFunctionToolCall" and reasoning.id.startswith("rs_")
+    assert "no_such_field" in caplog.text
+    with pytest.raises(APIError) as err:
+        vllm_openai.responses_request({"input": "x", "background": True})
+    assert err.value.param == "background"
+    with pytest.raises(APIError) as err:
+        vllm_openai.responses_request(
+            {"input": [{"role": "user", "content": "a"}, {"role": "x", "content": "b"}]}
+        )
+    assert err.value.param == "input.1" and "\n" not in err.value.message
+
+
+def test_vllms_converter_drops_previous_system_messages_and_keeps_list_content():
+    """Trap 1: vLLM leaves list content (and the item's `type`) in a message; server.responses
+    flattens it to text, because t2serve renders with apply_chat_template directly."""
+    request = vllm_openai.responses_request(
+        {
+            "instructions": "New.",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "b"}]}],
+        }
+    )
+    previous = [{"role": "system", "content": "Old."}, {"role": "user", "content": "a"}]
+    messages = vllm_openai.responses_messages(request, previous)
+    assert messages[:2] == [{"role": "system", "content": "New."}, {"role": "user", "content": "a"}]
+    assert (
+        messages[2]["content"] == [{"type": "input_text", "text": "b"}] and messages[2]["type"] == "message"
+    )
+
+
+def test_vllms_converter_failures_are_400s_naming_input():
+    """Trap 2: an output message with no content part makes vLLM's converter index past the end."""
+    request = vllm_openai.responses_request({"input": "x"})
+    request.input = [vllm_openai.responses_output(vllm_openai.ParsedOutput(None, "hi", None), [])[0]]
+    request.input[0].content = []
+    with pytest.raises(APIError) as err:
+        vllm_openai.responses_messages(request, None)
+    assert (err.value.status, err.value.param) == (400, "input")
+
+
+def test_reasoning_effort_and_a_partial_message_reach_the_template_as_in_vllm():
+    request = vllm_openai.responses_request({"input": "x", "reasoning": {"effort": "high"}})
+    assert vllm_openai.responses_template_kwargs(request) == {
+        "add_generation_prompt": True,
+        "continue_final_message": False,
+        "reasoning_effort": "high",
+        "enable_thinking": True,
+    }
+    partial = {
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "content": [{"type": "output_text", "text": "The"}],
+    }
+    request = vllm_openai.responses_request({"input": [{"role": "user", "content": "x"}, partial]})
+    kwargs = vllm_openai.responses_template_kwargs(request)
+    assert (kwargs["add_generation_prompt"], kwargs["continue_final_message"]) == (False, True)
+
+
+def test_output_items_and_stream_events_carry_the_calls_ids():
+    call = {"id": "call_7", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    parsed = vllm_openai.ParsedOutput("think", "Sure.", [call])
+    items = vllm_openai.responses_output(parsed, [])
+    assert [item.type for item in items] == ["reasoning", "message", "function_call"]
+    assert (items[2].call_id, items[2].name, items[2].arguments) == ("call_7", "add", '{"a": 1}')
+    events, streamed = vllm_openai.responses_events(parsed, [])
+    assert [item.type for item in streamed] == ["reasoning", "message", "function_call"]
+    assert streamed[2].call_id == "call_7"
+    assert [e.item.id for e in events if e.type == "response.output_item.done"] == [i.id for i in streamed]
+    assert {e.sequence_number for e in events} == {-1}  # numbered by server.response_events
+    assert vllm_openai.responses_output(vllm_openai.ParsedOutput(None, None, None), []) == []
+
+
+async def test_a_reasoning_parser_gives_a_reasoning_item_and_counts_its_tokens(engine, reasoning_settings):
+    async with (
+        serve(engine, reasoning_settings) as (url, _),
+        AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client,
+    ):
+        response = await client.responses.create(
+            model=MODEL_NAME,
+            input=QUESTION,
+            temperature=1.0,
+            extra_body={
+                "parallelism": 4,
+                "max_output_tokens": 30,
+                "structured_outputs": {"regex": THINK_THEN_ANSWER},
+            },
+        )
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Answer: 9"
+    assert message.type == "message" and response.output_text in set("01234")
+    details = response.usage.output_tokens_details
+    assert 0 < details.reasoning_tokens < response.usage.output_tokens
