@@ -45,9 +45,9 @@ Policies
 - Composition(criterion, confidence, margin, extend, max_factor, agreement): launch the T2
   estimate N at once; stop before N when the criterion says the vote is decided (running
   samples are aborted); when all have finished and the vote is still undecided, launch
-  `extend` more at a time, up to max_factor * N (None: up to cap). The estimate bounds the
+  `extend` more at a time, up to max_factor * N (None: up to N_max). The estimate bounds the
   extension because the votes that stay undecided longest are mostly questions more samples
-  do not fix: unbounded, they run to the cap. With `agreement` set, the head's estimate
+  do not fix: unbounded, they run to N_max. With `agreement` set, the head's estimate
   also sets how sure "decided" must be (instead of the fixed `confidence`): as sure as k
   unanimous votes, k = max(1, agreement * N_max * prediction), i.e. the threshold
   1 - 2^-(k + 1) (the beta criterion at k votes to 0; the dirichlet one up to its Monte
@@ -59,7 +59,10 @@ Policies
   of a confidence threshold: launch the T2 estimate at `margin`, stop as soon as the head's
   stopping table (estimator.learned_stopping) says that going on buys less accuracy than
   `cost` per sample, given the estimate and the votes so far; while it says go on and
-  nothing is running, launch `extend` more.
+  nothing is running, launch `extend` more (up to N_max).
+Every stopping policy's default most is N_max (the head's, else the default N), the samples
+fixed N_max spends, never more than the cap: without it an undecided vote ran to the cap
+(--max-parallelism, 64 by default).
 
 The stopping criteria the adaptive policies read are in estimator/criteria.py.
 """
@@ -241,8 +244,15 @@ def _knobs(**values: float | None) -> str:
     return ",".join(f"{knob}={_number(value)}" for knob, value in values.items() if value is not None)
 
 
-def _limit(max_samples: int | None, cap: int) -> int:
-    return cap if max_samples is None else max(1, min(max_samples, cap))
+def _limit(max_samples: int | None, budget: Budget) -> int:
+    """Most samples a stopping policy runs: its own `max`, else N_max (what fixed N_max
+    spends, not the cap: an undecided vote would otherwise run to --max-parallelism);
+    within the cap either way."""
+    return _n_max_cap(budget) if max_samples is None else max(1, min(max_samples, budget.cap))
+
+
+def _n_max_cap(budget: Budget) -> int:
+    return min(budget.n_max, budget.cap)
 
 
 def _more(k: int, launched: int, tally: Tally, cap: int) -> Decision:
@@ -323,7 +333,7 @@ class ESC:
     """Early-Stopping Self-Consistency: windows of `window` samples; stop on a unanimous window."""
 
     window: int = 4
-    max_samples: int | None = None  # the method's own budget (None: the cap)
+    max_samples: int | None = None  # the method's own budget (None: N_max, within the cap)
     adapts = True
     reads_prediction = False
 
@@ -340,7 +350,7 @@ class ESC:
         return _knobs(window=self.window, max=self.max_samples)
 
     def first_launch(self, budget: Budget) -> int:
-        return max(1, min(self.window, _limit(self.max_samples, budget.cap)))
+        return max(1, min(self.window, _limit(self.max_samples, budget)))
 
     def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
         if tally.finished < launched:
@@ -351,7 +361,7 @@ class ESC:
         window = tally.answers[start:]
         if window[0] is not None and all(a == window[0] for a in window):
             return STOP
-        return _more(self.window, launched, tally, _limit(self.max_samples, budget.cap))
+        return _more(self.window, launched, tally, _limit(self.max_samples, budget))
 
 
 @register_policy(
@@ -372,7 +382,7 @@ class AdaptiveConsistency:
     criterion: Criterion = "beta"
     confidence: float = 0.95
     batch: int = 1
-    max_samples: int | None = None  # the method's own budget (None: the cap)
+    max_samples: int | None = None  # the method's own budget (None: N_max, within the cap)
     adapts = True
     reads_prediction = False
 
@@ -389,13 +399,13 @@ class AdaptiveConsistency:
         return _knobs(c=self.confidence, batch=self.batch if self.batch != 1 else None, max=self.max_samples)
 
     def first_launch(self, budget: Budget) -> int:
-        return max(1, min(self.batch, _limit(self.max_samples, budget.cap)))
+        return max(1, min(self.batch, _limit(self.max_samples, budget)))
 
     def on_result(self, tally: Tally, launched: int, budget: Budget) -> Decision:
         if confidence(self.criterion, tally) >= self.confidence:
             return STOP
         in_flight = launched - tally.finished
-        return _more(self.batch - in_flight, launched, tally, _limit(self.max_samples, budget.cap))
+        return _more(self.batch - in_flight, launched, tally, _limit(self.max_samples, budget))
 
 
 @register_policy(
@@ -413,7 +423,7 @@ class AdaptiveConsistency:
 class Composition:
     """T2 first, a stopping criterion after: launch the T2 estimate at once, stop before it
     when the vote is decided, extend past it `extend` at a time while undecided, up to
-    `max_factor` x the estimate (None: up to cap). `agreement` (None: the fixed `confidence`)
+    `max_factor` x the estimate (None: up to N_max). `agreement` (None: the fixed `confidence`)
     makes the confidence threshold grow with the head's estimate."""
 
     criterion: Criterion = "beta"
@@ -463,7 +473,7 @@ class Composition:
             return STOP
         if tally.finished < launched:
             return WAIT  # the estimate's samples are still coming in
-        ceiling = budget.cap
+        ceiling = _n_max_cap(budget)
         if self.max_factor is not None:
             # The estimate also bounds the extension: a question T2 expects little from
             # (e.g. one whose answers never agree) stays cheap.
@@ -519,7 +529,7 @@ class LearnedStop:
             return STOP
         if tally.finished < launched:
             return WAIT
-        return _more(self.extend, launched, tally, budget.cap)
+        return _more(self.extend, launched, tally, _n_max_cap(budget))
 
 
 Policy = Fixed | T2 | ESC | AdaptiveConsistency | Composition | LearnedStop

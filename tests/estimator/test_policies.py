@@ -2,6 +2,7 @@
 driver, estimator/replay.py) checks that every policy keeps the launch/stop protocol."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from estimator.policies import (
     Composition,
     Decision,
     Fixed,
+    LearnedStop,
     Tally,
     choose_parallelism,
 )
@@ -191,6 +193,18 @@ def test_esc_and_adaptive_consistency_stop_at_their_own_budget():
     assert ESC(3, max_samples=4).on_result(tally("1", "2", "3", "4"), 4, BUDGET) == STOP
     ac = AdaptiveConsistency("beta", 0.95, max_samples=2)
     assert ac.on_result(tally("1", "2"), 2, BUDGET) == STOP
+
+
+def test_every_stopping_policys_default_most_is_n_max_not_the_cap():
+    """An undecided vote (every answer different) runs to N_max = 8 under a cap of 64, as
+    fixed N_max would; an explicit `max` may go past N_max, within the cap."""
+    budget = Budget(0.5, n_max=8, default=4, cap=64)
+    never_agree = [str(i) for i in range(64)]
+    go_on = SimpleNamespace(should_stop=lambda estimate, state, cost: False)  # a table that never stops
+    for policy in (ESC(4), ESC(3), AdaptiveConsistency(), Composition(), LearnedStop(go_on)):
+        assert drive(policy, budget, never_agree).launched == 8, policy
+    assert drive(ESC(4, max_samples=20), budget, never_agree).launched == 20
+    assert drive(Composition(max_factor=4.0), budget, never_agree).launched == 16  # 4 x the estimate 4
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
