@@ -5,55 +5,21 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import numpy as np
 import pytest
-import torch
 from prometheus_client import REGISTRY
 
 from tests.conftest import wait_until
-
-PROMPTS = [
-    "What is 7 times 8?",
-    "Name a prime number larger than 20.",
-    "If I have 3 apples and eat one, how many are left?",
-    "Which is bigger, 0.5 or 0.45?",
-    "Spell the word cat backwards.",
-    "What is the capital of France?",
-    "Add 12 and 30.",
-    "How many legs does a spider have?",
-    "What comes after Tuesday?",
-    "Is 91 a prime number? Explain.",
-    "Convert 3 hours to minutes.",
-    "What is 100 divided by 4?",
-    "Give me a color of the rainbow.",
-    "How many sides does a hexagon have?",
-    "What is 2 to the power of 10?",
-    "Subtract 19 from 50.",
-]
-
-
-def chat_ids(engine, text: str) -> list[int]:
-    tok = engine.tokenizer
-    rendered = tok.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-    return list(tok.encode(rendered, add_special_tokens=False))
-
-
-async def capture(engine, ids: list[int], max_tokens: int = 1) -> tuple[np.ndarray, object]:
-    from vllm import SamplingParams
-
-    from server import sampling
-
-    tag = uuid.uuid4().hex
-    params = sampling.for_launch(
-        SamplingParams(max_tokens=max_tokens, temperature=0.0), n=1, first=0, capture_tag=tag
-    )
-    future = engine.expect_capture(tag)
-    final = None
-    async for out in engine.generate(ids, params, f"test-{tag}"):
-        final = out
-    return await asyncio.wait_for(future, 10), final
+from tests.server.engine.capture_checks import (
+    MARBLES,
+    cached_prompt_yields_its_states,
+    capture,
+    chat_ids,
+    concurrent_prompts_get_their_own,
+    cosine,
+    min_cosine,
+    reference_states,
+    states_match_the_reference,
+)
 
 
 @pytest.fixture(params=["compiled", "eager"])
@@ -65,59 +31,16 @@ def capture_engine(request):
     return live
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-@pytest.fixture(scope="module")
-def reference_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    return model
-
-
 async def test_states_match_transformers(capture_engine, reference_model):
-    engine = capture_engine
-    ids = chat_ids(engine, "Tom has 5 marbles and finds 3 more. How many marbles does he have now?")
-    states, _ = await capture(engine, ids)
-    layers = reference_model.model.layers
-    assert (
-        states.shape
-        == (len(layers), reference_model.config.hidden_size)
-        == (engine.info.num_layers, engine.info.hidden_size)
-    )
-    assert states.dtype == np.float32
-
-    # transformers' last hidden state has the final norm applied; take the last layer's
-    # own output (pre-norm) with a hook, as the capture does.
-    last_layer_out = {}
-    handle = layers[-1].register_forward_hook(
-        lambda m, a, o: last_layer_out.setdefault("h", o[0] if isinstance(o, tuple) else o)
-    )
-    with torch.no_grad():
-        out = reference_model(torch.tensor([ids]), output_hidden_states=True)
-    handle.remove()
-    reference = [out.hidden_states[layer + 1][0, -1].numpy() for layer in range(len(layers) - 1)]
-    reference.append(last_layer_out["h"][0, -1].numpy())
-    sims = [cosine(states[layer], reference[layer]) for layer in range(len(layers))]
-    assert min(sims) >= 0.999, sims
+    states = await states_match_the_reference(capture_engine, reference_model)
+    assert len(reference_model.model.layers) == capture_engine.info.num_layers
     # And it really is the last token: another position of the same prompt is far off.
+    _, out = reference_states(reference_model, chat_ids(capture_engine, MARBLES))
     assert cosine(states[10], out.hidden_states[11][0, -2].numpy()) < 0.99
 
 
 async def test_concurrent_requests_get_their_own_states(capture_engine):
-    engine = capture_engine
-    ids = [chat_ids(engine, p) for p in PROMPTS]
-    alone = [(await capture(engine, i))[0] for i in ids]
-    together = await asyncio.gather(*(capture(engine, i, max_tokens=8) for i in ids))
-    for k, (states, _) in enumerate(together):
-        own = min(cosine(states[layer], alone[k][layer]) for layer in range(states.shape[0]))
-        assert own >= 0.999, (k, own)
-        # Closer to its own one-at-a-time capture than to any other prompt's.
-        others = [np.linalg.norm(states - alone[j]) for j in range(len(ids)) if j != k]
-        assert np.linalg.norm(states - alone[k]) < min(others) / 10
+    await concurrent_prompts_get_their_own(capture_engine)
 
 
 def prefix_cache_hits() -> float:
@@ -261,17 +184,7 @@ async def test_seeded_requests_with_long_prompts_do_not_crash_the_engine(engine)
 
 
 async def test_a_fully_cached_prompt_still_yields_its_states(capture_engine):
-    """vLLM recomputes a cached prompt's last token, so its states come back; they are the
-    same as the first (uncached) capture's."""
-    engine = capture_engine
-    ids = chat_ids(
-        engine, f"A question ({uuid.uuid4().hex[:8]}) asked twice: " + "how many days are in a week? " * 6
-    )
-    assert len(ids) > 64
-    first, out_first = await capture(engine, ids)
-    again, out_again = await capture(engine, ids)
-    assert not out_first.num_cached_tokens and out_again.num_cached_tokens == (len(ids) - 1) // 32 * 32
-    assert min(cosine(again[layer], first[layer]) for layer in range(first.shape[0])) >= 0.999
+    await cached_prompt_yields_its_states(capture_engine)
 
 
 async def test_chunked_prefill_yields_one_capture_per_request(eager_engine, engine):
@@ -290,7 +203,7 @@ async def test_chunked_prefill_yields_one_capture_per_request(eager_engine, engi
     assert eager_engine.capture_messages - before == len(prompts)
     for ids, (states, _) in zip(prompts, chunked, strict=True):
         whole, _ = await capture(engine, ids)
-        assert min(cosine(states[layer], whole[layer]) for layer in range(whole.shape[0])) >= 0.999
+        assert min_cosine(states, whole) >= 0.999
 
 
 async def test_start_up_self_test_passes_on_the_real_engine(capture_engine):

@@ -6,7 +6,6 @@ by tag whichever core ran the request. One eager engine for the module."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import numpy as np
@@ -14,29 +13,16 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import SUITE_COST
-from tests.server.engine.test_capture import PROMPTS, capture, chat_ids, cosine
+from tests.server.engine import capture_checks
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 
 @pytest_asyncio.fixture(scope="module")
 async def dp_engine(server_settings):
-    from server.engine.engine import Engine
-
     SUITE_COST["in-process engine starts"] += 1
-    settings = server_settings.engine.model_copy(
-        update={"data_parallel_size": 2, "enforce_eager": True, "log_stats": False, "cpu_threads_bind": "0|1"}
-    )
-    # As in test_capture_pp.py: the workers inherit the binding when they are spawned.
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
-        live = await Engine.start(settings)
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+    settings = server_settings.engine.model_copy(update={"data_parallel_size": 2, "enforce_eager": True})
+    live = await capture_checks.start_bound(settings, "0|1")
     yield live
     await live.shutdown()
 
@@ -59,22 +45,13 @@ async def capture_on_core(engine, ids: list[int], core: int) -> np.ndarray:
 
 
 async def test_each_engine_core_s_captures_reach_the_front_end(dp_engine):
-    engine = dp_engine
-    ids = chat_ids(engine, "Tom has 5 marbles and finds 3 more. How many marbles does he have now?")
-    first, second = [await capture_on_core(engine, ids, core) for core in (0, 1)]
+    ids = capture_checks.chat_ids(dp_engine, capture_checks.MARBLES)
+    first, second = [await capture_on_core(dp_engine, ids, core) for core in (0, 1)]
     assert first.shape == second.shape == (30, 576)
     # Two copies of one model: the same prompt gives the same states on either core.
-    assert min(cosine(first[layer], second[layer]) for layer in range(30)) >= 0.999
-    assert (await engine.self_test())["shape"] == [30, 576]
+    assert capture_checks.min_cosine(first, second) >= 0.999
+    assert (await dp_engine.self_test())["shape"] == [30, 576]
 
 
 async def test_concurrent_requests_get_their_own_states_over_two_cores(dp_engine):
-    engine = dp_engine
-    ids = [chat_ids(engine, p) for p in PROMPTS]
-    alone = [(await capture(engine, i))[0] for i in ids]
-    together = await asyncio.gather(*(capture(engine, i, max_tokens=8) for i in ids))
-    for k, (states, _) in enumerate(together):
-        own = min(cosine(states[layer], alone[k][layer]) for layer in range(states.shape[0]))
-        assert own >= 0.999, (k, own)
-        others = [np.linalg.norm(states - alone[j]) for j in range(len(ids)) if j != k]
-        assert np.linalg.norm(states - alone[k]) < min(others) / 10
+    await capture_checks.concurrent_prompts_get_their_own(dp_engine)
