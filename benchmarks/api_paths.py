@@ -8,6 +8,8 @@ the same number of samples per request:
   plain       a chat question, fixed length (`ignore_eos`)          --tool-call-parser hermes
   json_schema `response_format: json_schema`: every sample constrained, JSON vote    (same)
   tool_named  `tools` + a named `tool_choice`: hermes' structural tag, call vote     (same)
+  responses   plain's question through t2serve's /v1/responses (vLLM: plain's chat
+              request, n = N): its front-end cost against t2serve's chat, same run  (same)
   reasoning   a chat question, fixed length, every sample read by the reasoning parser
               --reasoning-parser qwen3 --tool-call-parser hermes
 The reasoning parser gets servers of its own: under `vllm serve` it also tells the engine
@@ -64,9 +66,10 @@ PATHS = {
     },
     "tool_named": {"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "add"}}},
     "reasoning": {"ignore_eos": True},
+    "responses": {"ignore_eos": True},
 }
 # Server parsers -> the paths measured on servers started with them.
-CONFIGS = [(TOOLS, ["plain", "json_schema", "tool_named"]), (REASONING, ["reasoning"])]
+CONFIGS = [(TOOLS, ["plain", "json_schema", "tool_named", "responses"]), (REASONING, ["reasoning"])]
 
 
 def vllm_command(model_dir: Path, parsers: list[str]) -> list[str]:
@@ -94,19 +97,34 @@ async def send_all(url: str, bodies: list[dict]) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as http:
 
         async def one(body: dict) -> dict:
-            r = await http.post(f"{url}/v1/chat/completions", json=body)
+            endpoint = "/v1/responses" if "input" in body else "/v1/chat/completions"
+            r = await http.post(f"{url}{endpoint}", json=body)
             r.raise_for_status()
             return r.json()
 
         t0 = time.monotonic()
         replies = await asyncio.gather(*(one(b) for b in bodies))
         wall = time.monotonic() - t0
-    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    # chat's completion_tokens, the Responses API's output_tokens: every sample's tokens
+    tokens = sum(r["usage"].get("completion_tokens", r["usage"].get("output_tokens")) for r in replies)
     return {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall}
 
 
 def bodies(args, path: str, questions: list[str], t2serve: bool) -> list[dict]:
     fan_out = {"parallelism": args.n} if t2serve else {"n": args.n}
+    if path == "responses" and t2serve:
+        return [
+            {
+                "model": "bench",
+                "input": q,
+                "max_output_tokens": args.max_tokens,
+                "temperature": 0.8,
+                "seed": k,
+                **PATHS[path],
+                **fan_out,
+            }
+            for k, q in enumerate(questions)
+        ]
     return [
         {
             "model": "bench",
@@ -187,12 +205,16 @@ def main() -> None:
             "overhead": 1 - t2["tokens_per_s"] / raw["tokens_per_s"],
             "rounds": by_server,
         }
+    if "plain" in table and "responses" in table:  # t2serve's two front ends, same requests, same run
+        table["responses"]["vs_t2serve_chat"] = (
+            1 - table["responses"]["t2serve"]["tokens_per_s"] / table["plain"]["t2serve"]["tokens_per_s"]
+        )
     result = {
         "benchmark": "api_paths",
         "config": {**vars(args), "model": str(model_dir)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "paths": table,
-        "target": "overhead < 0.05 per path",
+        "target": "overhead < 0.05 per path; responses within 0.05 of t2serve's chat (vs_t2serve_chat)",
     }
     (RESULTS / "api_paths.json").write_text(json.dumps(result, indent=2))
 
@@ -205,6 +227,9 @@ def main() -> None:
             f"{path:12} {row['vllm']['tokens_per_s']:11.1f} {row['t2serve']['tokens_per_s']:14.1f} "
             f"{row['overhead'] * 100:+8.1f}%   {row['vllm']['generated_tokens']} / {row['t2serve']['generated_tokens']}"
         )
+
+    if "vs_t2serve_chat" in table.get("responses", {}):
+        print(f"responses vs t2serve chat (plain): {table['responses']['vs_t2serve_chat'] * 100:+.1f}%")
 
     import matplotlib
 
