@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from server import consensus
+from server import consensus, metrics
 from server.voting import Vote, extract_answer, has_marked_answer, majority_vote, numbers_in
 
 # What a request's `aggregate` may name (the constrained outputs' own are chosen for them).
@@ -295,6 +295,8 @@ def vote_key(parsed: Any, aggregator: Aggregator) -> str | None:
     """What a parsed sample (server.vllm_openai.ParsedOutput) votes with: its tool calls, as
     the canonical calls (name + canonical arguments), when it makes any; else its final
     content's key; None (abstains) without final content, e.g. cut off while reasoning."""
+    if parsed.tool_outcome is not None:
+        metrics.TOOL_CALL_SAMPLES.labels(parsed.tool_outcome).inc()
     if parsed.tool_calls:
         return canonical_calls(parsed.tool_calls)
     return aggregator.key(parsed.content) if parsed.content else None

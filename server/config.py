@@ -146,10 +146,19 @@ class ParallelismSettings(BaseModel):
         "response carries the winner's reasoning",
     )
     tool_call_parser: str | None = Field(
-        default=None,
+        default="auto",
         description="vLLM's tool-call parser name (hermes, llama3_json, mistral, ...): enables tool_choice "
         "'auto' (calls found in each sample's text, as vLLM's --enable-auto-tool-choice does); samples "
-        "vote on the canonical calls",
+        "vote on the canonical calls. auto: the one the model folder's template writes (hermes for the "
+        "embedded model), else none; none: tool_choice 'auto' is refused",
+    )
+    # "parameter", not vLLM's "auto": on the embedded model it turned required calls from 4 % to
+    # 100 % schema-valid and malformed auto calls from 4 % to 0 (benchmarks/tool_calls.py).
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        default="parameter",
+        description="as vLLM's --tool-strict-level: how far a structural tag constrains the samples' "
+        "calls (auto: only tools marked strict, and required/named calls' envelope; function: every "
+        "call's envelope, under tool_choice auto too; parameter: also each tool's parameters)",
     )
     aggregate: Literal["answer", "consensus", "usc", "auto"] = Field(
         default="auto",

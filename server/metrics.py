@@ -52,6 +52,12 @@ REQUEST_TOKENS = Histogram(
 BUDGET_EXHAUSTED = Counter(
     "t2serve_budget_exhausted", "Requests whose vote the token budget ended (server/budget.py)."
 )
+TOOL_CALL_SAMPLES = Counter(
+    "t2serve_tool_call_samples",
+    "Samples of requests with tools under a tool-call parser, by what their text held: call, text, "
+    "malformed (a call envelope no call could be read from; it votes with its text).",
+    ["outcome"],
+)
 VOTES = Counter("t2serve_votes", "Votes by outcome: decided, tie, no_answer.", ["outcome"])
 CHOSEN_N = Histogram(
     "t2serve_chosen_parallelism",

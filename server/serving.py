@@ -25,6 +25,7 @@ from server import aggregation, metrics, prompts, response_events, responses, re
 from server.budget import TokenBudget
 from server.config import ServerSettings
 from server.engine.engine import Engine, EngineDead, EngineRejected
+from server.engine.model_store import tool_call_parser_of
 from server.errors import APIError, check_model, engine_dead_error, error_event
 from server.exploration import Exploration
 from server.parallel import Deadline, ParallelThinker, Plan
@@ -54,6 +55,12 @@ logger = logging.getLogger(__name__)
 PromptSampling = tuple[Any, vllm_openai.OutputParser]
 
 
+def tool_call_parser(settings: ServerSettings) -> str | None:
+    """--tool-call-parser, with `auto` resolved to what the model folder's template writes."""
+    name = settings.parallelism.tool_call_parser
+    return tool_call_parser_of(settings.engine.model) if name == "auto" else name
+
+
 class OpenAIServing:
     def __init__(self, engine: Engine, thinker: ParallelThinker, settings: ServerSettings):
         self.engine = engine
@@ -63,7 +70,8 @@ class OpenAIServing:
         self.parsers = vllm_openai.Parsers(
             engine.tokenizer,
             reasoning=settings.parallelism.reasoning_parser,
-            tool_call=settings.parallelism.tool_call_parser,
+            tool_call=tool_call_parser(settings),
+            tool_strict_level=settings.parallelism.tool_strict_level,
         )
         # --explore-share, t2_explore: requests run at N_max, replayed and recorded.
         self.exploration = Exploration(settings, thinker, engine)

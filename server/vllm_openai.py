@@ -229,7 +229,13 @@ class Parsers:
     by vLLM's ParserManager at start-up exactly as `vllm serve` composes them (a tool-call
     parser enables `tool_choice: auto`, like vLLM's `--enable-auto-tool-choice`)."""
 
-    def __init__(self, tokenizer: Any, reasoning: str | None = None, tool_call: str | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        reasoning: str | None = None,
+        tool_call: str | None = None,
+        tool_strict_level: str = "auto",
+    ):
         self.tokenizer = tokenizer
         self.reasoning = reasoning
         self.tool_call = tool_call
@@ -248,10 +254,16 @@ class Parsers:
                 raise ValueError(
                     f"unknown {kind} parser {name!r}; vLLM has: {', '.join(manager.list_registered())}"
                 )
+        if tool_call:
+            # Its parser logs a traceback for every sample whose call envelope holds no
+            # readable call; t2serve counts those (t2serve_tool_call_samples) instead.
+            module = ToolParserManager.get_tool_parser(tool_call).__module__
+            logging.getLogger(module).setLevel(logging.CRITICAL)
         self.cls = ParserManager.get_parser(
             tool_parser_name=tool_call,
             reasoning_parser_name=reasoning,
             enable_auto_tools=tool_call is not None,
+            tool_strict_level=tool_strict_level,
             tokenizer=tokenizer,
         )
 
@@ -279,6 +291,9 @@ class ParsedOutput:
     reasoning: str | None
     content: str | None
     tool_calls: list[dict[str, Any]] | None  # OpenAI shape, None when it makes no call
+    # With a tool-call parser and tools: "call", "text", or "malformed" (a call envelope the
+    # parser could read no call from; the sample then votes with its text).
+    tool_outcome: str | None = None
 
 
 class OutputParser:
@@ -301,7 +316,9 @@ class OutputParser:
         elif self.parses_tools and self.tools is not None:
             reasoning, content, calls = self.parser.parse(text, self.request, enable_auto_tools=True)
             shaped = [_openai_call(c.name, c.arguments, c.id) for c in calls or []]
-            return ParsedOutput(reasoning, content, shaped or None)
+            start = getattr(self.parser.tool_parser, "tool_call_start_token", None)
+            outcome = "call" if shaped else "malformed" if start and start in (content or "") else "text"
+            return ParsedOutput(reasoning, content, shaped or None, outcome)
         else:
             reasoning, content = self.parser.extract_reasoning(text, self.request)
         calls = tool_calls_of(content, self.tools) if self.tools is not None and content else None

@@ -24,7 +24,15 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "t2serve-manifest.json"
 # Bump when the conversion changes, so old caches are rebuilt rather than trusted.
-CONVERSION_VERSION = 1
+# 2: the folder's chat template is t2serve's tool-aware one (EMBEDDED_CHAT_TEMPLATE).
+CONVERSION_VERSION = 2
+# The GGUF's own template ignores `tools` and `tool_calls`. This copy renders every tool-less
+# conversation byte for byte as the original does (so the estimator head's states do not
+# change: tests/server/engine/test_model_store.py) and, given tools, lists them in the system
+# turn and writes calls as Hermes `<tool_call>` JSON envelopes, which vLLM's `hermes` parser
+# reads: `tool_choice: auto` works on the embedded model out of the box.
+EMBEDDED_CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "smollm2_tools.jinja"
+EMBEDDED_TOOL_CALL_PARSER = "hermes"
 
 
 def cache_dir() -> Path:
@@ -78,6 +86,16 @@ def verify_model_dir(folder: Path) -> bool:
     return bool(manifest.get("files"))
 
 
+def tool_call_parser_of(folder: str | Path) -> str | None:
+    """The tool-call parser a prepared model folder's chat template writes calls for (the
+    embedded model: hermes); None for any other folder."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest.get("tool_call_parser")
+
+
 def prepare_embedded_model(target: Path | None = None, force: bool = False) -> Path:
     """Convert the embedded GGUF into a vLLM-loadable folder (idempotent, checksum-verified).
 
@@ -128,6 +146,7 @@ def prepare_embedded_model(target: Path | None = None, force: bool = False) -> P
         config.pop("dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
+        shutil.copyfile(EMBEDDED_CHAT_TEMPLATE, tmp / "chat_template.jinja")
         if model.generation_config is not None:
             model.generation_config.save_pretrained(str(tmp))
 
@@ -137,6 +156,7 @@ def prepare_embedded_model(target: Path | None = None, force: bool = False) -> P
             "name": EMBEDDED_NAME,
             "source": {"package": EMBEDDED_PACKAGE, "file": gguf.name, "sha256": sha256_file(gguf)},
             "conversion_version": CONVERSION_VERSION,
+            "tool_call_parser": EMBEDDED_TOOL_CALL_PARSER,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

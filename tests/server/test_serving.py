@@ -71,12 +71,15 @@ async def test_max_parallelism_bounds_the_request(client):
         ("chat", {"prompt_logprobs": 1}, "prompt_logprobs", "unsupported_parameter"),
         ("chat", {"top_logprobs": 5}, "top_logprobs", "invalid_value"),  # without logprobs: true
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
-        # tool_choice auto (the default with tools) needs a tool-call parser, not run yet.
+        # A named tool_choice must name one of the tools.
         (
             "chat",
-            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
             "tool_choice",
-            "unsupported_parameter",
+            None,
         ),
         ("chat", {"tool_choice": "required"}, "tool_choice", "invalid_value"),  # without tools
         ("chat", {"response_format": {"type": "json_schema"}}, "response_format", None),  # no schema

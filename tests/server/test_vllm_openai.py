@@ -295,16 +295,25 @@ async def test_required_tool_choice_calls_a_listed_tool_streaming_too(client):
     assert finishes == ["tool_calls"] and len(calls) == 1 and calls[0].function.name == "add"
 
 
-async def test_auto_tool_choice_is_refused_without_a_tool_call_parser(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        await client.chat.completions.create(
-            model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], max_tokens=8
-        )
-    assert err.value.body["param"] == "tool_choice"
-    # tool_choice none: the tools reach the template, the answer is text.
+async def test_auto_tool_choice_runs_on_the_default_set_up_and_is_refused_without_a_parser(
+    client, engine, server_settings
+):
+    # The embedded model's template and its default parser (hermes): auto answers.
     response = await client.chat.completions.create(
-        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], tool_choice="none", max_tokens=4
+        model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], max_tokens=8
     )
+    assert response.choices[0].finish_reason in {"stop", "length", "tool_calls"}
+    async with serve(engine, with_parsers(server_settings, tool_call_parser=None)) as (url, _):
+        no_parser = AsyncOpenAI(base_url=f"{url}/v1", api_key="none")
+        with pytest.raises(openai.BadRequestError) as err:
+            await no_parser.chat.completions.create(
+                model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], max_tokens=8
+            )
+        assert err.value.body["param"] == "tool_choice"
+        # tool_choice none: the tools reach the template, the answer is text.
+        response = await no_parser.chat.completions.create(
+            model=MODEL_NAME, messages=TOOL_QUESTION, tools=[ADD_TOOL], tool_choice="none", max_tokens=4
+        )
     assert response.choices[0].message.content is not None and response.choices[0].message.tool_calls is None
 
 
@@ -393,7 +402,10 @@ async def test_auto_tool_choice_finds_calls_with_the_tool_call_parser_and_votes_
 ):
     import json
 
-    settings = with_parsers(server_settings, reasoning_parser="qwen3", tool_call_parser="hermes")
+    # The regex writes the text; no structural tag on top of it (vLLM's auto strict level).
+    settings = with_parsers(
+        server_settings, reasoning_parser="qwen3", tool_call_parser="hermes", tool_strict_level="auto"
+    )
     async with serve(engine, settings) as (url, _):
         # Reasoning, then a call: the call is found in the final content only.
         response = await ask(
