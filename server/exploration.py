@@ -104,7 +104,7 @@ class Exploration:
                         request_id=ctx.request_id,
                         prompt=p,
                         params=ctx.sampling[p][0],
-                        model=model_identity(info),
+                        model=model_identity(self.engine),
                         replica=self.recorder.replica,
                         shape=(info.num_layers, info.hidden_size),
                         prompt_text=text,

@@ -52,9 +52,9 @@ SHARD_RECORDS = 64  # most records one shard holds: a writer that fell behind ca
 FLUSH_TIMEOUT_S = 30.0  # at shutdown, how long queued records may take to be written
 
 
-def model_identity(info: Any) -> dict[str, Any]:
-    """What labels, traffic records and heads record about the model they were made with
-    (info: server.engine.engine.ModelInfo)."""
+def model_identity(engine: Any) -> dict[str, Any]:
+    """What labels, traffic records and heads record about the model they were made with."""
+    info = engine.info
     return {
         "name": info.name,
         "num_layers": info.num_layers,

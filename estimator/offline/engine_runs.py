@@ -9,6 +9,7 @@ here (tests/estimator/test_boundary.py checks it):
   EngineRuns       per prompt: its last-token states and N samples
   extract_answer, normalize_answer, majority_vote, consensus
                    the vote's answer reading (server.voting, server.consensus)
+  model_identity   what labels record of the model (as the server's traffic records do)
 
 Everything else in estimator/offline is data work on what these return.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from server import consensus
+from server.recording import model_identity
 from server.voting import extract_answer, majority_vote, normalize_answer
 
 __all__ = [
@@ -53,17 +55,6 @@ async def started_engine(settings: Any) -> AsyncIterator[Any]:
         yield engine
     finally:
         await engine.shutdown()
-
-
-def model_identity(engine: Any) -> dict[str, Any]:
-    """What labels and heads record about the model they were made with."""
-    info = engine.info
-    return {
-        "name": info.name,
-        "num_layers": info.num_layers,
-        "hidden_size": info.hidden_size,
-        "fingerprint": info.fingerprint,
-    }
 
 
 @dataclass
