@@ -22,10 +22,15 @@ registered name and every knob it was given), as a response's `t2.policy` and th
 name it: parse_policy(describe(policy)) == policy.
 The names, knobs and defaults are the policies' own registrations (estimator.policies,
 `@register_policy`): this module is the grammar only.
+
+`--policy @PATH` (the server's flag, not a request's field) reads the spec from a JSON file
+with a "policy" key: what `t2serve tune` writes (spec_from_flag).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estimator.policies import Policy, PolicyContext, get_policy
@@ -60,3 +65,18 @@ def parse_policy(spec: str, *, fixed_n: int, margin: float, stopping: StoppingTa
 def describe(policy: Policy) -> str:
     """The spec of a policy, as a response reports it (e.g. "esc:window=4,max=8")."""
     return f"{policy.name}:{policy.knobs}"
+
+
+def spec_from_flag(value: str) -> str:
+    """`--policy`'s spec: the value itself, or with "@PATH" the "policy" of that JSON file
+    (`t2serve tune`'s output); ValueError naming the file when it has none."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    try:
+        spec = json.loads(path.read_text()).get("policy")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"cannot read a policy from {path}: {exc}") from None
+    if not isinstance(spec, str):
+        raise ValueError(f'{path} names no policy (a JSON object with a "policy" spec string)')
+    return spec

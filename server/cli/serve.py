@@ -51,10 +51,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_settings(args: argparse.Namespace) -> ServerSettings:
-    """`serve`'s settings: every flag, --policy checked, T2SERVE_API_KEYS added to --api-key."""
-    from estimator.policy_spec import parse_policy
+    """`serve`'s settings: every flag, --policy read (@PATH: from `t2serve tune`'s file) and
+    checked, T2SERVE_API_KEYS added to --api-key."""
+    from estimator.policy_spec import parse_policy, spec_from_flag
 
     try:  # the defaults it fills in do not matter here, only whether the spec is valid
+        args.policy = spec_from_flag(args.policy)
         parse_policy(args.policy, fixed_n=1, margin=1.0)
     except ValueError as exc:
         raise SystemExit(f"t2serve: --policy: {exc}") from None

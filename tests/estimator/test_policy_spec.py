@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from estimator.learned_stopping import StoppingTable
 from estimator.policies import ESC, T2, AdaptiveConsistency, Composition, Fixed, LearnedStop, policy_names
-from estimator.policy_spec import describe, parse_policy
+from estimator.policy_spec import describe, parse_policy, spec_from_flag
 
 TABLE = StoppingTable(
     n_max=2,
@@ -154,3 +156,15 @@ def test_a_registered_policy_is_parseable_by_name_with_its_knobs(monkeypatch):
     assert "every-k" in policies.policy_names()
     with pytest.raises(ValueError, match="k must be >= 1"):
         parse("every-k:k=0")
+
+
+def test_a_flag_value_at_a_path_reads_the_spec_tune_wrote(tmp_path):
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"policy": "esc:window=4,max=8", "target": 0.99}))
+    assert spec_from_flag(f"@{tuned}") == "esc:window=4,max=8"
+    assert spec_from_flag("t2:margin=1.5") == "t2:margin=1.5"
+    with pytest.raises(ValueError, match="cannot read a policy from"):
+        spec_from_flag(f"@{tmp_path / 'missing.json'}")
+    tuned.write_text(json.dumps({"target": 0.99}))
+    with pytest.raises(ValueError, match="names no policy"):
+        spec_from_flag(f"@{tuned}")

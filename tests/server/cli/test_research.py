@@ -169,3 +169,55 @@ def test_evaluate_command_writes_the_report_of_the_head(labels, tmp_path, capsys
         main(["evaluate", "--labels", str(folder), "--head", str(head_path), "--policies", "T2"])
     with pytest.raises(SystemExit, match="--head is needed"):
         main(["evaluate", "--labels", str(folder)])
+
+
+def test_tune_command_writes_the_choice_into_the_store_and_serve_reads_it(tmp_path, capsys, model_dir):
+    from estimator.offline.evaluation.tune import OUTPUT_NAME
+    from server.cli.serve import serve_settings
+    from tests.estimator.offline.evaluation.traffic import traffic_records, write_traffic_store
+
+    store = write_traffic_store(tmp_path / "store", traffic_records())
+    main(["tune", "--labels", str(store), "--agreement", "0.99"])
+    out = capsys.readouterr().out
+    tuned = store / OUTPUT_NAME
+    result = json.loads(tuned.read_text())
+    assert (result["target"], result["records"], result["held_out_share"]) == (0.99, 200, 0.3)
+    assert result["tuning"]["agreement"] >= 0.99 and result["held_out"]["pools"] == 60
+    header, first = out.splitlines()[:2]
+    assert header.split()[:2] == ["policy", "tune"] and first.startswith(" fixed:n=1 ")
+    assert f"*{result['policy']}" in out and result["message"] in out
+    assert f"wrote {tuned}: serve it with `t2serve serve --policy @{tuned}`" in out
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--policy", f"@{tuned}"])
+    assert serve_settings(args).parallelism.policy == result["policy"]
+    args = build_parser().parse_args(
+        ["serve", "--model", str(model_dir), "--policy", f"@{tmp_path}/none.json"]
+    )
+    with pytest.raises(SystemExit, match="--policy: cannot read a policy from"):
+        serve_settings(args)
+
+
+def test_tune_command_reads_label_output_and_refuses_a_bad_target(labels, tmp_path, capsys):
+    folder, records = labels
+    out = tmp_path / "tuned.json"
+    main(
+        [
+            "tune",
+            "--labels",
+            str(folder),
+            "--agreement",
+            "0.9",
+            "--held-out",
+            "0.5",
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    assert (result["records"], result["n_max"], result["seed"]) == (len(records), 8, 2)
+    assert not [r for r in result["candidates"] if r["policy"].startswith("t2")]  # no predictions
+    with pytest.raises(SystemExit, match=r"t2serve tune: agreement target 1.5: it must be in \(0, 1\]"):
+        main(["tune", "--labels", str(folder), "--agreement", "1.5"])
+    with pytest.raises(SystemExit, match="has no stopping table"):
+        main(["tune", "--labels", str(folder), "--head", str(tmp_path / "head")])

@@ -1,0 +1,280 @@
+"""`t2serve tune`: the operating point from explored traffic, without gold.
+
+An explored pool (a traffic record, server/recording.py, or a `t2serve label` question) holds
+N_max vote keys in the order its samples finished. Candidate policies, named by their spec
+strings (estimator.policy_spec), are replayed on each pool exactly as the live gauge
+replays them (server.shadow.replay_pool: estimator.replay.drive over the keys in that
+order, the budget the pool's prediction and margin multiple give, cap N_max):
+
+    agreement   share of pools on which the policy's vote names the pool's N_max vote
+    samples     mean samples the policy launched (aborted ones are paid for too)
+
+The pools are split, seeded and by request (a request's choices stay on one side), into a
+tuning part and a held-out part. On the tuning part the candidate with the fewest mean
+samples whose agreement is at least the target is chosen (ties: the earlier candidate,
+fixed N first); its held-out numbers are reported beside the cheapest fixed N that reaches
+the target on the held-out part, and the chosen point is above the fixed-N curve when the
+cheapest fixed N agreeing on held-out at least as often as it does launches more samples
+(the gauge's "samples saved", server.shadow.ShadowGauge.saved). Fixed N_max agrees on
+every pool by definition, so a target nothing cheaper reaches falls back to it.
+
+Candidates: fixed N = 1..N_max; `t2` over MARGINS where pools carry the head's prediction;
+`esc` over WINDOWS and `ac-beta` over CONFIDENCES, each with a budget in MAX_SAMPLES, written
+into the spec (without one the server would cap them at --max-parallelism, not N_max);
+`t2+learned` over COSTS x LEARNED_MARGINS given a head with a stopping table.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from estimator.label_store import load_records
+from estimator.offline.evaluation.comparison import CONFIDENCES, COSTS, LEARNED_MARGINS, MARGINS, WINDOWS
+from estimator.policies import Budget, Fixed, Policy
+from estimator.policy_spec import describe, parse_policy
+from server.shadow import Totals, replay_pool
+
+if TYPE_CHECKING:
+    from estimator.learned_stopping import StoppingTable
+
+HELD_OUT = 0.3  # share of the pools held out from the choice
+MAX_SAMPLES = (4, 8, None)  # esc and ac-beta budgets; None: N_max
+OUTPUT_NAME = "tuned.json"  # written into the (first) store folder unless --out says otherwise
+
+
+@dataclass(frozen=True)
+class TrafficPool:
+    """One explored pool as the gauge replays it."""
+
+    answers: list[str | None]  # N_max vote keys in finishing order
+    prediction: float | None  # the head's N*/N_max for the prompt (None: no head)
+    margin_scale: float  # the gate's multiple of T2's margin
+    group: str  # the request it came from: a request's pools are split together
+
+
+def traffic_pools(records: Sequence[dict]) -> list[TrafficPool]:
+    """Pools of traffic records or `t2serve label` records (which carry no prediction and
+    no n_max: their pool is their answers, in sampling order); all of one N_max."""
+    sizes = sorted({r.get("n_max", len(r["answers"])) for r in records})
+    if len(sizes) != 1:
+        raise ValueError(f"records of several N_max ({sizes}): tune the stores of one N_max apart")
+    pools = []
+    for r in records:
+        if len(r["answers"]) != sizes[0]:
+            raise ValueError(f"record {r['id']}: {len(r['answers'])} answers, not N_max = {sizes[0]}")
+        pools.append(
+            TrafficPool(
+                r["answers"],
+                r.get("prediction"),
+                r.get("margin_scale") or 1.0,
+                r.get("request_id") or r["id"],
+            )
+        )
+    return pools
+
+
+def split_pools(
+    pools: Sequence[TrafficPool], held_out: float, seed: int
+) -> tuple[list[TrafficPool], list[TrafficPool]]:
+    """(tuning, held out): a seeded shuffle of the requests, `held_out` of them (rounded,
+    at least one when the share is positive) held out; the tuning part is never empty."""
+    if not 0 <= held_out < 1:
+        raise ValueError(f"held-out share {held_out}: it must be in [0, 1)")
+    groups = list(dict.fromkeys(p.group for p in pools))
+    if len(groups) < (2 if held_out else 1):
+        raise ValueError(f"{len(groups)} request(s) in the store: too few to tune and hold out from")
+    random.Random(seed).shuffle(groups)
+    count = min(len(groups) - 1, max(1, round(held_out * len(groups)))) if held_out else 0
+    held = set(groups[:count])
+    return [p for p in pools if p.group not in held], [p for p in pools if p.group in held]
+
+
+def candidate_specs(n_max: int, *, predictions: bool, stopping: StoppingTable | None = None) -> list[str]:
+    """The candidates' spec strings, fixed N first (a tie goes to the simpler policy)."""
+
+    def budgets(least: int) -> list[int]:
+        return list(
+            dict.fromkeys(n_max if m is None else m for m in MAX_SAMPLES if m is None or least <= m < n_max)
+        )
+
+    specs = [f"fixed:n={n}" for n in range(1, n_max + 1)]
+    if predictions:
+        specs += [f"t2:margin={m:g}" for m in MARGINS]
+    specs += [f"esc:window={w},max={m}" for w in WINDOWS if w < n_max for m in budgets(w)]
+    specs += [f"ac-beta:c={c:g},max={m}" for c in CONFIDENCES for m in budgets(1)]
+    if stopping is not None and predictions:
+        specs += [f"t2+learned:cost={c:g},margin={m:g}" for c in COSTS for m in LEARNED_MARGINS]
+    return specs
+
+
+def replay_candidates(
+    policies: dict[str, Policy], pools: Sequence[TrafficPool], *, default: int, desc: str
+) -> dict[str, Totals]:
+    """Every candidate on every pool, as the gauge replays them: agreement and samples."""
+    from tqdm import tqdm
+
+    totals = {spec: Totals() for spec in policies}
+    for pool in tqdm(pools, desc=desc, unit="pool"):
+        n_max = len(pool.answers)
+        budget = Budget(
+            pool.prediction, n_max=n_max, default=default, cap=n_max, margin_scale=pool.margin_scale
+        )
+        for spec, policy in policies.items():
+            outcome = replay_pool(policy, budget, pool.answers)
+            totals[spec].pools += 1
+            totals[spec].agreed += outcome.agrees
+            totals[spec].samples += outcome.samples
+    return totals
+
+
+def cheapest_meeting(totals: dict[str, Totals], target: float, specs: Sequence[str]) -> str | None:
+    """Among `specs` (in order), the one with the fewest mean samples whose agreement is at
+    least `target`; the earlier one on a tie."""
+    meeting = [s for s in specs if totals[s].agreement >= target - 1e-12]
+    return min(meeting, key=lambda s: totals[s].mean_samples) if meeting else None
+
+
+def _numbers(totals: Totals) -> dict[str, float | int]:
+    return {"pools": totals.pools, "agreement": totals.agreement, "samples": totals.mean_samples}
+
+
+def tune(
+    records: Sequence[dict],
+    *,
+    target: float,
+    held_out: float = HELD_OUT,
+    seed: int = 0,
+    default: int,
+    stopping: StoppingTable | None = None,
+) -> dict:
+    """Choose the operating point on the tuning part; report it on the held-out part."""
+    if not 0 < target <= 1:
+        raise ValueError(f"agreement target {target}: it must be in (0, 1]")
+    pools = traffic_pools(records)
+    n_max = len(pools[0].answers)
+    if stopping is not None and stopping.n_max != n_max:
+        raise ValueError(f"the stopping table is for N_max {stopping.n_max}, the pools are of {n_max}")
+    predicted = sum(p.prediction is not None for p in pools)
+    specs = candidate_specs(n_max, predictions=predicted > 0, stopping=stopping)
+    policies = {
+        describe(p): p for p in (parse_policy(s, fixed_n=n_max, margin=1.0, stopping=stopping) for s in specs)
+    }
+    specs = list(policies)
+    fixed = [s for s in specs if isinstance(policies[s], Fixed)]
+    tuning, held = split_pools(pools, held_out, seed)
+    on_tuning = replay_candidates(policies, tuning, default=default, desc="replay tuning")
+    on_held = replay_candidates(policies, held, default=default, desc="replay held-out") if held else None
+    fixed_n_max = describe(Fixed(n_max))
+    chosen = cheapest_meeting(on_tuning, target, specs) or fixed_n_max
+    fallback = chosen == fixed_n_max
+    result: dict = {
+        "policy": chosen,
+        "target": target,
+        "records": len(records),
+        "records_with_prediction": predicted,
+        "n_max": n_max,
+        "held_out_share": held_out,
+        "seed": seed,
+        "default_parallelism": default,
+        "fallback": fallback,
+        "tuning": _numbers(on_tuning[chosen]),
+        "held_out": None,
+        "candidates": [
+            {
+                "policy": s,
+                "tuning": _numbers(on_tuning[s]),
+                "held_out": _numbers(on_held[s]) if on_held else None,
+            }
+            for s in specs
+        ],
+    }
+    if on_held:
+        mine = on_held[chosen]
+        as_often = cheapest_meeting(on_held, mine.agreement, fixed)
+        assert as_often is not None  # fixed N_max agrees on every pool
+        at_target = cheapest_meeting(on_held, target, fixed)
+        result["held_out"] = {
+            **_numbers(mine),
+            "meets_target": mine.agreement >= target - 1e-12,
+            "cheapest_fixed_at_target": at_target and {"policy": at_target, **_numbers(on_held[at_target])},
+            "cheapest_fixed_as_often": {"policy": as_often, **_numbers(on_held[as_often])},
+            "samples_saved": on_held[as_often].mean_samples - mine.mean_samples,
+            "above_fixed_curve": on_held[as_often].mean_samples > mine.mean_samples,
+        }
+    result["message"] = message(result)
+    return result
+
+
+def message(result: dict) -> str:
+    """What the choice means, in one paragraph."""
+    target, chosen = result["target"], result["policy"]
+    if result["fallback"]:
+        text = (
+            f"no policy cheaper than fixed N_max keeps agreement >= {target:g} with the N_max vote on the "
+            f"{result['tuning']['pools']} tuning pools: falling back to {chosen} (no samples saved)."
+        )
+    else:
+        tun = result["tuning"]
+        text = (
+            f"chosen {chosen}: agreement {tun['agreement']:.4f} at {tun['samples']:.2f} mean samples on "
+            f"{tun['pools']} tuning pools (target {target:g}, N_max {result['n_max']})."
+        )
+    held = result["held_out"]
+    if held is None:
+        return text + " No pools held out: nothing checks the choice."
+    text += (
+        f" Held out ({held['pools']} pools): agreement {held['agreement']:.4f} at {held['samples']:.2f} samples"
+        f"{'' if held['meets_target'] else ', BELOW the target'}."
+    )
+    at_target = held["cheapest_fixed_at_target"]
+    if at_target is not None:
+        text += f" Cheapest fixed N reaching the target there: {at_target['policy']} ({at_target['samples']:.2f})."
+    as_often = held["cheapest_fixed_as_often"]
+    where = "above" if held["above_fixed_curve"] else "not above"
+    return text + (
+        f" The chosen point is {where} the fixed-N curve: {as_often['policy']} agrees as often with "
+        f"{as_often['samples']:.2f} samples ({held['samples_saved']:+.2f} saved)."
+    )
+
+
+def report_table(result: dict) -> str:
+    """Every candidate's agreement and samples, tuning and held out, cheapest first."""
+    lines = [
+        f"{'policy':<34} {'tune agree':>10} {'samples':>8} {'held agree':>10} {'samples':>8}",
+    ]
+    for row in sorted(result["candidates"], key=lambda r: r["tuning"]["samples"]):
+        tun, held = row["tuning"], row["held_out"]
+        mark = "*" if row["policy"] == result["policy"] else " "
+        held_text = f"{held['agreement']:>10.4f} {held['samples']:>8.2f}" if held else f"{'-':>10} {'-':>8}"
+        lines.append(
+            f"{mark}{row['policy']:<33} {tun['agreement']:>10.4f} {tun['samples']:>8.2f} {held_text}"
+        )
+    return "\n".join([*lines, "", result["message"]])
+
+
+def tune_store(
+    folders: Sequence[Path],
+    *,
+    target: float,
+    held_out: float = HELD_OUT,
+    seed: int = 0,
+    default: int,
+    stopping: StoppingTable | None = None,
+) -> dict:
+    """`tune` on every record of one or more store folders (traffic or `t2serve label`)."""
+    records = [r for folder in folders for r in load_records(Path(folder))]
+    if not records:
+        raise ValueError(f"no records in {', '.join(map(str, folders))}")
+    result = tune(records, target=target, held_out=held_out, seed=seed, default=default, stopping=stopping)
+    return {**result, "store": [str(f) for f in folders]}
+
+
+def write_result(result: dict, path: Path) -> None:
+    """The tuned operating point; `t2serve serve --policy @PATH` serves its "policy"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
