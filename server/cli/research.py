@@ -441,8 +441,9 @@ def tune_command(args: argparse.Namespace) -> None:
         if stopping is None:
             raise SystemExit(f"t2serve tune: {args.head} has no stopping table (`t2serve train` fits one)")
     try:
-        result = tune.tune_store(
-            args.labels,
+        result = tune.tune(
+            tune.load_store(args.labels),
+            store=args.labels,
             target=args.agreement,
             default=args.default_parallelism,
             stopping=stopping,

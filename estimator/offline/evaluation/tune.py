@@ -2,9 +2,10 @@
 
 An explored pool (a traffic record, server/recording.py, or a `t2serve label` question) holds
 N_max vote keys in the order its samples finished. Candidate policies, named by their spec
-strings (estimator.policy_spec), are replayed on each pool exactly as the live gauge
-replays them (server.shadow.replay_pool: estimator.replay.drive over the keys in that
-order, the budget the pool's prediction and margin multiple give, cap N_max):
+strings (estimator.policy_spec), are replayed on each pool as the live gauge replays them
+(server/shadow.py; a test checks the numbers are equal): estimator.replay.drive over the
+keys in that order, with the budget the pool's prediction and margin multiple give, cap
+N_max:
 
     agreement   share of pools on which the policy's vote names the pool's N_max vote
     samples     mean samples the policy launched (aborted ones are paid for too)
@@ -15,7 +16,7 @@ samples whose agreement is at least the target is chosen (ties: the earlier cand
 fixed N first); its held-out numbers are reported beside the cheapest fixed N that reaches
 the target on the held-out part, and the chosen point is above the fixed-N curve when the
 cheapest fixed N agreeing on held-out at least as often as it does launches more samples
-(the gauge's "samples saved", server.shadow.ShadowGauge.saved). Fixed N_max agrees on
+(the gauge's "samples saved"). Fixed N_max agrees on
 every pool by definition, so a target nothing cheaper reaches falls back to it.
 
 Candidates: fixed N = 1..N_max; `t2` over MARGINS where pools carry the head's prediction;
@@ -33,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from estimator.label_store import load_records
+from estimator.offline.engine_runs import majority_vote
 from estimator.offline.evaluation.comparison import CONFIDENCES, COSTS, LEARNED_MARGINS, MARGINS, WINDOWS
 from estimator.policies import Budget, Fixed, Policy
 from estimator.policy_spec import describe, parse_policy
-from server.shadow import Totals, replay_pool
+from estimator.replay import drive
 
 if TYPE_CHECKING:
     from estimator.learned_stopping import StoppingTable
@@ -114,33 +118,41 @@ def candidate_specs(n_max: int, *, predictions: bool, stopping: StoppingTable | 
 
 def replay_candidates(
     policies: dict[str, Policy], pools: Sequence[TrafficPool], *, default: int, desc: str
-) -> dict[str, Totals]:
-    """Every candidate on every pool, as the gauge replays them: agreement and samples."""
+) -> dict[str, dict]:
+    """Every candidate on every pool, as the gauge replays them; per spec: pools, agreement
+    (share whose vote is the N_max vote) and samples (mean launched)."""
     from tqdm import tqdm
 
-    totals = {spec: Totals() for spec in policies}
+    agreed, launched = np.zeros(len(policies)), np.zeros(len(policies))
     for pool in tqdm(pools, desc=desc, unit="pool"):
         n_max = len(pool.answers)
         budget = Budget(
             pool.prediction, n_max=n_max, default=default, cap=n_max, margin_scale=pool.margin_scale
         )
-        for spec, policy in policies.items():
-            outcome = replay_pool(policy, budget, pool.answers)
-            totals[spec].pools += 1
-            totals[spec].agreed += outcome.agrees
-            totals[spec].samples += outcome.samples
-    return totals
+        reference = majority_vote(pool.answers).answer  # the N_max vote, in finishing order
+        for i, policy in enumerate(policies.values()):
+            run = drive(policy, budget, pool.answers)
+            agreed[i] += majority_vote(pool.answers[: run.finished]).answer == reference
+            launched[i] += run.launched
+    return {
+        spec: {"pools": len(pools), "agreement": float(a / len(pools)), "samples": float(n / len(pools))}
+        for spec, a, n in zip(policies, agreed, launched, strict=True)
+    }
 
 
-def cheapest_meeting(totals: dict[str, Totals], target: float, specs: Sequence[str]) -> str | None:
+def cheapest_meeting(rows: dict[str, dict], target: float, specs: Sequence[str]) -> str | None:
     """Among `specs` (in order), the one with the fewest mean samples whose agreement is at
     least `target`; the earlier one on a tie."""
-    meeting = [s for s in specs if totals[s].agreement >= target - 1e-12]
-    return min(meeting, key=lambda s: totals[s].mean_samples) if meeting else None
+    meeting = [s for s in specs if rows[s]["agreement"] >= target - 1e-12]
+    return min(meeting, key=lambda s: rows[s]["samples"]) if meeting else None
 
 
-def _numbers(totals: Totals) -> dict[str, float | int]:
-    return {"pools": totals.pools, "agreement": totals.agreement, "samples": totals.mean_samples}
+def load_store(folders: Sequence[Path]) -> list[dict]:
+    """Every record of one or more store folders (traffic or `t2serve label`)."""
+    records = [r for folder in folders for r in load_records(Path(folder))]
+    if not records:
+        raise ValueError(f"no records in {', '.join(map(str, folders))}")
+    return records
 
 
 def tune(
@@ -151,8 +163,10 @@ def tune(
     seed: int = 0,
     default: int,
     stopping: StoppingTable | None = None,
+    store: Sequence[Path] = (),
 ) -> dict:
-    """Choose the operating point on the tuning part; report it on the held-out part."""
+    """Choose the operating point on the tuning part; report it on the held-out part
+    (`store`: the folders the records came from, as the result names them)."""
     if not 0 < target <= 1:
         raise ValueError(f"agreement target {target}: it must be in (0, 1]")
     pools = traffic_pools(records)
@@ -176,35 +190,36 @@ def tune(
         "policy": chosen,
         "target": target,
         "records": len(records),
+        "store": [str(f) for f in store],
         "records_with_prediction": predicted,
         "n_max": n_max,
         "held_out_share": held_out,
         "seed": seed,
         "default_parallelism": default,
         "fallback": fallback,
-        "tuning": _numbers(on_tuning[chosen]),
+        "tuning": on_tuning[chosen],
         "held_out": None,
         "candidates": [
             {
                 "policy": s,
-                "tuning": _numbers(on_tuning[s]),
-                "held_out": _numbers(on_held[s]) if on_held else None,
+                "tuning": on_tuning[s],
+                "held_out": on_held[s] if on_held else None,
             }
             for s in specs
         ],
     }
     if on_held:
         mine = on_held[chosen]
-        as_often = cheapest_meeting(on_held, mine.agreement, fixed)
+        as_often = cheapest_meeting(on_held, mine["agreement"], fixed)
         assert as_often is not None  # fixed N_max agrees on every pool
         at_target = cheapest_meeting(on_held, target, fixed)
         result["held_out"] = {
-            **_numbers(mine),
-            "meets_target": mine.agreement >= target - 1e-12,
-            "cheapest_fixed_at_target": at_target and {"policy": at_target, **_numbers(on_held[at_target])},
-            "cheapest_fixed_as_often": {"policy": as_often, **_numbers(on_held[as_often])},
-            "samples_saved": on_held[as_often].mean_samples - mine.mean_samples,
-            "above_fixed_curve": on_held[as_often].mean_samples > mine.mean_samples,
+            **mine,
+            "meets_target": mine["agreement"] >= target - 1e-12,
+            "cheapest_fixed_at_target": at_target and {"policy": at_target, **on_held[at_target]},
+            "cheapest_fixed_as_often": {"policy": as_often, **on_held[as_often]},
+            "samples_saved": on_held[as_often]["samples"] - mine["samples"],
+            "above_fixed_curve": on_held[as_often]["samples"] > mine["samples"],
         }
     result["message"] = message(result)
     return result
@@ -255,23 +270,6 @@ def report_table(result: dict) -> str:
             f"{mark}{row['policy']:<33} {tun['agreement']:>10.4f} {tun['samples']:>8.2f} {held_text}"
         )
     return "\n".join([*lines, "", result["message"]])
-
-
-def tune_store(
-    folders: Sequence[Path],
-    *,
-    target: float,
-    held_out: float = HELD_OUT,
-    seed: int = 0,
-    default: int,
-    stopping: StoppingTable | None = None,
-) -> dict:
-    """`tune` on every record of one or more store folders (traffic or `t2serve label`)."""
-    records = [r for folder in folders for r in load_records(Path(folder))]
-    if not records:
-        raise ValueError(f"no records in {', '.join(map(str, folders))}")
-    result = tune(records, target=target, held_out=held_out, seed=seed, default=default, stopping=stopping)
-    return {**result, "store": [str(f) for f in folders]}
 
 
 def write_result(result: dict, path: Path) -> None:

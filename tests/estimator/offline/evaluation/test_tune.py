@@ -3,17 +3,16 @@ traffic, on a made-up store (pure data, no engine)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from estimator.label_store import load_records
-from estimator.learned_stopping import StoppingTable
-from estimator.offline.evaluation.tune import candidate_specs, split_pools, traffic_pools, tune, tune_store
+from estimator.offline.evaluation.tune import candidate_specs, load_store, split_pools, traffic_pools, tune
 from estimator.policies import ESC, AdaptiveConsistency
 from estimator.policy_spec import describe, parse_policy
 from server.shadow import ShadowGauge
 from server.voting import majority_vote
 from tests.estimator.offline.evaluation.traffic import LAST, N_MAX, traffic_records, write_traffic_store
+from tests.estimator.test_policy_spec import TABLE
 
 
 def fixed_agreement(pools, n: int) -> float:
@@ -77,8 +76,8 @@ def test_the_replay_is_the_live_gauges():
         totals = gauge.totals[spec]
         assert row(result, spec)["tuning"] == {
             "pools": totals.pools,
-            "agreement": totals.agreement,
-            "samples": totals.mean_samples,
+            "agreement": pytest.approx(totals.agreement, abs=1e-12),
+            "samples": pytest.approx(totals.mean_samples, abs=1e-12),
         }
 
 
@@ -123,24 +122,15 @@ def test_tune_store_reads_every_replicas_shards(tmp_path):
     records = traffic_records()
     store = write_traffic_store(tmp_path / "store", records)
     assert len(load_records(store)) == len(records)
-    result = tune_store([store], target=0.99, default=4)
+    result = tune(load_store([store]), target=0.99, default=4, store=[store])
     assert result["records"] == len(records) and result["store"] == [str(store)]
     with pytest.raises(ValueError, match="no records"):
-        tune_store([tmp_path], target=0.99, default=4)
+        load_store([tmp_path])
 
 
 def test_a_stopping_table_adds_t2_learned_candidates_of_its_own_n_max():
-    table = StoppingTable(
-        n_max=2,
-        bandwidth=1.0,
-        grid=np.array([1.0]),
-        states=[(1, 1, 0)],
-        visits=np.array([[1.0]]),
-        correct=np.array([[1.0]]),
-        edges=np.zeros((0, 2), dtype=int),
-        moves=np.zeros((1, 0)),
-    )
-    assert "t2+learned:cost=0.009,margin=0.25" in candidate_specs(2, predictions=True, stopping=table)
-    assert not [s for s in candidate_specs(2, predictions=False, stopping=table) if s.startswith("t2+")]
+    """TABLE is for N_max 2."""
+    assert "t2+learned:cost=0.009,margin=0.25" in candidate_specs(2, predictions=True, stopping=TABLE)
+    assert not [s for s in candidate_specs(2, predictions=False, stopping=TABLE) if s.startswith("t2+")]
     with pytest.raises(ValueError, match="stopping table is for N_max 2, the pools are of 8"):
-        tune(traffic_records(requests=4), target=0.9, default=4, stopping=table)
+        tune(traffic_records(requests=4), target=0.9, default=4, stopping=TABLE)
