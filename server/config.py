@@ -137,7 +137,7 @@ class ParallelismSettings(BaseModel):
         default="t2",
         description="sampling policy for 'auto' when a request names none (estimator/policy_spec.py), "
         "with knobs, e.g. t2:margin=1.5, esc:window=4,max=8, ac-beta:c=0.95,max=8, t2+beta:c=0.8,max=3 "
-        "(docs/estimator.md 'Early stopping')",
+        "(docs/estimator.md 'Early stopping'); @PATH: the policy of the JSON `t2serve tune` wrote",
     )
     reasoning_parser: str | None = Field(
         default=None,
