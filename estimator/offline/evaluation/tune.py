@@ -16,12 +16,12 @@ samples whose agreement is at least the target is chosen (ties: the earlier cand
 fixed N first); its held-out numbers are reported beside the cheapest fixed N that reaches
 the target on the held-out part, and the chosen point is above the fixed-N curve when the
 cheapest fixed N agreeing on held-out at least as often as it does launches more samples
-(the gauge's "samples saved"). Fixed N_max agrees on
-every pool by definition, so a target nothing cheaper reaches falls back to it.
+(the gauge's "samples saved"). Fixed N_max agrees on every pool by definition, so a target
+nothing cheaper reaches falls back to it.
 
 Candidates: fixed N = 1..N_max; `t2` over MARGINS where pools carry the head's prediction;
-`esc` over WINDOWS and `ac-beta` over CONFIDENCES, each with a budget in MAX_SAMPLES, written
-into the spec (without one the server would cap them at --max-parallelism, not N_max);
+`esc` over WINDOWS and `ac-beta` over CONFIDENCES, each with a budget in MAX_SAMPLES written
+into the spec (N_max too: the tuned spec says what it may spend, whatever the served N_max);
 `t2+learned` over COSTS x LEARNED_MARGINS given a head with a stopping table.
 """
 
@@ -46,7 +46,7 @@ from estimator.replay import drive
 if TYPE_CHECKING:
     from estimator.learned_stopping import StoppingTable
 
-HELD_OUT = 0.3  # share of the pools held out from the choice
+HELD_OUT = 0.3  # share of the requests held out from the choice
 MAX_SAMPLES = (4, 8, None)  # esc and ac-beta budgets; None: N_max
 OUTPUT_NAME = "tuned.json"  # written into the (first) store folder unless --out says otherwise
 
