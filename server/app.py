@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -15,11 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from estimator.head import load_head
 from server import metrics
 from server.admission import Admission
-from server.auth import KeyBeforeBody, require_api_key, require_metrics_key
+from server.auth import KeyBeforeBody, require_admin_key, require_api_key, require_metrics_key
 from server.body_limit import BodyLimit
 from server.config import ServerSettings
 from server.engine.engine import Engine
 from server.errors import APIError, engine_dead_error, error_response, install_error_handlers
+from server.head_reload import HeadRefused, HeadReloader, head_path, head_version, publish
 from server.parallel import ParallelThinker
 from server.protocol import (
     ChatCompletionRequest,
@@ -30,6 +32,8 @@ from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    HeadCard,
+    HeadReloadRequest,
     ModelCard,
     ModelList,
     ResponsesCreateRequest,
@@ -76,9 +80,13 @@ def create_app(
         install_serving(app, settings, live)
         watchdog = asyncio.ensure_future(watch_engine(app, live, on_engine_dead))
         await app.state.serving.exploration.start()  # the traffic records' writer
+        if owned:  # SIGHUP is process-wide: a test process shares one engine among several apps
+            app.state.head_reloader.listen()
         try:
             yield
         finally:
+            if owned:
+                app.state.head_reloader.stop_listening()
             watchdog.cancel()
             await app.state.serving.exploration.stop()  # flushes the queued records
             if owned:
@@ -92,7 +100,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(KeyBeforeBody)
 
-    for router in (probes, openai_routes, vllm_routes):
+    for router in (probes, openai_routes, vllm_routes, admin_routes):
         app.include_router(router)
     return app
 
@@ -105,17 +113,16 @@ def install_serving(app: FastAPI, settings: ServerSettings, live: Engine) -> Non
     metrics.ENGINE_HEALTHY.set(1)
     metrics.ENGINE_INFO.info({"device": live.info.device, "dtype": live.info.dtype, "mode": live.mode})
     head = load_head_or_fallback(settings, live) if settings.engine.capture else None
+    spec = settings.parallelism.estimator_head if head is not None else None
     thinker = ParallelThinker(
-        live, settings.parallelism, estimator=head, samples_limit=settings.limits.max_samples_in_flight
+        live,
+        settings.parallelism,
+        estimator=head,
+        samples_limit=settings.limits.max_samples_in_flight,
+        head_version=head_version(head_path(spec), time.time()) if spec is not None else None,
     )
-    metrics.ESTIMATOR_INFO.info(
-        {
-            "identity": head.identity if head is not None else "",
-            "n_max": str(thinker.n_max),
-            "layers": ",".join(map(str, head.meta.layers)) if head is not None else "",
-            "margin": f"{thinker.margin:g}" if head is not None else "",
-        }
-    )
+    publish(thinker.current, spec)
+    app.state.head_reloader = HeadReloader(thinker, live, spec, settings.parallelism.estimator_head)
     if head is not None:
         logger.info(
             "estimator head loaded: %s (layers %s, T2 margin %g)",
@@ -209,10 +216,18 @@ async def prometheus_metrics() -> Response:
 
 
 @openai_routes.get("/models", response_model=ModelList)
-async def models(serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
+async def models(request: Request, serving: Annotated[OpenAIServing, Depends(get_serving)]) -> ModelList:
     info = serving.engine.info
     return ModelList(
-        data=[ModelCard(id=info.name, root=info.path, max_model_len=info.max_model_len, dtype=info.dtype)]
+        data=[
+            ModelCard(
+                id=info.name,
+                root=info.path,
+                max_model_len=info.max_model_len,
+                dtype=info.dtype,
+                t2_head=request.app.state.head_reloader.card(),
+            )
+        ]
     )
 
 
@@ -264,6 +279,23 @@ async def cancel_response(
         param="response_id",
         code="invalid_value",
     )
+
+
+# /admin: operators only (an admin key; off without one). Hot reload: server.head_reload.
+admin_routes = APIRouter(
+    prefix="/admin",
+    dependencies=[Depends(require_admin_key)],
+    responses={401: ERRORS[401], 403: ERRORS[403]},
+)
+
+
+@admin_routes.post("/head", response_model=HeadCard, responses=ERRORS, dependencies=[Depends(get_serving)])
+async def reload_head(body: HeadReloadRequest, request: Request) -> HeadCard:
+    """Swap the estimator head (and its stopping table and gate) without dropping a request."""
+    try:
+        return await request.app.state.head_reloader.reload(body.head, body.margin)
+    except HeadRefused as exc:
+        raise APIError(400, str(exc), param="head", code="invalid_head") from exc
 
 
 @vllm_routes.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

@@ -3,12 +3,14 @@
 Keys come from `--api-key` (repeatable) and `T2SERVE_API_KEYS` (comma-separated). Without
 keys every request passes. `/health` is never checked; `/metrics` only with `--metrics-auth`.
 On /v1, /tokenize and /detokenize the key is checked before the body is read
-(`KeyBeforeBody`), so a client without a valid key gets 401 whatever it sent.
+(`KeyBeforeBody`), so a client without a valid key gets 401 whatever it sent. /admin takes
+an admin key (--admin-key, T2SERVE_ADMIN_KEYS) the same way, and is off (403) without one.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -54,6 +56,25 @@ def require_api_key(request: Request) -> None:
         )
 
 
+def require_admin_key(request: Request) -> None:
+    """FastAPI dependency for the /admin routes: 403 when no admin key is configured, 401
+    without one of them."""
+    if not request.app.state.settings.admin_keys:
+        raise APIError(
+            403,
+            "admin routes are off: start the server with --admin-key (or T2SERVE_ADMIN_KEYS)",
+            code="admin_disabled",
+        )
+    if not is_admin(request):
+        metrics.REJECTED.labels("unauthorized").inc()
+        raise APIError(
+            401,
+            "missing or invalid admin key: send `Authorization: Bearer <admin key>`",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 def require_metrics_key(request: Request) -> None:
     if request.app.state.settings.metrics_auth:
         require_api_key(request)
@@ -61,10 +82,24 @@ def require_metrics_key(request: Request) -> None:
 
 # Paths whose requests need the API key (when keys are configured).
 KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")
+# Paths whose requests need an admin key (`require_admin_key`).
+ADMIN_PATHS = ("/admin/",)
+
+
+def key_check(scope: dict[str, Any]) -> Callable[[Request], None] | None:
+    """The key check a request's path takes before its body is read, if any."""
+    if scope["type"] != "http":
+        return None
+    if scope["path"].startswith(ADMIN_PATHS):
+        return require_admin_key
+    if scope["path"].startswith(KEYED_PATHS):
+        return require_api_key
+    return None
 
 
 class KeyBeforeBody:
-    """Pure ASGI middleware: `require_api_key` on KEYED_PATHS before anything reads the body.
+    """Pure ASGI middleware: `require_api_key` on KEYED_PATHS (`require_admin_key` on
+    ADMIN_PATHS) before anything reads the body.
 
     FastAPI reads and parses a route's body before it runs the route's dependencies, and
     server.body_limit runs before routing, so otherwise a body that is too large, not UTF-8,
@@ -75,9 +110,10 @@ class KeyBeforeBody:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(KEYED_PATHS):
+        check = key_check(scope)
+        if check is not None:
             try:
-                require_api_key(Request(scope))
+                check(Request(scope))
             except APIError as error:
                 response = error_response(error.status, error.message, error.param, error.code, error.headers)
                 await response(scope, receive, send)

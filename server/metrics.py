@@ -102,7 +102,20 @@ TIME_TO_FIRST_TOKEN = Histogram(
 ENGINE_INFO = Info(
     "t2serve_engine", "The running engine: device, dtype (after --dtype auto) and eager or compiled mode."
 )
-ESTIMATOR_INFO = Info("t2serve_estimator", "The loaded estimator head (empty values: none loaded).")
+ESTIMATOR_INFO = Info(
+    "t2serve_estimator",
+    "The estimator head in use (empty values: none loaded); version: its files' content hash @ load "
+    "time, as in t2.head (server/head_reload.py).",
+)
+HEAD_RELOADS = Counter(
+    "t2serve_head_reloads",
+    "Estimator head reloads, by source (api: POST /admin/head; sighup) and outcome (ok; refused: "
+    "the head could not be used and the old one stays).",
+    ["source", "outcome"],
+)
+for _source in ("api", "sighup"):  # exported at 0 before any reload
+    for _outcome in ("ok", "refused"):
+        HEAD_RELOADS.labels(_source, _outcome)
 # -- hardening: back-pressure, load-aware N, faults (README "Operating t2serve") --
 QUEUE_DEPTH = Gauge("t2serve_queue_depth", "Requests waiting for admission.")
 REJECTED = Counter(
@@ -133,23 +146,6 @@ ESTIMATOR_FALLBACKS = Counter(
 for _reason in ("load", "predict", "temperature"):  # exported at 0 before any request
     ESTIMATOR_FALLBACKS.labels(_reason)
 ENGINE_HEALTHY = Gauge("t2serve_engine_healthy", "1 while the vLLM engine is alive, 0 once it died.")
-# -- hidden-state capture across pipeline stages and engine cores (server/engine/capture.py) --
-CAPTURE_DROPPED = Counter(
-    "t2serve_capture_dropped",
-    "Captures that fell back to the default N at once, by reason: slots (more captures in one step "
-    "than --capture-slots) or part_missing (a pipeline stage's part of the states never arrived).",
-    ["reason"],
-)
-for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
-    CAPTURE_DROPPED.labels(_reason)
-# -- /v1/responses (server.response_store) --
-RESPONSE_STORE = Counter(
-    "t2serve_response_store",
-    "Response store outcomes: stored, skipped_full (store left out, no room: not stored), "
-    "refused_full / refused_off (store=true: 400), expired, deleted, previous_missing "
-    "(previous_response_id not held: 400).",
-    ["outcome"],
-)
 # -- exploration and traffic records (server/exploration.py, server/recording.py) --
 EXPLORED = Counter(
     "t2serve_explored_requests",
@@ -165,6 +161,23 @@ LABEL_RECORDS = Counter(
 )
 for _outcome in ("written", "dropped_full", "dropped_error"):  # exported at 0 before any record
     LABEL_RECORDS.labels(_outcome)
+# -- /v1/responses (server.response_store) --
+RESPONSE_STORE = Counter(
+    "t2serve_response_store",
+    "Response store outcomes: stored, skipped_full (store left out, no room: not stored), "
+    "refused_full / refused_off (store=true: 400), expired, deleted, previous_missing "
+    "(previous_response_id not held: 400).",
+    ["outcome"],
+)
+# -- hidden-state capture across pipeline stages and engine cores (server/engine/capture.py) --
+CAPTURE_DROPPED = Counter(
+    "t2serve_capture_dropped",
+    "Captures that fell back to the default N at once, by reason: slots (more captures in one step "
+    "than --capture-slots) or part_missing (a pipeline stage's part of the states never arrived).",
+    ["reason"],
+)
+for _reason in ("slots", "part_missing"):  # exported at 0 before any drop
+    CAPTURE_DROPPED.labels(_reason)
 # -- the live gauge: policies replayed on explored pools (server/shadow.py) --
 SHADOW_POOLS = Counter("t2serve_shadow_pools", "Explored pools the live gauge replayed every policy on.")
 SHADOW_AGREED = Counter(

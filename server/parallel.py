@@ -76,12 +76,29 @@ class Plan:
     # Explored (server.exploration): N_max samples per choice, none stopped early, whatever
     # the load; its states are captured and its pools recorded.
     explore: bool = False
+    # The head the plan was resolved with: the request runs with it to its end, whatever a
+    # reload swaps in meanwhile (server.head_reload). None: the thinker's current one.
+    head: HeadInUse | None = None
 
     @property
     def minimum_samples(self) -> int:
         """Samples the request dispatches at least (admission reserves these)."""
         per_choice = self.policy.n if isinstance(self.policy, Fixed) else 1
         return self.prompts * self.n_choices * per_choice
+
+
+@dataclass(frozen=True)
+class HeadInUse:
+    """The estimator head requests run with and what the server derives from it. Swapped
+    whole, by one assignment (`ParallelThinker.current`, server.head_reload)."""
+
+    # estimator.head.T2Head (.predict(states) -> N*/N_max, .name, .meta.n_max) or None (the default N)
+    head: Any
+    version: str | None  # server.head_reload.head_version; None without a head
+    n_max: int  # the fixed-N baseline: the head's N_max, else the default N
+    margin: float  # T2's margin (ParallelThinker.bind)
+    default_policy: Policy  # --policy with this head's N_max, margin and stopping table
+    reader: Estimator
 
 
 class Deadline:
@@ -113,42 +130,66 @@ class ParallelThinker:
         settings: ParallelismSettings,
         estimator: Any = None,
         samples_limit: int | None = None,
+        head_version: str | None = None,
     ):
         self.engine = engine
         self.settings = settings
-        # A T2 head (estimator.head.T2Head: .predict(states) -> N*/N_max, .name, .meta.n_max) or None.
-        self.estimator = estimator
         # --max-samples-in-flight: `auto` scales its cap down as the engine fills (None: never).
         self.samples_limit = samples_limit
         self.in_flight = InFlight()
-        self.estimator_reader = Estimator(engine, estimator, settings.open_ended_parallelism)
-        # --policy: what `auto` runs when a request names no policy (validated here, at start-up).
-        self.default_policy = self.parse_policy(settings.policy)
+        # --policy is validated here, at start-up (and again for every head a reload brings).
+        self.current = self.bind(estimator, head_version)
+
+    def bind(self, head: Any, version: str | None = None, margin: float | None = None) -> HeadInUse:
+        """`head` with what requests derive from it. T2's margin: `margin`, else
+        --estimator-margin, else the head's (T2Head.margin), else DEFAULT_MARGIN. ValueError
+        when --policy cannot run with it."""
+        meta = getattr(head, "meta", None)
+        n_max = int(meta.n_max) if meta is not None else self.settings.default_parallelism
+        if margin is None:
+            margin = self.settings.estimator_margin
+        if margin is None:
+            margin = getattr(head, "margin", DEFAULT_MARGIN)
+        default_policy = parse_policy(
+            self.settings.policy, fixed_n=n_max, margin=margin, stopping=getattr(head, "stopping", None)
+        )
+        reader = Estimator(self.engine, head, self.settings.open_ended_parallelism)
+        return HeadInUse(head, version if head is not None else None, n_max, margin, default_policy, reader)
 
     @property
     def samples_in_flight(self) -> int:
         return self.in_flight.value
 
+    # The head in use now, and what it sets; a running request reads its plan's instead.
+    @property
+    def estimator(self) -> Any:
+        return self.current.head
+
     @property
     def n_max(self) -> int:
-        """The fixed-N baseline: the N_max the head was trained for, else the default N."""
-        meta = getattr(self.estimator, "meta", None)
-        return int(meta.n_max) if meta is not None else self.settings.default_parallelism
+        return self.current.n_max
 
     @property
     def margin(self) -> float:
-        """T2's margin: --estimator-margin, else the head's (T2Head.margin), else DEFAULT_MARGIN."""
-        if self.settings.estimator_margin is not None:
-            return self.settings.estimator_margin
-        return getattr(self.estimator, "margin", DEFAULT_MARGIN)
+        return self.current.margin
 
-    def parse_policy(self, spec: str) -> Policy:
-        """A policy spec with the server's defaults (`fixed`: N_max; T2's margin); ValueError if bad."""
+    @property
+    def default_policy(self) -> Policy:
+        return self.current.default_policy
+
+    def using(self, plan: Plan) -> HeadInUse:
+        """The head `plan` runs with."""
+        return plan.head or self.current
+
+    def parse_policy(self, spec: str, head: HeadInUse | None = None) -> Policy:
+        """A policy spec with the server's defaults (`fixed`: N_max; T2's margin) for `head`
+        (default: the current one); ValueError if bad."""
+        head = head or self.current
         return parse_policy(
             spec,
-            fixed_n=self.n_max,
-            margin=self.margin,
-            stopping=getattr(self.estimator, "stopping", None),
+            fixed_n=head.n_max,
+            margin=head.margin,
+            stopping=getattr(head.head, "stopping", None),
         )
 
     def plan(
@@ -165,12 +206,13 @@ class ParallelThinker:
         """A request's plan; APIError 400 naming the field for what cannot run. An integer
         `parallelism` is Fixed(N) and overrides `policy` (which must still be valid)."""
         cap = min(max_parallelism or self.settings.max_parallelism, self.settings.max_parallelism)
+        head = self.current  # read once: the request keeps it (Plan.head)
         try:
-            named = None if policy is None else self.parse_policy(policy)
+            named = None if policy is None else self.parse_policy(policy, head)
         except ValueError as exc:
             raise APIError(400, f"invalid policy: {exc}", param="policy", code="invalid_value") from exc
         if parallelism is None or parallelism == "auto":
-            chosen, mode = named or self.default_policy, "auto"
+            chosen, mode = named or head.default_policy, "auto"
         elif int(parallelism) > cap:
             raise APIError(
                 400, f"parallelism {parallelism} exceeds max_parallelism {cap}", param="parallelism",
@@ -186,7 +228,8 @@ class ParallelThinker:
             prompts,
             is_greedy(temperature),
             aggregate or self.settings.aggregate,
-            self._estimator_fallback(temperature) if mode == "auto" else None,
+            self._estimator_fallback(temperature, head.head) if mode == "auto" else None,
+            head=head,
         )
         if plan.greedy and plan.minimum_samples > prompts:
             # Greedy samples are all the same text (vLLM refuses n > 1 for them); `auto` runs one.
@@ -206,14 +249,15 @@ class ParallelThinker:
                 400, "exploration needs a temperature > 0 (greedy samples are all the same)",
                 param="temperature", code="invalid_value",
             )  # fmt: skip
-        return replace(plan, policy=Explore(self.n_max), cap=self.n_max, explore=True)
+        n_max = self.using(plan).n_max
+        return replace(plan, policy=Explore(n_max), cap=n_max, explore=True)
 
-    def _estimator_fallback(self, temperature: float | None) -> str | None:
+    def _estimator_fallback(self, temperature: float | None, head: Any) -> str | None:
         """Why the head's N is not used at this request temperature (None: vLLM's default,
         1.0): "temperature" when it is too far from the one the head's labels were sampled at,
         where the head's N* is a guess for another distribution; None otherwise."""
         tolerance = self.settings.estimator_temperature_tolerance
-        trained = getattr(self.estimator, "sampling", {}).get("temperature")
+        trained = getattr(head, "sampling", {}).get("temperature")
         if tolerance is None or trained is None:
             return None
         requested = 1.0 if temperature is None else float(temperature)
@@ -235,6 +279,7 @@ class ParallelThinker:
         """One prompt's vote. `reader` splits each sample into reasoning, content and tool calls
         (server.vllm_openai; default: the text is the content); a fresh aggregator keys what is
         left (the params' constraint's, else the plan's `aggregate`; server.aggregation)."""
+        head = self.using(plan)
         base = sampling.for_voting(params, token_logprobs=self.settings.tie_break == "logprob")
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
         # The prompt's text: an answer copied from it does not outvote free text (server.aggregation).
@@ -262,7 +307,7 @@ class ParallelThinker:
             # Capture only when someone reads the states: they cost the engine step time.
             reads = plan.mode == "auto" or plan.explore
             if reads and plan.policy.reads_prediction and self.engine.settings.capture:
-                loop.estimate = await self.estimator_reader.estimate(
+                loop.estimate = await head.reader.estimate(
                     group, request_id, plan.estimator_fallback, expired
                 )
                 if loop.estimate.gate is not None:
@@ -278,9 +323,10 @@ class ParallelThinker:
             choices=choices,
             mode=plan.mode,
             n_used=group.launched_for(0),
-            n_max=self.n_max,
+            n_max=head.n_max,
             max_parallelism=plan.cap,
-            estimator=getattr(self.estimator, "name", "default"),
+            estimator=getattr(head.head, "name", "default"),
+            head=head.version,
             prompt_tokens=len(prompt_token_ids),
             cached_tokens_per_sample=group.cached_tokens,
             policy=describe(plan.policy),
@@ -359,10 +405,12 @@ class ParallelThinker:
             metrics.TIMEOUTS.labels("partial").inc()
         return choices
 
-    def budget(self, prediction: float | None, cap: int, margin_scale: float | None = None) -> Budget:
+    def budget(
+        self, prediction: float | None, cap: int, margin_scale: float | None = None, *, n_max: int
+    ) -> Budget:
         return Budget(
             prediction,
-            n_max=self.n_max,
+            n_max=n_max,
             default=self.settings.default_parallelism,
             cap=cap,
             margin_scale=margin_scale or 1.0,
@@ -387,9 +435,9 @@ class ParallelThinker:
         if self.samples_limit is not None and not plan.greedy:
             metrics.LOAD_CAP.observe(scaled)
             first = plan.policy.first_launch
-            prediction, scale = estimate.prediction, estimate.margin_scale
-            if scaled < plan.cap and first(self.budget(prediction, scaled, scale)) < first(
-                self.budget(prediction, plan.cap, scale)
+            prediction, scale, n_max = estimate.prediction, estimate.margin_scale, self.using(plan).n_max
+            if scaled < plan.cap and first(self.budget(prediction, scaled, scale, n_max=n_max)) < first(
+                self.budget(prediction, plan.cap, scale, n_max=n_max)
             ):
                 metrics.LOAD_REDUCED.inc()
         return scaled
@@ -458,11 +506,14 @@ class _VoteLoop:
     def budget(self) -> Budget:
         """The vote's budget now: `auto` re-reads the load curve (its own samples are not load)."""
         plan, thinker = self.plan, self.thinker
+        head = thinker.using(plan)
         if plan.explore:  # N_max, whatever the load and the gate
-            return thinker.budget(self.estimate.prediction, plan.cap, self.estimate.margin_scale)
+            return thinker.budget(
+                self.estimate.prediction, plan.cap, self.estimate.margin_scale, n_max=head.n_max
+            )
         cap = plan.cap if plan.mode == "fixed" else thinker.scaled_cap(plan, own=self.group.running())
-        cap = thinker.estimator_reader.gate_cap(self.estimate, cap)
-        return thinker.budget(self.estimate.prediction, cap, self.estimate.margin_scale)
+        cap = head.reader.gate_cap(self.estimate, cap)
+        return thinker.budget(self.estimate.prediction, cap, self.estimate.margin_scale, n_max=head.n_max)
 
     def cut(self) -> bool:
         """Whether the deadline passed or the token budget ran out."""

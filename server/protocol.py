@@ -257,6 +257,9 @@ class T2Info(BaseModel):
     prediction: float | None = None  # estimator output, N*/N_max in [0, 1], when one ran
     samples: int  # samples dispatched for the whole request (n_used * n choices * prompts)
     estimator: str  # which estimator chose N ("default" until a head is loaded)
+    # the head's version (content hash @ load time, server.head_reload): which head a reload
+    # had swapped in when this request was planned; None without a head
+    head: str | None = None
     capture_ms: float | None = None  # prefill hidden-state capture latency
     load_cap: int | None = None  # auto: per-choice cap on N after the load curve
     timed_out: bool = False  # the deadline hit: the vote is over the samples finished by then
@@ -373,6 +376,31 @@ class CompletionChunk(BaseModel):
     t2: T2Info | None = None
 
 
+class HeadCard(BaseModel):
+    """The estimator head a server runs (server.head_reload): `/v1/models`' `t2_head` and
+    what `POST /admin/head` answers."""
+
+    version: str  # content hash of the head's files @ load time (UTC)
+    spec: str  # what was loaded: a path, or "default" (the shipped head)
+    identity: str  # the model state space it reads (T2Head.identity)
+    n_max: int
+    margin: float  # T2's margin in use
+    stopping: bool  # it carries a learned stopping table (t2+learned)
+    gate: bool  # it carries a gate (answerable / open-ended / unfamiliar)
+
+
+class HeadReloadRequest(BaseModel):
+    """`POST /admin/head`: the head to swap in."""
+
+    model_config = ConfigDict(extra="forbid")
+    head: str = Field(
+        description="a head's path (<head>.json / .safetensors) or 'default' (the shipped head)"
+    )
+    margin: float | None = Field(
+        default=None, gt=0, description="T2's margin with it (default: --estimator-margin, else the head's)"
+    )
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -381,6 +409,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     max_model_len: int | None = None
     dtype: str | None = None  # t2serve: the engine's dtype (`--dtype auto` resolved for this machine)
+    t2_head: HeadCard | None = None  # t2serve: the estimator head in use (None: no head)
 
 
 class ModelList(BaseModel):

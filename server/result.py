@@ -50,6 +50,7 @@ class ThinkingResult:
     explored: bool = False  # ran at N_max for the gauge and the records (server.exploration)
     # per choice: its voters' sample numbers in the order they finished
     finish_order: list[list[int]] = field(default_factory=list)
+    head: str | None = None  # the head's version (server.head_reload.head_version), with one
 
     @property
     def samples(self) -> int:
@@ -93,6 +94,7 @@ def t2_info(results: list[ThinkingResult], token_budget: int | None = None) -> T
         n_max=first.n_max,
         max_parallelism=first.max_parallelism,
         estimator=first.estimator,
+        head=first.head,
         policy=first.policy,
         aggregate=first.aggregate,
         usc=first.usc,

@@ -169,7 +169,7 @@ async def test_metrics_count_samples_and_baseline(client, server_url, server_set
     assert delta("t2serve_chosen_parallelism_count{}") == 1
     assert sum(delta(f"t2serve_votes_total{{outcome={o}}}") for o in ("decided", "tie", "no_answer")) == 2
     assert after["t2serve_samples_in_flight{}"] == 0 and after["t2serve_requests_in_flight{}"] == 0
-    assert after["t2serve_estimator_info{identity=,layers=,margin=,n_max=4}"] == 1
+    assert after["t2serve_estimator_info{identity=,layers=,margin=,n_max=4,spec=,version=}"] == 1
 
 
 # -- estimator head fallback ------------------------------------------------------------
