@@ -8,8 +8,9 @@
                                             function_call_arguments.* for the others),
                                             content_part.done, output_item.done: the voted
                                             winner replayed by vLLM's state machine
-  response.completed                        the whole Response (response.incomplete when the
-                                            winner hit max_output_tokens)
+  response.completed                        the whole Response, its status `incomplete` when
+                                            the winner hit max_output_tokens (as vLLM sends it;
+                                            the SDK's stream helper waits for this event)
 
 A failure after the stream opened is an `error` event, then `response.failed`: both are
 events the SDK hands to the client (a chat-style `{"error": ...}` payload would make it raise
@@ -28,7 +29,6 @@ from openai.types.responses import (
     ResponseCreatedEvent,
     ResponseErrorEvent,
     ResponseFailedEvent,
-    ResponseIncompleteEvent,
     ResponseInProgressEvent,
 )
 
@@ -71,15 +71,9 @@ async def stream(
     for event in events:
         event.sequence_number = next(numbers)
         yield frame(event)
-    if response.status == "incomplete":
-        last: Any = ResponseIncompleteEvent(
-            type="response.incomplete", response=response, sequence_number=next(numbers)
-        )
-    else:
-        last = ResponseCompletedEvent(
-            type="response.completed", response=response, sequence_number=next(numbers)
-        )
-    yield frame(last)
+    yield frame(
+        ResponseCompletedEvent(type="response.completed", response=response, sequence_number=next(numbers))
+    )
 
 
 def internal_error(exc: Exception) -> APIError:

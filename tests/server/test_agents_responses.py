@@ -1,5 +1,6 @@
 """openai-agents on its default model, the Responses API (OpenAIResponsesModel), against the
-real server: `Runner.run` with a `function_tool` completes a tool round trip.
+real server: `Runner.run` and `Runner.run_streamed` with a `function_tool` complete a tool
+round trip.
 
 The embedded 135M model does not call tools on its own, so the first turn asks for a call
 (`tool_choice="required"`); the agent's `reset_tool_choice` (on by default) sends the next turn
@@ -35,7 +36,10 @@ async def test_runner_completes_a_tool_round_trip_over_the_responses_api(engine,
             model_settings=ModelSettings(tool_choice="required", temperature=0.0, max_tokens=60),
         )
         result = await Runner.run(agent, "What is 2 + 3?", max_turns=4)
-    assert len(calls) == 1  # the required first turn called the tool with schema-valid arguments
+        streamed = Runner.run_streamed(agent, "What is 2 + 3?", max_turns=4)  # over the SSE events
+        events = [event.type async for event in streamed.stream_events()]
+    assert len(calls) == 2  # each run's required first turn called the tool with valid arguments
+    assert "raw_response_event" in events and streamed.final_output == result.final_output
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"]
     assert kinds[-1] == "message_output_item" and isinstance(result.final_output, str)

@@ -183,7 +183,7 @@ chat_bodies = bodies(CHAT, (*REQUIRED, "messages"))
 completion_bodies = bodies(COMPLETION, (*REQUIRED, "prompt"))
 responses_bodies = bodies(RESPONSES, ("model", "max_output_tokens", "input"))
 # How a Responses stream ends (it sends no [DONE]).
-RESPONSES_ENDS = {"response.completed", "response.incomplete", "response.failed"}
+RESPONSES_ENDS = {"response.completed", "response.failed"}
 STATUSES: collections.Counter[int] = collections.Counter()
 RESPONSE_REPLY = frozenset({"output", "t2"})
 
