@@ -84,7 +84,7 @@ def begin(body: ResponsesCreateRequest, store: ResponseStore, served_model: str)
     chat: dict[str, Any] = {
         "model": request.model or served_model,
         "messages": messages,
-        **{name: sent[name] for name in vllm_openai.RESPONSES_SAMPLING_FIELDS if name in sent},
+        **{name: sent[name] for name in vllm_openai.responses_sampling_fields() if name in sent},
         **extension,
         **chat_tools(request),
         **template_fields(request),

@@ -17,6 +17,7 @@ tests/server/test_vllm_openai.py pins the names and behaviour used here.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import uuid
@@ -451,28 +452,6 @@ def _openai_call(name: str | None, arguments: str, call_id: str | None = None) -
 # turn the items into chat messages and tools, and a winner's text back into output items
 # and stream events. tests/server/test_vllm_openai.py pins what is used here.
 
-# Responses fields that mean what they mean in vLLM's chat request: passed to it as sent.
-RESPONSES_SAMPLING_FIELDS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "include_stop_str_in_output",
-        "ignore_eos",
-        "skip_special_tokens",
-        "logit_bias",
-        "structured_outputs",
-        "parallel_tool_calls",
-        "include_reasoning",
-    }
-)
 # Responses fields server.responses converts to chat fields or handles itself.
 RESPONSES_OWN_FIELDS = frozenset(
     {
@@ -502,6 +481,15 @@ def responses_request_model() -> type[BaseModel]:
     return ResponsesRequest
 
 
+@functools.cache
+def responses_sampling_fields() -> frozenset[str]:
+    """Responses fields that mean what they mean in vLLM's chat request, passed to it as sent:
+    the sampling fields both models have, but the tool fields (a Responses tool is flat) and
+    `top_logprobs` (an `include` entry goes with it)."""
+    shared = SAMPLING_FIELDS & responses_request_model().model_fields.keys()
+    return shared - {"tools", "tool_choice", "top_logprobs"}
+
+
 def responses_request(body: dict[str, Any]) -> Any:
     """`body` read by vLLM's ResponsesRequest (its item coercions and tool checks); a 400
     naming the field (`input.3`, `text.format`, ...) in one line, never pydantic's dump of
@@ -510,7 +498,7 @@ def responses_request(body: dict[str, Any]) -> Any:
     from vllm.exceptions import VLLMClientError
 
     model = responses_request_model()
-    honoured = RESPONSES_SAMPLING_FIELDS | RESPONSES_OWN_FIELDS | RESPONSES_INERT_FIELDS
+    honoured = responses_sampling_fields() | RESPONSES_OWN_FIELDS | RESPONSES_INERT_FIELDS
     for name, value in body.items():
         field = model.model_fields.get(name)
         if name in honoured or field is None or value in (None, []):

@@ -433,7 +433,25 @@ def test_the_responses_names_t2serve_relies_on_exist():
     from vllm.entrypoints.openai.responses import streaming_events, utils
 
     fields = set(vllm_openai.responses_request_model().model_fields)
-    assert fields & vllm_openai.SAMPLING_FIELDS >= vllm_openai.RESPONSES_SAMPLING_FIELDS
+    assert vllm_openai.responses_sampling_fields() == {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "skip_special_tokens",
+        "logit_bias",
+        "structured_outputs",
+        "parallel_tool_calls",
+        "include_reasoning",
+    }
     assert fields >= vllm_openai.RESPONSES_OWN_FIELDS | vllm_openai.RESPONSES_INERT_FIELDS
     for name in ("construct_input_messages", "construct_tool_dicts", "build_response_output_items"):
         assert callable(getattr(utils, name))
