@@ -7,6 +7,8 @@ the default `auto`, where the model answers from the tool's result."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import MODEL_NAME
 
 WEATHER_QUESTION = "What is the weather in Paris? Use the get_weather tool."
@@ -75,3 +77,21 @@ async def test_openai_agents_runs_a_tool_round_trip_on_chat_completions(server_u
     result = await Runner.run(agent, WEATHER_QUESTION, max_turns=6)
     assert calls and all(isinstance(city, str) for city in calls)
     assert isinstance(result.final_output, str)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+async def test_langchain_structured_output_returns_the_schemas_object(server_url, method):
+    """function_calling is a named tool_choice: under the default parser it runs through
+    hermes' structural tag, with the tool's parameters pinned (--tool-strict-level parameter)."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        """A city and its country."""
+
+        name: str
+        country: str
+
+    model = ChatOpenAI(model=MODEL_NAME, base_url=f"{server_url}/v1", api_key="none", max_tokens=60)
+    city = await model.with_structured_output(City, method=method).ainvoke("Name a city in France.")
+    assert isinstance(city, City)
