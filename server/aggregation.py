@@ -251,10 +251,10 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
 }
 
 
-def constrained(params: Any) -> str | None:
-    """The aggregator samples drawn with these SamplingParams need, when a constraint shapes
-    their output (None for free text)."""
-    constraint = getattr(params, "structured_outputs", None)
+def constrained(constraint: Any) -> str | None:
+    """The aggregator samples need when the client's structured-outputs constraint (vLLM's
+    StructuredOutputsParams, server.vllm_openai.OutputParser.constraint) shapes their output
+    (None for free text)."""
     if constraint is not None:
         if getattr(constraint, "json", None) is not None or getattr(constraint, "json_object", None):
             return "json"
@@ -264,11 +264,11 @@ def constrained(params: Any) -> str | None:
 
 
 def create(
-    params: Any, requested: str = "answer", open_ended_parallelism: int = 1, prompt: str | None = None
+    constraint: Any, requested: str = "answer", open_ended_parallelism: int = 1, prompt: str | None = None
 ) -> Aggregator:
-    """A fresh aggregator for one vote: the constraint's, else the `requested` one. `prompt`:
-    the prompt's text, so `auto` can tell an answer copied from it."""
-    name = constrained(params) or requested
+    """A fresh aggregator for one vote: the `constraint`'s (as `constrained` reads it), else
+    the `requested` one. `prompt`: the prompt's text, so `auto` can tell an answer copied from it."""
+    name = constrained(constraint) or requested
     if name == "auto":
         return AutoAggregator(open_ended_parallelism, prompt)
     return AGGREGATORS[name]()

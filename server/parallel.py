@@ -284,7 +284,7 @@ class ParallelThinker:
         expired = deadline.expired if deadline is not None else asyncio.get_running_loop().create_future()
         # The prompt's text: an answer copied from it does not outvote free text (server.aggregation).
         aggregator = aggregation.create(
-            params,
+            params.structured_outputs if reader is None else reader.constraint,
             plan.aggregate,
             self.settings.open_ended_parallelism,
             prompt=self.engine.tokenizer.decode(prompt_token_ids)

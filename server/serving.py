@@ -158,7 +158,8 @@ class OpenAIServing:
         )
         vllm_openai.verify(self.engine, params, request)
         if request.aggregate not in (None, "auto") and (
-            aggregation.constrained(params) or (reader.tools is not None and reader.tools.mode != "auto")
+            aggregation.constrained(reader.constraint)
+            or (reader.tools is not None and reader.tools.mode != "auto")
         ):
             raise APIError(
                 400,

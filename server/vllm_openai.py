@@ -195,6 +195,8 @@ def to_sampling_params(
         params = reader.request.to_sampling_params(max_tokens, defaults)
         if reader.tools is not None and not reader.parses_tools:
             constrain_to_tools(params, reader.request)
+        if reader.constraint is None or reader.request.structured_outputs is None:
+            reader.constraint = params.structured_outputs  # not folded into a structural tag
         return params, reader
     except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own checks on the combination
         raise _invalid(exc) from exc
@@ -273,13 +275,18 @@ class Parsers:
         model) as vLLM's renderer does before it builds sampling params: a tool-call parser
         may constrain the calls' format and keep special tokens in the text."""
         parser = None
+        # The client's own constraint, before a tool-call parser may fold it into a structural
+        # tag (tool_choice auto with response_format: "a call, or this JSON"): the vote reads it.
+        constraint = request.extract_structured_outputs() if chat else None
         if self.cls is not None and (chat or self.reasoning):
             parser = self.cls(self.tokenizer, getattr(request, "tools", None))
             adjust = chat and (self.reasoning or getattr(request, "tool_choice", "none") != "none")
             if adjust:
                 request = parser.adjust_request(request)
         tools = tool_calls_mode(request, auto_tools=self.tool_call is not None) if chat else None
-        return OutputParser(parser, request, tools, reasoning=self.reasoning is not None)
+        reader = OutputParser(parser, request, tools, reasoning=self.reasoning is not None)
+        reader.constraint = constraint
+        return reader
 
 
 NO_PARSERS = Parsers(tokenizer=None)
@@ -308,6 +315,9 @@ class OutputParser:
         self.request = request
         self.tools = tools
         self.has_reasoning = reasoning
+        # The structured-outputs constraint the client asked for (vLLM's
+        # StructuredOutputsParams; None: free text), which the vote's aggregator follows.
+        self.constraint: Any = None
         # vLLM's tool-call parsers find calls themselves, constrained or not.
         self.parses_tools = parser is not None and getattr(parser, "tool_parser", None) is not None
 

@@ -157,12 +157,11 @@ def test_answers_outrank_free_text_when_marked_agreed_or_in_the_majority():
 
 
 def test_create_passes_the_prompt_to_auto():
-    from vllm import SamplingParams
 
-    auto = aggregation.create(SamplingParams(), "auto", 2, prompt="Tell me about the 3 bears, 1.5 of them.")
+    auto = aggregation.create(None, "auto", 2, prompt="Tell me about the 3 bears, 1.5 of them.")
     assert isinstance(auto, AutoAggregator) and auto.prompt_numbers == {"3", "1.5"}
     assert auto.open_ended_parallelism == 2
-    assert aggregation.create(SamplingParams(), "auto").prompt_numbers == set()
+    assert aggregation.create(None, "auto").prompt_numbers == set()
 
 
 # -- on the real engine -----------------------------------------------------------------

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from server import vllm_openai
+from server import aggregation, vllm_openai
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.conftest import MODEL_NAME
@@ -265,6 +265,33 @@ def test_a_tool_call_parser_adjusts_the_request_as_vllm_does(tokenizer):
     # Without parsers nothing is adjusted and named calls are plain JSON (constrain_to_tools).
     plain = vllm_openai.NO_PARSERS.for_request(vllm_chat(tools=[ADD], tool_choice="required"), chat=True)
     assert plain.parser is None and plain.request.structured_outputs is None
+
+
+def test_a_response_format_folded_into_the_tool_tag_still_decides_the_vote(tokenizer):
+    # tool_choice auto + response_format at --tool-strict-level parameter: vLLM ORs "a call"
+    # with "this JSON" into one structural tag and clears response_format; the vote still
+    # reads the client's JSON constraint (samples answering in JSON vote on canonical JSON).
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [ADD],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "n", "schema": {"type": "integer"}},
+        },
+    }
+    parsers = vllm_openai.Parsers(tokenizer, tool_call="hermes", tool_strict_level="parameter")
+    params, reader = vllm_openai.to_sampling_params(
+        body, chat=True, prompt_len=4, context=100, defaults={}, default_max_tokens=None, parsers=parsers
+    )
+    assert params.structured_outputs.structural_tag is not None and params.structured_outputs.json is None
+    assert reader.constraint.json == {"type": "integer"}
+    assert aggregation.constrained(reader.constraint) == "json"
+    # Without tools nothing is folded: the constraint is the params' own.
+    params, reader = vllm_openai.to_sampling_params(
+        {k: v for k, v in body.items() if k != "tools"},
+        chat=True, prompt_len=4, context=100, defaults={}, default_max_tokens=None, parsers=parsers,
+    )  # fmt: skip
+    assert reader.constraint is params.structured_outputs and reader.constraint.json == {"type": "integer"}
 
 
 def test_unknown_parsers_are_refused_with_vllms_names():
