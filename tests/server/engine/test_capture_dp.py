@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 @pytest_asyncio.fixture(scope="module")
 async def dp_engine(server_settings):
     SUITE_COST["in-process engine starts"] += 1
-    settings = server_settings.engine.model_copy(update={"data_parallel_size": 2, "enforce_eager": True})
+    settings = server_settings.engine.model_copy(
+        update={"data_parallel_size": 2, "enforce_eager": True, "cpu_kvcache_space_gib": 1}
+    )
     live = await capture_checks.start_bound(settings, "0|1")
     yield live
     await live.shutdown()

@@ -20,7 +20,7 @@ async def pp_engine(server_settings):
     SUITE_COST["in-process engine starts"] += 1
     settings = server_settings.engine.model_copy(
         # The stages reach the front end over TCP, as workers on other hosts do.
-        update={"pipeline_parallel_size": 2, "capture_address": "127.0.0.1:0"}
+        update={"pipeline_parallel_size": 2, "capture_address": "127.0.0.1:0", "cpu_kvcache_space_gib": 1}
     )
     live = await capture_checks.start_bound(settings, "0|1")
     yield live
