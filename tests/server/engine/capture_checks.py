@@ -137,17 +137,24 @@ async def self_test_and_auto_pass(engine, parallelism) -> None:
 
 
 async def start_bound(settings, bind: str):
-    """An engine whose ranks' OpenMP threads are bound as `bind` says ("0|1"): the workers
-    inherit the binding when they are spawned, and an engine started earlier in this process
-    has left its own in the environment, which start-up would not override."""
+    """An engine whose ranks' OpenMP threads are bound as `bind` says ("0|1") and whose ranks
+    each get `settings.cpu_kvcache_space_gib` of KV cache: the workers inherit both from the
+    environment when they are spawned, and an engine started earlier in this process has left
+    its own values there, which start-up would not override (at 4 GiB per rank, three ranks
+    beside the session engines ran a 24 GiB machine out of memory)."""
     from server.engine.engine import Engine
 
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    wanted = {
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_space_gib),
+    }
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
     try:
         return await Engine.start(settings.model_copy(update={"cpu_threads_bind": bind, "log_stats": False}))
     finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
