@@ -21,6 +21,12 @@ Prints tables and writes benchmarks/results/engine_speed.{json,png}.
 
     .venv/bin/python benchmarks/engine_speed.py                      # defaults below
     .venv/bin/python benchmarks/engine_speed.py --prompts 8 --rounds 1 --latency-requests 8
+
+`--parallel` runs vLLM's parallel shapes (PP 2, TP 3, DP 2) against one rank instead, raw
+vLLM and t2serve with capture on: throughput, capture correctness and overhead
+(benchmarks/engine_speed_parallel.py; engine_speed_parallel.{json,png}):
+
+    .venv/bin/python benchmarks/engine_speed.py --parallel --prompts 4 --n 4 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import engine_speed_parallel  # noqa: E402
 from benchmarks.common import RESULTS, ServerProcess, prompts  # noqa: E402
 
 RESULT_TAG = "ENGINE_SPEED_RAW_VLLM "
@@ -159,8 +166,21 @@ def main() -> None:
         "--old-default", action="store_true", help="also t2serve --enforce-eager --dtype bfloat16"
     )
     parser.add_argument("--model", help="model folder (default: the embedded model)")
+    parser.add_argument(
+        "--parallel", action="store_true", help="parallel shapes against one rank (engine_speed_parallel.py)"
+    )
+    parser.add_argument(
+        "--shapes",
+        default=engine_speed_parallel.DEFAULT_SHAPES,
+        help=f"--parallel: shapes to run, of {', '.join(engine_speed_parallel.SHAPES)}",
+    )
+    parser.add_argument("--kv-cache-gib", type=int, default=1, help="--parallel: KV cache per rank (GiB)")
     parser.add_argument("--raw-vllm", help=argparse.SUPPRESS)  # child-process entry
+    parser.add_argument("--parallel-child", help=argparse.SUPPRESS)  # child-process entry
     args = parser.parse_args()
+    if args.parallel_child:
+        engine_speed_parallel.child_main(args.parallel_child)
+        return
     if args.raw_vllm:
         result = raw_vllm(json.loads(args.raw_vllm))
         print(RESULT_TAG + json.dumps(result), flush=True)
@@ -171,6 +191,9 @@ def main() -> None:
 
     model_dir = Path(args.model) if args.model else prepare_embedded_model()
     RESULTS.mkdir(exist_ok=True)
+    if args.parallel:
+        engine_speed_parallel.main(args, model_dir)
+        return
     questions = prompts(args.prompts)
 
     print("raw vLLM (compiled, fastest dtype) ...", flush=True)
