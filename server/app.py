@@ -21,7 +21,7 @@ from server.body_limit import BodyLimit
 from server.config import ServerSettings
 from server.engine.engine import Engine
 from server.errors import APIError, engine_dead_error, error_response, install_error_handlers
-from server.head_reload import HeadRefused, HeadReloader, head_path, head_version, publish
+from server.head_reload import HeadRefused, HeadReloader, PolicyRefused, head_path, head_version, publish
 from server.parallel import ParallelThinker
 from server.protocol import (
     ChatCompletionRequest,
@@ -36,11 +36,14 @@ from server.protocol import (
     HeadReloadRequest,
     ModelCard,
     ModelList,
+    PolicyCard,
+    PolicyReloadRequest,
     ResponsesCreateRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from server.reload_watch import ReloadWatch
 from server.requests import RequestContext, handle
 from server.serving import OpenAIServing
 from server.tokens import Tokens
@@ -82,9 +85,19 @@ def create_app(
         await app.state.serving.exploration.start()  # the traffic records' writer
         if owned:  # SIGHUP is process-wide: a test process shares one engine among several apps
             app.state.head_reloader.listen()
+        watch = None
+        if settings.recording.reload_watch:  # the file's head and policy before the first request
+            watch = ReloadWatch(
+                app.state.head_reloader,
+                settings.recording.reload_watch,
+                settings.recording.reload_watch_interval_s,
+            )
+            await watch.start()
         try:
             yield
         finally:
+            if watch is not None:
+                await watch.stop()
             if owned:
                 app.state.head_reloader.stop_listening()
             watchdog.cancel()
@@ -226,6 +239,7 @@ async def models(request: Request, serving: Annotated[OpenAIServing, Depends(get
                 max_model_len=info.max_model_len,
                 dtype=info.dtype,
                 t2_head=request.app.state.head_reloader.card(),
+                t2_policy=request.app.state.head_reloader.policy_card(),
             )
         ]
     )
@@ -293,9 +307,24 @@ admin_routes = APIRouter(
 async def reload_head(body: HeadReloadRequest, request: Request) -> HeadCard:
     """Swap the estimator head (and its stopping table and gate) without dropping a request."""
     try:
-        return await request.app.state.head_reloader.reload(body.head, body.margin)
+        return await request.app.state.head_reloader.reload(body.head, body.margin, policy=body.policy)
+    except PolicyRefused as exc:
+        raise APIError(400, str(exc), param="policy", code="invalid_policy") from exc
     except HeadRefused as exc:
         raise APIError(400, str(exc), param="head", code="invalid_head") from exc
+
+
+@admin_routes.post(
+    "/policy", response_model=PolicyCard, responses=ERRORS, dependencies=[Depends(get_serving)]
+)
+async def reload_policy(body: PolicyReloadRequest, request: Request) -> PolicyCard:
+    """Swap the policy `auto` runs (the head stays) without dropping a request."""
+    reloader = request.app.state.head_reloader
+    try:
+        await reloader.reload(None, policy=body.policy)
+    except HeadRefused as exc:
+        raise APIError(400, str(exc), param="policy", code="invalid_policy") from exc
+    return reloader.policy_card()
 
 
 @vllm_routes.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

@@ -139,6 +139,8 @@ class ParallelismSettings(BaseModel):
         "with knobs, e.g. t2:margin=1.5, esc:window=4,max=8, ac-beta:c=0.95,max=8, t2+beta:c=0.8,max=3 "
         "(docs/estimator.md 'Early stopping'); @PATH: the policy of the JSON `t2serve tune` wrote",
     )
+    # Set by `serve` from --policy @PATH (`policy` holds the spec read from it): what SIGHUP re-reads.
+    policy_file: str | None = None
     reasoning_parser: str | None = Field(
         default=None,
         description="vLLM's reasoning parser name (qwen3, deepseek_v4, glm45, ...): answers are read from "
@@ -261,6 +263,16 @@ class RecordingSettings(BaseModel):
     )
     replica: str | None = Field(
         default=None, description="this replica's name in shard names (default: host name and process id)"
+    )
+    # Hot reload from a shared volume (server/reload_watch.py): a retrain job writes the file once
+    # and every replica, started before or after, picks it up.
+    reload_watch: str | None = Field(
+        default=None,
+        description='a JSON file naming the head and policy to serve ({"head": PATH, "policy": SPEC or @PATH, '
+        '"margin": M}, paths relative to the file), read at start-up and reloaded whenever it changes',
+    )
+    reload_watch_interval_s: float = Field(
+        default=10.0, gt=0, description="seconds between looks at --reload-watch"
     )
 
 

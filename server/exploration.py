@@ -25,7 +25,7 @@ from server import metrics
 from server.config import ServerSettings
 from server.errors import APIError
 from server.recording import Recorder, complete_pools, model_identity, traffic_records
-from server.shadow import ShadowGauge, shadow_policies
+from server.shadow import ShadowGauge
 
 if TYPE_CHECKING:
     from server.parallel import ParallelThinker, Plan
@@ -60,9 +60,7 @@ class Exploration:
         self.engine = engine
         self.recorder = Recorder(settings.recording) if settings.recording.record_dir else None
         self.random = random.Random()
-        self.gauge = ShadowGauge(
-            shadow_policies(thinker), n_max=thinker.n_max, default=thinker.settings.default_parallelism
-        )
+        self.gauge = ShadowGauge.following(thinker)  # a reload's head and policy too
 
     def plan(self, plan: Plan, request: SamplingFields, admin: bool) -> Plan:
         """The request's plan, explored if it asked (admin only: 403 otherwise) or was drawn."""

@@ -105,15 +105,15 @@ ENGINE_INFO = Info(
 ESTIMATOR_INFO = Info(
     "t2serve_estimator",
     "The estimator head in use (empty values: none loaded); version: its files' content hash @ load "
-    "time, as in t2.head (server/head_reload.py).",
+    "time, as in t2.head (server/head_reload.py); policy: the one `auto` runs, as in t2.policy.",
 )
 HEAD_RELOADS = Counter(
     "t2serve_head_reloads",
-    "Estimator head reloads, by source (api: POST /admin/head; sighup) and outcome (ok; refused: "
-    "the head could not be used and the old one stays).",
+    "Head and policy reloads, by source (api: POST /admin/head or /admin/policy; sighup; watch: "
+    "--reload-watch) and outcome (ok; refused: it could not be used and the old one stays).",
     ["source", "outcome"],
 )
-for _source in ("api", "sighup"):  # exported at 0 before any reload
+for _source in ("api", "sighup", "watch"):  # exported at 0 before any reload
     for _outcome in ("ok", "refused"):
         HEAD_RELOADS.labels(_source, _outcome)
 # -- hardening: back-pressure, load-aware N, faults (README "Operating t2serve") --

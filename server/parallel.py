@@ -97,8 +97,9 @@ class HeadInUse:
     version: str | None  # server.head_reload.head_version; None without a head
     n_max: int  # the fixed-N baseline: the head's N_max, else the default N
     margin: float  # T2's margin (ParallelThinker.bind)
-    default_policy: Policy  # --policy with this head's N_max, margin and stopping table
+    default_policy: Policy  # `policy` with this head's N_max, margin and stopping table
     reader: Estimator
+    policy: str  # the spec `auto` runs when a request names none: --policy, or a reload's
 
 
 class Deadline:
@@ -137,13 +138,18 @@ class ParallelThinker:
         # --max-samples-in-flight: `auto` scales its cap down as the engine fills (None: never).
         self.samples_limit = samples_limit
         self.in_flight = InFlight()
-        # --policy is validated here, at start-up (and again for every head a reload brings).
-        self.current = self.bind(estimator, head_version)
+        # --policy is validated here, at start-up (and again for every head or policy a reload brings).
+        self.current = self.bind(estimator, head_version, policy=settings.policy)
 
-    def bind(self, head: Any, version: str | None = None, margin: float | None = None) -> HeadInUse:
+    def bind(
+        self, head: Any, version: str | None = None, margin: float | None = None, policy: str | None = None
+    ) -> HeadInUse:
         """`head` with what requests derive from it. T2's margin: `margin`, else
-        --estimator-margin, else the head's (T2Head.margin), else DEFAULT_MARGIN. ValueError
-        when --policy cannot run with it."""
+        --estimator-margin, else the head's (T2Head.margin), else DEFAULT_MARGIN. `policy`:
+        the spec `auto` runs (default: the one in use). ValueError when that policy cannot run
+        with it."""
+        if policy is None:
+            policy = self.current.policy
         meta = getattr(head, "meta", None)
         n_max = int(meta.n_max) if meta is not None else self.settings.default_parallelism
         if margin is None:
@@ -151,10 +157,11 @@ class ParallelThinker:
         if margin is None:
             margin = getattr(head, "margin", DEFAULT_MARGIN)
         default_policy = parse_policy(
-            self.settings.policy, fixed_n=n_max, margin=margin, stopping=getattr(head, "stopping", None)
+            policy, fixed_n=n_max, margin=margin, stopping=getattr(head, "stopping", None)
         )
         reader = Estimator(self.engine, head, self.settings.open_ended_parallelism)
-        return HeadInUse(head, version if head is not None else None, n_max, margin, default_policy, reader)
+        version = version if head is not None else None
+        return HeadInUse(head, version, n_max, margin, default_policy, reader, policy)
 
     @property
     def samples_in_flight(self) -> int:

@@ -399,6 +399,30 @@ class HeadReloadRequest(BaseModel):
     margin: float | None = Field(
         default=None, gt=0, description="T2's margin with it (default: --estimator-margin, else the head's)"
     )
+    policy: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the policy `auto` runs, swapped with the head in one step (a spec, or @PATH: the policy "
+        "of `t2serve tune`'s JSON; default: the one in use)",
+    )
+
+
+class PolicyCard(BaseModel):
+    """The policy `auto` runs when a request names none (server.head_reload): `/v1/models`'
+    `t2_policy` and what `POST /admin/policy` answers."""
+
+    policy: str  # as a response's t2.policy names it (every knob)
+    spec: str  # what was asked for: a spec, or @PATH (`t2serve tune`'s JSON)
+    version: str  # content hash of the spec @ load time (UTC)
+
+
+class PolicyReloadRequest(BaseModel):
+    """`POST /admin/policy`: the policy to swap in (the head stays)."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: str = Field(
+        max_length=4096, description="a policy spec, or @PATH: the policy of `t2serve tune`'s JSON"
+    )
 
 
 class ModelCard(BaseModel):
@@ -410,6 +434,7 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     dtype: str | None = None  # t2serve: the engine's dtype (`--dtype auto` resolved for this machine)
     t2_head: HeadCard | None = None  # t2serve: the estimator head in use (None: no head)
+    t2_policy: PolicyCard | None = None  # t2serve: the policy `auto` runs
 
 
 class ModelList(BaseModel):

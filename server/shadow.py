@@ -16,8 +16,12 @@ so a pool's outcome equals the offline replay (estimator/offline/evaluation/repl
 that pool in that one ordering with the N_max vote as its gold answer (a test checks it).
 1 - agreement bounds the accuracy a policy gives up against fixed N_max.
 
-The policies: `auto` (the configured --policy), `t2+learned` (with a stopping table), `esc`,
-`ac` (beta criterion) at their default knobs, and `fixed:n=1` ... `fixed:n=N_max`. Exported,
+The policies: `auto` (the policy `auto` runs: --policy, or a reload's), `t2+learned` (with a
+stopping table), `esc`, `ac` (beta criterion) at their default knobs, `fixed:n=1` ...
+`fixed:n=N_max`, and the served policy under its own spec (e.g. `ac-beta:c=0.99,...`) when no
+other row runs it, so a dashboard tells one tuned policy from the next. They follow the head
+and policy in use: after a reload (server/head_reload.py) the next pool is replayed with the
+new ones, and a row whose policy changed (or left) starts its running means afresh. Exported,
 as running means over this process's explored pools: t2serve_shadow_agreement{policy} and
 t2serve_shadow_samples{policy}, with the counts behind them; and for every policy that is
 not a fixed N, t2serve_shadow_samples_saved{policy}: the samples of the cheapest fixed N
@@ -28,31 +32,38 @@ per-question choice saves over the fixed N that keeps as much agreement.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from estimator.policies import Budget, Fixed, Policy
+from estimator.policy_spec import describe
 from estimator.replay import drive
 from server import metrics
 from server.voting import majority_vote
 
 if TYPE_CHECKING:
-    from server.parallel import ParallelThinker
+    from server.parallel import HeadInUse, ParallelThinker
 
 logger = logging.getLogger(__name__)
 
 
-def shadow_policies(thinker: ParallelThinker) -> dict[str, Policy]:
-    """The policies the gauge replays, by their metric label."""
-    policies: dict[str, Policy] = {"auto": thinker.default_policy}
-    if getattr(thinker.estimator, "stopping", None) is not None:
-        policies["t2+learned"] = thinker.parse_policy("t2+learned")
-    policies["esc"] = thinker.parse_policy("esc")
-    policies["ac"] = thinker.parse_policy("ac")
-    for n in range(1, thinker.n_max + 1):
+def shadow_policies(thinker: ParallelThinker, head: HeadInUse | None = None) -> dict[str, Policy]:
+    """The policies the gauge replays with `head` (default: the one in use), by their metric label."""
+    head = head or thinker.current
+    served = head.default_policy
+    policies: dict[str, Policy] = {"auto": served}
+    if getattr(head.head, "stopping", None) is not None:
+        policies["t2+learned"] = thinker.parse_policy("t2+learned", head)
+    policies["esc"] = thinker.parse_policy("esc", head)
+    policies["ac"] = thinker.parse_policy("ac", head)
+    for n in range(1, head.n_max + 1):
         policies[f"fixed:n={n}"] = Fixed(n)
+    spec = describe(served)
+    if all(describe(p) != spec for label, p in policies.items() if label != "auto"):
+        policies[spec] = served
     return policies
 
 
@@ -92,6 +103,45 @@ class ShadowGauge:
         self.n_max = n_max
         self.default = default
         self.totals = {label: Totals() for label in policies}
+        self.thinker: ParallelThinker | None = None  # followed: see following()
+        self.head: HeadInUse | None = None  # the head in use the policies were built with
+
+    @classmethod
+    def following(cls, thinker: ParallelThinker) -> ShadowGauge:
+        """A gauge that replays with the thinker's head and policy in use, whatever a reload
+        swaps in."""
+        head = thinker.current
+        gauge = cls(
+            shadow_policies(thinker, head), n_max=head.n_max, default=thinker.settings.default_parallelism
+        )
+        gauge.thinker, gauge.head = thinker, head
+        return gauge
+
+    def rebind(self, policies: dict[str, Policy], n_max: int) -> None:
+        """Replay `policies` from now on: a row whose policy is the same keeps its running
+        means, a changed or new one starts afresh, a row no longer replayed is dropped (its
+        gauges with it)."""
+        kept = {
+            label: self.totals[label]
+            for label, policy in policies.items()
+            if label in self.policies and describe(self.policies[label]) == describe(policy)
+        }
+        for label in self.policies.keys() - kept.keys():
+            for gauge in (metrics.SHADOW_AGREEMENT, metrics.SHADOW_SAMPLES, metrics.SHADOW_SAVED):
+                with contextlib.suppress(KeyError):  # a row with no pool yet has none
+                    gauge.remove(label)
+        self.policies, self.n_max = policies, n_max
+        self.totals = {label: kept.get(label) or Totals() for label in policies}
+
+    def _follow(self) -> None:
+        """Rebind to the thinker's head in use if a reload swapped it."""
+        if self.thinker is None or self.thinker.current is self.head:
+            return
+        self.head = self.thinker.current
+        self.rebind(shadow_policies(self.thinker, self.head), self.head.n_max)
+        logger.info(
+            "live gauge: replaying with the reloaded head and policy %s", describe(self.head.default_policy)
+        )
 
     def observe(
         self,
@@ -100,6 +150,7 @@ class ShadowGauge:
         margin_scale: float | None = None,
     ) -> dict[str, Outcome]:
         """Replay every policy on one pool (N_max keys in finishing order) and export."""
+        self._follow()
         if len(answers) != self.n_max:
             raise ValueError(f"a pool of {len(answers)} samples, not N_max = {self.n_max}")
         budget = Budget(

@@ -36,6 +36,7 @@ FLAG_NAMES = {
     "request_timeout_s": "--request-timeout",
     "drain_timeout_s": "--drain-timeout",
     "sse_keepalive_s": "--sse-keepalive",
+    "reload_watch_interval_s": "--reload-watch-interval",
 }
 # Booleans that are on by default, turned off by one flag (as vLLM spells them).
 OFF_SWITCHES = {
@@ -44,7 +45,7 @@ OFF_SWITCHES = {
     "store": "--no-store",
 }
 # Settings the command line leaves at their defaults.
-NO_FLAG = {"enable_chunked_prefill", "capture_timeout_s"}
+NO_FLAG = {"enable_chunked_prefill", "capture_timeout_s", "policy_file"}
 # Choices a `str` field's flag accepts.
 CHOICES = {"log_level": LOG_LEVELS}
 # Registered names listed in a flag's help.

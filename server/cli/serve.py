@@ -56,6 +56,7 @@ def serve_settings(args: argparse.Namespace) -> ServerSettings:
     from estimator.policy_spec import parse_policy, spec_from_flag
 
     try:  # the defaults it fills in do not matter here, only whether the spec is valid
+        args.policy_file = args.policy[1:] if args.policy.startswith("@") else None  # SIGHUP re-reads it
         args.policy = spec_from_flag(args.policy)
         parse_policy(args.policy, fixed_n=1, margin=1.0)
     except ValueError as exc:

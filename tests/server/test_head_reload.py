@@ -104,7 +104,7 @@ async def test_a_head_the_default_policy_cannot_run_with_is_refused(tmp_path):
     )  # type: ignore[arg-type]
     reload = HeadReloader(thinker, engine_for(), "default", "default")
     before = thinker.current
-    with pytest.raises(HeadRefused, match="--policy t2\\+learned cannot run with it"):
+    with pytest.raises(HeadRefused, match="the policy in use \\(t2\\+learned\\) cannot run with it"):
         await reload.reload(str(head))
     assert thinker.current is before
 

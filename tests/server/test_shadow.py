@@ -38,9 +38,11 @@ def gauge(**settings) -> ShadowGauge:
     return ShadowGauge(shadow_policies(thinker), n_max=N_MAX, default=N_MAX)
 
 
-def test_the_policies_are_auto_esc_ac_and_every_fixed_n():
+def test_the_policies_are_auto_esc_ac_every_fixed_n_and_the_served_policy_by_its_spec():
     labels = list(gauge(policy="t2:margin=1.5").policies)
-    assert labels == ["auto", "esc", "ac", *(f"fixed:n={n}" for n in range(1, N_MAX + 1))]
+    assert labels == ["auto", "esc", "ac", *(f"fixed:n={n}" for n in range(1, N_MAX + 1)), "t2:margin=1.5"]
+    # A served policy that another row already runs gets no row of its own.
+    assert list(gauge(policy=f"fixed:n={N_MAX}").policies)[-1] == f"fixed:n={N_MAX}"
 
 
 @pytest.mark.parametrize("policy", ["t2:margin=1.5", "t2+beta:c=0.8,margin=0.5", "esc:window=2"])
