@@ -341,7 +341,7 @@ def test_every_replica_records_into_one_shared_label_store():
     [container] = pod["containers"]
     [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     args = serve_args(container_argv(container, config["data"])[1:])
-    assert args.record_dir == mount["mountPath"] and not mount.get("readOnly")
+    assert Path(args.record_dir).is_relative_to(mount["mountPath"]) and not mount.get("readOnly")
     assert args.replica is None, "each pod names its shards after its host name (the pod name)"
 
 
@@ -379,3 +379,78 @@ def test_multinode_example_runs_tp_x_pp_over_ray_with_a_tcp_capture_channel():
     assert service["spec"]["selector"].items() <= leader["metadata"]["labels"].items()
     assert leader["metadata"]["labels"]["role"] != template["workerTemplate"]["metadata"]["labels"]["role"]
     assert service["spec"]["ports"][0]["targetPort"] in ports
+
+
+FAKE_T2SERVE = """#!{python}
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from server.cli import build_parser
+with open({log!r}, "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = build_parser().parse_args(sys.argv[1:])  # exits 2 on a command the CLI refuses
+if args.command == "tune":
+    args.out.write_text(json.dumps({{"policy": "esc:window=2,max=8"}}))
+elif args.command == "train":
+    Path(str(args.out) + ".json").write_text("{{}}")
+"""
+
+
+def test_retrain_cronjob_tunes_trains_publishes_then_prunes_the_replicas_store(tmp_path):
+    """The CronJob's script, run by sh with /labels at a temporary folder and a `t2serve`
+    that parses each command with the real CLI parser (and writes what tune and train would):
+    every command is accepted, runs on the replicas' --record-dir, the outputs land in a new
+    version folder and the file every replica watches names them."""
+    objects = k8s_objects()
+    cron, claim, config = objects["CronJob"], objects["PersistentVolumeClaim"], objects["ConfigMap"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    service, deployment = objects["Service"], objects["Deployment"]
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), (
+        "the Service must never route requests to the job's pod"
+    )
+    [volume] = [v for v in pod["spec"]["volumes"] if v.get("persistentVolumeClaim")]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    [container] = pod["spec"]["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    [serving] = deployment["spec"]["template"]["spec"]["containers"]
+    [serving_mount] = [m for m in serving["volumeMounts"] if m["name"] == "labels"]
+    assert mount["mountPath"] == serving_mount["mountPath"] == "/labels" and not mount.get("readOnly")
+    assert container["image"] == serving["image"]
+    serve = serve_args(container_argv(serving, config["data"])[1:])
+
+    labels, log = tmp_path / "labels", tmp_path / "argv.jsonl"
+    labels.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "t2serve"
+    fake.write_text(FAKE_T2SERVE.format(python=sys.executable, root=str(ROOT), log=str(log)))
+    fake.chmod(0o755)
+    assert container["command"][:2] == ["sh", "-c"]
+    script = container["command"][2].replace("/labels", str(labels))
+    env = {e["name"]: e["value"].replace("/labels", str(labels)) for e in container["env"]}
+    path = f"{bin_dir}:/usr/bin:/bin"
+    subprocess.run(["sh", "-c", script], env={**env, "PATH": path}, check=True, timeout=600)
+
+    commands = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[0] for c in commands] == ["tune", "train", "store"]
+    from server.cli import build_parser
+
+    tune, train, prune = (build_parser().parse_args(c) for c in commands)
+    store = [Path(serve.record_dir.replace("/labels", str(labels)))]
+    assert tune.labels == train.labels == prune.labels == store
+    assert tune.agreement == 0.99 and train.targets == "posterior" and prune.max_age_days and prune.max_gb
+
+    # current.json, at the path the replicas watch, names this run's head and tuned policy.
+    watched = Path(serve.reload_watch.replace("/labels", str(labels)))
+    from server.reload_watch import reload_request
+
+    request = reload_request(watched.read_bytes(), watched.parent)
+    [version] = (labels / "versions").iterdir()
+    assert not version.name.startswith(".") and request["spec"] == str(version / "head")
+    assert Path(request["spec"] + ".json").is_file() and request["policy"] == f"@{version / 'tuned.json'}"
+    from estimator.policy_spec import spec_from_flag
+
+    assert spec_from_flag(request["policy"]) == "esc:window=2,max=8"
+    assert sorted(p.name for p in labels.iterdir()) == ["current.json", "versions"]  # nothing partial left
