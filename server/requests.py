@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from sse_starlette import EventSourceResponse
 from server import metrics
 from server.admission import Admission, Ticket
 from server.auth import is_admin
+from server.errors import APIError
 from server.parallel import Plan
 from server.protocol import ResponsesCreateRequest, SamplingFields
 
@@ -36,6 +38,28 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# A client may name its request (vLLM's OpenAI server takes the same header): the id then
+# is the traffic record's `request_id` (server.recording), the response's X-Request-Id and
+# the completion's id, so a client can join what it knows (gold answers) to the records.
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def client_request_id(request: Request) -> str | None:
+    """The request's X-Request-Id, None without one; 400 unless it is 1-128 letters, digits,
+    '.', '_', ':' or '-' (it goes into record ids, logs and engine request ids)."""
+    value = request.headers.get(REQUEST_ID_HEADER)
+    if value is None:
+        return None
+    if not REQUEST_ID_PATTERN.fullmatch(value):
+        raise APIError(
+            400,
+            f"{REQUEST_ID_HEADER} must be 1 to 128 letters, digits, '.', '_', ':' or '-'",
+            param=REQUEST_ID_HEADER,
+            code="invalid_request_id",
+        )
+    return value
+
 
 @dataclass
 class RequestContext:
@@ -43,7 +67,9 @@ class RequestContext:
 
     endpoint: Literal["chat", "completion", "responses"]
     request: SamplingFields | ResponsesCreateRequest  # prepare turns a Responses request into chat's
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # or the client's X-Request-Id
+    # Prefix of its engine request ids and capture tags: unique even when clients repeat an id.
+    engine_id: str = ""
     started: float = field(default_factory=time.monotonic)
     # Prepared before admission (server.serving.OpenAIServing.prepare).
     plan: Plan | None = None
@@ -60,7 +86,14 @@ class RequestContext:
     finished: bool = False
 
     def __post_init__(self) -> None:
+        self.engine_id = self.engine_id or self.request_id
         metrics.REQUESTS_IN_FLIGHT.inc()
+
+    def named_by(self, request: Request) -> None:
+        """Take the client's X-Request-Id as this request's id (400 if it is malformed)."""
+        named = client_request_id(request)
+        if named is not None:
+            self.request_id, self.engine_id = named, f"{named}-{uuid.uuid4().hex[:8]}"
 
     @property
     def mode(self) -> str:
@@ -102,6 +135,7 @@ async def handle(request: Request, ctx: RequestContext, serving: OpenAIServing) 
     ctx.admin = is_admin(request)
 
     async def admitted_work() -> Any:
+        ctx.named_by(request)
         serving.prepare(ctx)
         assert ctx.plan is not None
         ctx.ticket = await admission.acquire(ctx.plan.minimum_samples)
@@ -119,7 +153,8 @@ async def handle(request: Request, ctx: RequestContext, serving: OpenAIServing) 
     if isinstance(result, AsyncIterator):
         return TrackedStream(result, ctx, serving.settings.limits.sse_keepalive_s)
     ctx.done("ok")
-    return JSONResponse(result.model_dump(by_alias=True))  # by_alias: openai's Response types
+    # by_alias: openai's Response types
+    return JSONResponse(result.model_dump(by_alias=True), headers={REQUEST_ID_HEADER: ctx.request_id})
 
 
 class TrackedStream(EventSourceResponse):
@@ -135,7 +170,9 @@ class TrackedStream(EventSourceResponse):
 
         # sse-starlette pings at a default interval when given none; "off" is a ping too
         # rare to matter, not a second code path.
-        super().__init__(framed(), ping=keepalive_s or 86_400, sep="\n")
+        super().__init__(
+            framed(), ping=keepalive_s or 86_400, sep="\n", headers={REQUEST_ID_HEADER: ctx.request_id}
+        )
         self.ctx = ctx
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -208,6 +207,7 @@ class OpenAIServing:
             return self._completion_stream(ctx, ctx.request)
         results = await self.think(ctx)
         return CompletionResponse(
+            id=f"cmpl-{ctx.request_id}",
             model=ctx.request.model,
             choices=self.completion_choices(ctx.request, results),
             usage=result.usage(results),
@@ -231,7 +231,7 @@ class OpenAIServing:
                     prompt,
                     params,
                     ctx.plan,
-                    request_id=f"{ctx.request_id}-p{i}",
+                    request_id=f"{ctx.engine_id}-p{i}",
                     deadline=deadline,
                     budget=budget,
                     reader=reader,
@@ -274,6 +274,7 @@ class OpenAIServing:
         (thought,) = results
         reader = ctx.sampling[0][1]
         return ChatCompletionResponse(
+            id=f"chatcmpl-{ctx.request_id}",
             model=request.model,
             choices=[
                 ChatChoice(
@@ -290,7 +291,7 @@ class OpenAIServing:
         )
 
     async def _chat_stream(self, ctx: RequestContext, request: ChatCompletionRequest) -> AsyncIterator[str]:
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        chunk_id, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         reader = ctx.sampling[0][1]
 
         def chunk(choices: list[ChatChunkChoice], **extra: Any) -> str:
@@ -382,7 +383,7 @@ class OpenAIServing:
         ]
 
     async def _completion_stream(self, ctx: RequestContext, request: CompletionRequest) -> AsyncIterator[str]:
-        chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        chunk_id, created = f"cmpl-{ctx.request_id}", int(time.time())
 
         def chunk(choices: list[CompletionChoice], **extra: Any) -> str:
             body = CompletionChunk(

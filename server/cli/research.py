@@ -98,8 +98,32 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "on), consensus or auto (the keys those aggregators vote with); not usc, which picks a sample "
         "in an extra pass",
     )
-    label.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    label.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (resumable); with --server: the servers' shared label store (--record-dir), where "
+        "the gold file goes",
+    )
     label.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    fleet = label.add_argument_group(
+        "through running servers (estimator/offline/labels/server_labeling.py): no local engine; the servers' "
+        "N_max and aggregator, their --record-dir writes the records"
+    )
+    fleet.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        help="label through this t2serve (repeatable: the least busy takes the next question); each question "
+        "is one request with t2_explore, the gold answers go to OUT/gold-<client>.jsonl",
+    )
+    fleet.add_argument(
+        "--concurrency", type=int, default=8, help="with --server: requests in flight (default: %(default)s)"
+    )
+    fleet.add_argument(
+        "--admin-key",
+        help="with --server: the servers' --admin-key (default: the first of T2SERVE_ADMIN_KEYS)",
+    )
     add_settings_flags(label, EngineSettings, "engine (passed to vLLM)")
     label.set_defaults(run=label_command)
 
@@ -282,7 +306,9 @@ def train_config(args: argparse.Namespace) -> Any:
 def label_command(args: argparse.Namespace) -> None:
     from estimator.offline.inputs.problem_sets import select_problems
 
-    engine = engine_settings(args)
+    if args.server:
+        _refuse_local_flags(args)
+    engine = None if args.server else engine_settings(args)
     configure_logging(args.log_level)
     if args.data == "open-ended":
         print(asyncio.run(_label_open_ended(engine, args.out)))
@@ -302,7 +328,59 @@ def label_command(args: argparse.Namespace) -> None:
         raise SystemExit(f"t2serve label: {exc}") from exc
     if chosen.summary:
         print(chosen.summary)
+    if args.server:
+        _label_through_servers(args, chosen.problems, config)
+        return
+    assert engine is not None
     asyncio.run(_label(engine, chosen.problems, args.out, config))
+
+
+# Label settings the servers decide when labelling through them.
+SERVER_DECIDED = {
+    "n_max": "--n-max",
+    "tau": "--tau",
+    "eps": "--eps",
+    "shard_size": "--shard-size",
+    "aggregate": "--aggregate",
+}
+
+
+def _refuse_local_flags(args: argparse.Namespace) -> None:
+    if args.data == "open-ended":
+        raise SystemExit("t2serve label --server: --data open-ended captures states only; label it locally")
+    if unused := [flag for name, flag in SERVER_DECIDED.items() if getattr(args, name, None) is not None]:
+        raise SystemExit(
+            f"t2serve label --server: {', '.join(unused)} are the servers' to decide (their N_max and aggregator)"
+        )
+
+
+def _label_through_servers(args: argparse.Namespace, problems: list[Any], config: Any) -> None:
+    import os
+    import time
+
+    from estimator.offline.labels import server_labeling
+
+    admin_key = args.admin_key or next(
+        (k.strip() for k in os.environ.get("T2SERVE_ADMIN_KEYS", "").split(",") if k.strip()), None
+    )
+    gold = server_labeling.GoldFile(args.out, server_labeling.client_name())
+    started = time.monotonic()
+    try:
+        replies = asyncio.run(
+            server_labeling.label_through_servers(
+                problems,
+                args.server,
+                args.out,
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                concurrency=args.concurrency,
+                admin_key=admin_key,
+                gold=gold,
+            )
+        )
+    except ValueError as exc:
+        raise SystemExit(f"t2serve label --server: {exc}") from exc
+    print(server_labeling.summary_table(replies, gold.path, time.monotonic() - started))
 
 
 async def _label(settings: EngineSettings, problems: list[Any], out: Path, config: Any) -> None:
