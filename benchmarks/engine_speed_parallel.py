@@ -143,7 +143,12 @@ async def _round(engine, all_ids: list[list[int]], n: int, max_tokens: int, tagg
     started = time.monotonic()
     done = await asyncio.gather(*(_one_prompt(engine, ids, n, max_tokens, tagged) for ids in all_ids))
     wall = time.monotonic() - started
-    out: dict[str, Any] = {"wall_s": wall, "generated_tokens": sum(d["generated_tokens"] for d in done)}
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "generated_tokens": sum(d["generated_tokens"] for d in done),
+        # The machine's load as the round ends: on a shared box it moves the rate more than the shape.
+        "load_average_1min": os.getloadavg()[0],
+    }
     if tagged:
         out["states"] = np.stack([d["states"] for d in done])
         out["capture_ms"] = [d["capture_ms"] for d in done]
