@@ -135,10 +135,42 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         action="append",
         required=True,
-        help="a `t2serve label` output folder (repeat to combine runs with the same model and sampling)",
+        help="a `t2serve label` output folder or a traffic store (serve --record-dir; gold-*.jsonl in it "
+        "joined by request id); repeat to combine folders of the same model and sampling",
     )
     train.add_argument(
-        "--out", type=Path, required=True, help="head path without suffix (.safetensors/.json)"
+        "--out",
+        type=Path,
+        help="head path without suffix (.safetensors/.json); needed unless --fit-calibration",
+    )
+    targets = train.add_argument_group(
+        "targets (estimator/offline/labels/gold_free.py; traffic without gold: labels/traffic.py)"
+    )
+    targets.add_argument(
+        "--targets",
+        choices=("gold", "majority", "share", "posterior"),
+        help="what N* is of: gold (the labelled A(N); records without gold are an error), majority (A(N) "
+        "against the pool's N_max vote), share (E[A(N)], answers as likely right as their vote share) or "
+        "posterior (E[A(N)] under --calibration); default: gold where a record has gold, else posterior "
+        "with --calibration, else majority",
+    )
+    targets.add_argument(
+        "--target-eps",
+        type=float,
+        default=0.0,
+        help="gold-free rules: N* is the smallest N within this of the curve's maximum (default: %(default)s)",
+    )
+    targets.add_argument(
+        "--calibration",
+        type=Path,
+        help="an answer posterior (JSON) from --fit-calibration, for posterior targets",
+    )
+    targets.add_argument(
+        "--fit-calibration",
+        type=Path,
+        metavar="FILE",
+        help="fit the answer posterior on the gold pools of --labels (train and validation splits only), "
+        "write it to FILE and stop (no head)",
     )
     probes = train.add_argument_group("probes (defaults: estimator.offline.training.probes.TrainConfig)")
     probes.add_argument("--ratio", type=float, help="probe width as a fraction of the hidden size")
@@ -404,12 +436,28 @@ async def _label_open_ended(settings: EngineSettings, out: Path) -> str:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from estimator.offline.training import head_fit
+    from estimator.offline.labels.answer_posterior import AnswerPosterior
+    from estimator.offline.training import calibration_fit, head_fit
 
+    if args.fit_calibration:
+        try:
+            posterior = calibration_fit.fit_calibration(args.labels)
+        except ValueError as exc:
+            raise SystemExit(f"t2serve train --fit-calibration: {exc}") from exc
+        posterior.save(args.fit_calibration)
+        print(calibration_fit.report(posterior, args.fit_calibration))
+        return
+    if args.out is None:
+        raise SystemExit("t2serve train: --out is needed (the head's path)")
     if args.gate_only and not args.open_ended:
         raise SystemExit("t2serve train --gate-only needs --open-ended")
+    if args.targets == "posterior" and args.calibration is None:
+        raise SystemExit("t2serve train --targets posterior needs --calibration (from --fit-calibration)")
     try:
-        labels = head_fit.training_labels(args.labels)
+        posterior = AnswerPosterior.load(args.calibration) if args.calibration else None
+        labels = head_fit.training_labels(
+            args.labels, rule=args.targets, posterior=posterior, eps=args.target_eps
+        )
         print(head_fit.source_table(labels.records))
         trained = head_fit.train_head(
             labels,
@@ -429,10 +477,9 @@ def evaluate_command(args: argparse.Namespace) -> None:
     from estimator.gate import Gate
     from estimator.head import T2Head
     from estimator.offline.evaluation import evaluate as evaluation
-    from estimator.offline.labels.labeling import load_label_sets
 
     policy_names = _policy_names(args.policies)
-    records, states, header = load_label_sets(args.labels)
+    records, states, header = _scored_records(args.labels)
     if args.leave_one_out:
         _leave_one_out(args, records, states)
         return
@@ -457,6 +504,24 @@ def evaluate_command(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}.json and {args.out}.png")
     if args.orderings > 0:
         _compare_policies(args, head, records, states, policy_names)
+
+
+def _scored_records(folders: list[Path]) -> tuple[list[dict], Any, dict]:
+    """The records of label folders and traffic stores that have gold (traffic joined to its
+    gold-*.jsonl: estimator.offline.labels.traffic), and their states: what evaluate scores."""
+    from estimator.offline.labels.gold_free import has_gold
+    from estimator.offline.labels.traffic import load_store
+
+    try:
+        records, states, header = load_store(folders)
+    except ValueError as exc:
+        raise SystemExit(f"t2serve evaluate: {exc}") from exc
+    keep = [i for i, r in enumerate(records) if has_gold(r)]
+    if not keep:
+        raise SystemExit("t2serve evaluate: no records with gold (traffic needs its gold-*.jsonl joined)")
+    if len(keep) < len(records):
+        print(f"{len(records) - len(keep)} traffic records without gold left out; {len(keep)} scored")
+    return [records[i] for i in keep], states[keep], header
 
 
 def _policy_names(policies: str) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""`t2serve train`: a head fitted on label folders, with what the server runs beside it, and
-the report the command prints.
+"""`t2serve train`: a head fitted on label folders and traffic stores, with what the server
+runs beside it, and the report the command prints. Each record is trained on its target
+(estimator.offline.labels.gold_free): gold where it has gold, a gold-free rule otherwise.
 
 Beside the per-layer probes (estimator.offline.training.probes): the head's own T2 margin, chosen on
 its validation split (margin_fit); given open-ended states, its answerable/open-ended gate
@@ -20,8 +21,10 @@ from estimator.gate import Gate, gate_path
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
 from estimator.offline.inputs.open_ended import load_states
-from estimator.offline.labels.labeling import load_label_sets
+from estimator.offline.labels.answer_posterior import AnswerPosterior
+from estimator.offline.labels.gold_free import with_targets
 from estimator.offline.labels.targets import TYPES, source_of
+from estimator.offline.labels.traffic import load_store
 from estimator.offline.training.gate_fit import fit_gate
 from estimator.offline.training.margin_fit import TOLERANCE, fit_margin
 from estimator.offline.training.probes import TrainConfig, cross_fitted_predictions, fit, in_split, targets
@@ -30,7 +33,9 @@ from estimator.offline.training.stopping_fit import fit_stopping
 
 @dataclass
 class TrainingLabels:
-    """Label folders read together (load_label_sets), with their train and validation splits."""
+    """Label folders and traffic stores read together (estimator.offline.labels.traffic.load_store),
+    each record with its training target (gold_free.with_targets), and their train and
+    validation splits."""
 
     records: list[dict]
     header: dict
@@ -38,8 +43,28 @@ class TrainingLabels:
     validation: tuple[list[dict], np.ndarray]
 
 
-def training_labels(folders: list[Path]) -> TrainingLabels:
-    records, states, header = load_label_sets(folders)
+def training_labels(
+    folders: list[Path],
+    *,
+    rule: str | None = None,
+    posterior: AnswerPosterior | None = None,
+    eps: float = 0.0,
+) -> TrainingLabels:
+    """The folders' records with targets by `rule` (None: gold where a record has gold, else
+    the posterior given one, else the pool's majority; gold_free.RULES) and N* at tolerance
+    `eps` for the gold-free rules."""
+    records, states, header = load_store(folders)
+    fallback = "posterior" if posterior is not None else "majority"
+    records = with_targets(records, rule, posterior=posterior, eps=eps, fallback=fallback)
+    used = Counter(r["target_rule"] for r in records)
+    header = {
+        **header,
+        "targets": {
+            "rules": dict(used),
+            "eps": eps,
+            **({"calibration": posterior.fitted} if posterior is not None and used["posterior"] else {}),
+        },
+    }
     train, validation = in_split(records, states, "train"), in_split(records, states, "validation")
     if not train[0] or not validation[0]:
         raise ValueError("the labels need both train and validation questions")
@@ -47,17 +72,28 @@ def training_labels(folders: list[Path]) -> TrainingLabels:
 
 
 def source_table(records: list[dict]) -> str:
-    """Questions per source and split, and each source's sample-type shares."""
+    """Questions per source and split, each source's sample-type shares (of its questions with
+    gold), and the targets trained on: rules and mean N*."""
     sources = sorted({source_of(r) for r in records})
     names = [TYPES[t][:8] for t in TYPES]
-    lines = [f"{'source':<18} {'train':>6} {'val':>5} {'test':>5}  " + " ".join(f"{n:>8}" for n in names)]
+    lines = [
+        f"{'source':<18} {'train':>6} {'val':>5} {'test':>5}  "
+        + " ".join(f"{n:>8}" for n in names)
+        + "  targets (mean N*)"
+    ]
     for source in sources:
         rows = [r for r in records if source_of(r) == source]
         splits = Counter(r["split"] for r in rows)
-        types = Counter(r["type"] for r in rows)
+        types = Counter(r["type"] for r in rows if "type" in r)
+        typed = sum(types.values())
+        rules = Counter(r.get("target_rule", "gold") for r in rows)
+        n_star = np.mean([r.get("target_n_star", r.get("n_star", 0)) for r in rows])
         lines.append(
             f"{source[:18]:<18} {splits['train']:6d} {splits['validation']:5d} {splits['test']:5d}  "
-            + " ".join(f"{types.get(t, 0) / len(rows):8.1%}" for t in TYPES)
+            + " ".join(f"{types.get(t, 0) / typed:8.1%}" if typed else f"{'-':>8}" for t in TYPES)
+            + "  "
+            + ", ".join(f"{rule} {count}" for rule, count in rules.items())
+            + f" ({n_star:.2f})"
         )
     return "\n".join(lines)
 
@@ -109,7 +145,7 @@ def train_head(
     gate = fit_gate_on(labels, open_ended) if open_ended else None
     # The margin is chosen as the server will run it: times the gate's multiple.
     fitted = fit_margin(
-        np.array([r["accuracy"] for r in val_records]),
+        np.array([r.get("target_accuracy", r.get("accuracy")) for r in val_records]),
         head.predict_batch(val_states),
         scales=gate.margin_scale(val_states) if gate is not None else None,
         tolerance=margin_tolerance,

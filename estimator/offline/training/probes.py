@@ -27,8 +27,17 @@ def in_split(records: list[dict], states: np.ndarray, split: str) -> tuple[list[
 
 
 def targets(records: list[dict]) -> np.ndarray:
-    """y = N*_x / N_max."""
-    return np.array([r["n_star"] / len(r["accuracy"]) for r in records], dtype=np.float32)
+    """y = N*_x / N_max: of the record's training target (`target_n_star`,
+    estimator.offline.labels.gold_free.with_targets) where it has one, else of its label."""
+    return np.array(
+        [
+            r["target_n_star"] / len(r["target_accuracy"])
+            if "target_n_star" in r
+            else r["n_star"] / len(r["accuracy"])
+            for r in records
+        ],
+        dtype=np.float32,
+    )
 
 
 def choose_combination(

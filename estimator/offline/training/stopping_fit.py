@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from estimator.learned_stopping import State, StoppingTable
+from estimator.offline.engine_runs import majority_vote
 from estimator.offline.evaluation.replay import Pool, PoolReplay, orderings_for
 from estimator.offline.labels.targets import gold_of
 from estimator.policies import Tally
@@ -33,6 +34,16 @@ def vote_states(answers: tuple[str | None, ...]) -> list[State]:
     return out
 
 
+def reference(record: dict) -> frozenset[str]:
+    """What the table counts a vote right against: the gold keys where the record is trained on
+    gold, else (gold-free targets, estimator.offline.labels.gold_free) the pool's N_max vote,
+    as the live gauge and `t2serve tune` count agreement."""
+    if record.get("target_rule", "gold") == "gold":
+        return gold_of(record)
+    vote = majority_vote(record["answers"]).answer
+    return frozenset() if vote is None else frozenset((vote,))
+
+
 def fit_stopping(
     records: list[dict],
     predictions: np.ndarray,
@@ -43,8 +54,8 @@ def fit_stopping(
     seed: int = 0,
     progress: bool = True,
 ) -> StoppingTable:
-    """Fit the table on labelled questions (`answers`, `answer`) and their out-of-sample
-    head predictions (N*/N_max)."""
+    """Fit the table on labelled questions (`answers`, `answer` or a gold-free target rule:
+    `reference`) and their out-of-sample head predictions (N*/N_max)."""
     from tqdm import tqdm
 
     n_max = len(records[0]["answers"])
@@ -57,7 +68,9 @@ def fit_stopping(
         list(zip(records, orders, strict=True)), desc="stopping table", unit="q", disable=not progress
     )
     for record, order in rows:
-        replay = PoolReplay(Pool(record["answers"], record["tokens"], gold_of(record)), order, default=n_max)
+        replay = PoolReplay(
+            Pool(record["answers"], record["tokens"], reference(record)), order, default=n_max
+        )
         visits: dict[int, int] = {}
         correct: dict[int, float] = {}
         moves: dict[int, int] = {}
