@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import httpx
@@ -179,6 +180,51 @@ async def test_admin_routes_take_an_admin_key_before_the_body(
 
 # -- a real server under load -----------------------------------------------------------
 
+# (reloads ended when it was sent, reloads begun when it was answered, the response)
+Outcome = tuple[int, int, httpx.Response]
+
+
+async def reload_under_load(
+    http: httpx.AsyncClient, thinker: ParallelThinker, body: dict, reloads: list[Callable[[], Awaitable[str]]]
+) -> tuple[list[Outcome], list[str]]:
+    """Four clients send `body` in a loop while each reload in turn runs, once samples are in
+    the engine (polling, not timing); each reload returns the version its reply names. The
+    requests, and those versions; each reload waits for a request sent after it to finish."""
+    begun = ended = 0
+    stop = asyncio.Event()
+    outcomes: list[Outcome] = []
+
+    async def client() -> None:
+        while not stop.is_set():
+            sent = ended
+            response = await http.post("/v1/chat/completions", json=body)
+            outcomes.append((sent, begun, response))
+
+    clients = [asyncio.ensure_future(client()) for _ in range(4)]
+    versions = []
+    for reload in reloads:
+        assert await wait_until(lambda: thinker.samples_in_flight > 0)
+        begun += 1
+        versions.append(await reload())
+        ended += 1
+        assert await wait_until(lambda epoch=ended: any(sent == epoch for sent, _, _ in outcomes))
+    stop.set()
+    await asyncio.gather(*clients)
+    return outcomes, versions
+
+
+def assert_each_ran_with_its_plan(outcomes: list[Outcome], versions: list[str], field: str) -> None:
+    """No request failed, and each ran with the `t2.<field>` in use when it was planned: one
+    between its send and its reply (`versions[k]`: in use after k reloads)."""
+    assert all(response.status_code == 200 for _, _, response in outcomes), [
+        r.text for _, _, r in outcomes if r.status_code != 200
+    ]
+    for sent, replied, response in outcomes:
+        ran = response.json()["t2"][field]
+        assert ran in versions[sent : replied + 1]
+        if sent == replied:  # no reload began while it ran
+            assert ran == versions[sent]
+
 
 @pytest.mark.engine
 async def test_reload_under_concurrent_auto_load_drops_nothing(engine, server_settings, tmp_path):
@@ -190,45 +236,27 @@ async def test_reload_under_concurrent_auto_load_drops_nothing(engine, server_se
     body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 8, "temperature": 0.8}
     ok = metric("t2serve_head_reloads_total", source="api", outcome="ok")
     async with serve(engine, settings) as (url, app), httpx.AsyncClient(base_url=url, timeout=None) as http:
-        thinker = app.state.head_reloader.thinker
         models = (await http.get("/v1/models")).json()["data"][0]
-        versions = [models["t2_head"]["version"]]  # epoch k's version; epoch 0: the start head
         assert models["t2_head"]["spec"] == str(DEFAULT_HEAD)
-        begun = ended = 0
-        stop = asyncio.Event()
-        outcomes: list[tuple[int, int, httpx.Response]] = []  # reloads ended at send, begun at reply
 
-        async def client() -> None:
-            while not stop.is_set():
-                sent = ended
-                response = await http.post("/v1/chat/completions", json=body)
-                outcomes.append((sent, begun, response))
+        def swap(spec) -> Callable[[], Awaitable[str]]:
+            async def reload() -> str:
+                reply = await http.post("/admin/head", json={"head": str(spec)}, headers=admin)
+                assert reply.status_code == 200, reply.text
+                return reply.json()["version"]
 
-        clients = [asyncio.ensure_future(client()) for _ in range(4)]
-        for spec in [GENERATOR_HEAD, DEFAULT_HEAD, GENERATOR_HEAD, DEFAULT_HEAD]:
-            # Swap while requests run (polling, not timing: their samples are in the engine).
-            assert await wait_until(lambda: thinker.samples_in_flight > 0)
-            begun += 1
-            reply = await http.post("/admin/head", json={"head": str(spec)}, headers=admin)
-            assert reply.status_code == 200, reply.text
-            versions.append(reply.json()["version"])
-            ended += 1
-            assert await wait_until(lambda epoch=ended: any(sent == epoch for sent, _, _ in outcomes))
-        stop.set()
-        await asyncio.gather(*clients)
+            return reload
+
+        heads = [GENERATOR_HEAD, DEFAULT_HEAD, GENERATOR_HEAD, DEFAULT_HEAD]
+        outcomes, reloaded = await reload_under_load(
+            http, app.state.head_reloader.thinker, body, [swap(h) for h in heads]
+        )
         refused = await http.post("/admin/head", json={"head": str(tmp_path / "absent")}, headers=admin)
         after = (await http.get("/v1/models")).json()["data"][0]["t2_head"]
         last = (await http.post("/v1/chat/completions", json=body)).json()["t2"]
 
-    assert all(response.status_code == 200 for _, _, response in outcomes), [
-        r.text for _, _, r in outcomes if r.status_code != 200
-    ]
-    for sent, replied, response in outcomes:
-        head = response.json()["t2"]["head"]
-        # A request runs with the head in use when it was planned: one between its send and reply.
-        assert head in versions[sent : replied + 1]
-        if sent == replied:  # no reload began while it ran
-            assert head == versions[sent]
+    versions = [models["t2_head"]["version"], *reloaded]  # epoch k's version; epoch 0: the start head
+    assert_each_ran_with_its_plan(outcomes, versions, "head")
     assert len({response.json()["t2"]["head"] for _, _, response in outcomes}) > 1
     digests = [version.partition("@")[0] for version in versions]
     assert digests[0::2] == [digests[0]] * 3 and digests[1::2] == [digests[1]] * 2 != [digests[0]] * 2

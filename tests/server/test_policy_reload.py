@@ -6,8 +6,8 @@ policy and head now in use; and a real server swapping policies under concurrent
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -23,7 +23,13 @@ from server.reload_watch import ReloadWatch, reload_request
 from tests.conftest import MODEL_NAME, wait_until
 from tests.server.engine_double import Finish, ScriptedEngine
 from tests.server.helpers import PROMPT, QUESTION, assert_openai_error, metric, params, serve
-from tests.server.test_head_reload import GENERATOR_HEAD, copy_head, engine_for
+from tests.server.test_head_reload import (
+    GENERATOR_HEAD,
+    assert_each_ran_with_its_plan,
+    copy_head,
+    engine_for,
+    reload_under_load,
+)
 
 
 def reloader(head=None, **parallelism) -> HeadReloader:
@@ -216,41 +222,25 @@ async def test_policy_reload_under_concurrent_load_drops_nothing(engine, server_
     file = tuned(tmp_path / "tuned.json", "esc:window=2,max=3")
     specs = ["fixed:n=2", f"@{file}", "ac-beta:c=0.9,max=3", "fixed:n=3"]
     async with serve(engine, settings) as (url, app), httpx.AsyncClient(base_url=url, timeout=None) as http:
-        thinker = app.state.head_reloader.thinker
-        policies = [(await http.get("/v1/models")).json()["data"][0]["t2_policy"]["policy"]]
-        begun = ended = 0
-        stop = asyncio.Event()
-        outcomes: list[tuple[int, int, httpx.Response]] = []
+        start = (await http.get("/v1/models")).json()["data"][0]["t2_policy"]["policy"]
 
-        async def client() -> None:
-            while not stop.is_set():
-                sent = ended
-                response = await http.post("/v1/chat/completions", json=body)
-                outcomes.append((sent, begun, response))
+        def swap(spec: str) -> Callable[[], Awaitable[str]]:
+            async def reload() -> str:
+                reply = await http.post("/admin/policy", json={"policy": spec}, headers=admin)
+                assert reply.status_code == 200, reply.text
+                return reply.json()["policy"]
 
-        clients = [asyncio.ensure_future(client()) for _ in range(4)]
-        for spec in specs:
-            assert await wait_until(lambda: thinker.samples_in_flight > 0)  # swap while requests run
-            begun += 1
-            reply = await http.post("/admin/policy", json={"policy": spec}, headers=admin)
-            assert reply.status_code == 200, reply.text
-            policies.append(reply.json()["policy"])
-            ended += 1
-            assert await wait_until(lambda epoch=ended: any(sent == epoch for sent, _, _ in outcomes))
-        stop.set()
-        await asyncio.gather(*clients)
+            return reload
+
+        outcomes, reloaded = await reload_under_load(
+            http, app.state.head_reloader.thinker, body, [swap(s) for s in specs]
+        )
         refused = await http.post("/admin/policy", json={"policy": "esc:window=zero"}, headers=admin)
         after = (await http.get("/v1/models")).json()["data"][0]["t2_policy"]
         last = (await http.post("/v1/chat/completions", json=body)).json()["t2"]
 
-    assert all(response.status_code == 200 for _, _, response in outcomes), [
-        r.text for _, _, r in outcomes if r.status_code != 200
-    ]
-    for sent, replied, response in outcomes:
-        ran = response.json()["t2"]["policy"]
-        assert ran in policies[sent : replied + 1]  # the policy in use when it was planned
-        if sent == replied:
-            assert ran == policies[sent]
+    policies = [start, *reloaded]  # in use after k reloads
+    assert_each_ran_with_its_plan(outcomes, policies, "policy")
     assert {response.json()["t2"]["policy"] for _, _, response in outcomes} == set(policies)  # each ran
     assert policies[2].startswith("esc:") and after["spec"] == "fixed:n=3"
     assert_openai_error(refused, 400, "invalid_policy")
