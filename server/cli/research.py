@@ -500,10 +500,33 @@ def evaluate_command(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"t2serve evaluate: {exc}") from exc
     print(evaluation.report_table(result))
+    print(_against_fixed_curve(head, records, states, result))
     evaluation.write_report(result, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
     if args.orderings > 0:
         _compare_policies(args, head, records, states, policy_names)
+
+
+def _against_fixed_curve(head: Any, records: list[dict], states: Any, result: dict) -> str:
+    """T2 at the head's own margin and its multiples against the fixed-N curve on the test
+    split (also written into the report as `margin_multiples`)."""
+    import numpy as np
+
+    from estimator.offline.training.margin_fit import at_margin_multiples
+    from estimator.offline.training.probes import in_split
+
+    test, test_states = in_split(records, states, "test")
+    accuracy = np.array([r["accuracy"] for r in test])
+    rows = at_margin_multiples(accuracy, head.predict_batch(test_states), head.margin)
+    result["margin_multiples"] = rows
+    fixed = accuracy.mean(axis=0)
+    lines = ["fixed N curve: " + "  ".join(f"{n}: {a:.3f}" for n, a in enumerate(fixed, 1))]
+    lines += [
+        f"t2 at the head's margin x{r['multiple']:g} ({r['margin']:g}): {r['accuracy']:.3f} at "
+        f"{r['samples']:.2f} samples ({100 * r['above_fixed_curve']:+.1f} pt over the best fixed N of as many samples)"
+        for r in rows
+    ]
+    return "\n".join(lines)
 
 
 def _scored_records(folders: list[Path]) -> tuple[list[dict], Any, dict]:

@@ -65,3 +65,34 @@ def fit_margin(
         "met": bool(within),
         "curve": curve,
     }
+
+
+MULTIPLES = (1.0, 1.5, 2.0)  # how `t2serve evaluate` reports a head against the fixed-N curve
+
+
+def at_margin_multiples(
+    accuracy: np.ndarray, predictions: np.ndarray, margin: float, multiples: tuple[float, ...] = MULTIPLES
+) -> list[dict]:
+    """T2 at `margin` times each multiple on questions' curves A_x(1..N_max) [B, N_max]: exact
+    accuracy and mean samples, and the accuracy above the fixed-N curve at the same mean
+    samples: the best fixed N of at most that many (the running maximum of mean A(N) over the
+    questions, linearly interpolated), so a curve that falls past its peak is not beaten for free."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    n_questions, n_max = accuracy.shape
+    fixed = np.maximum.accumulate(accuracy.mean(axis=0))
+    rows = []
+    for multiple in multiples:
+        n = t2_parallelism(predictions, n_max, margin * multiple)
+        value = float(accuracy[np.arange(n_questions), n - 1].mean())
+        samples = float(n.mean())
+        curve = float(np.interp(samples, np.arange(1, n_max + 1), fixed))
+        rows.append(
+            {
+                "multiple": multiple,
+                "margin": margin * multiple,
+                "accuracy": value,
+                "samples": samples,
+                "above_fixed_curve": value - curve,
+            }
+        )
+    return rows

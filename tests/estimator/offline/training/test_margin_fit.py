@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from estimator.offline.training.margin_fit import MARGIN_GRID, fit_margin
+from estimator.offline.training.margin_fit import MARGIN_GRID, at_margin_multiples, fit_margin
 
 N_MAX = 16
 
@@ -41,3 +41,19 @@ def test_the_gate_multiple_counts_and_an_unreachable_line_takes_the_largest_marg
     fitted = fit_margin(accuracy, np.zeros(len(needed)), tolerance=0.0)
     assert not fitted["met"] and fitted["margin"] == MARGIN_GRID[-1]
     assert fitted["samples"] == pytest.approx(1.0)
+
+
+def test_margin_multiples_are_scored_against_the_best_fixed_n_of_as_many_samples():
+    # Question 0 needs 2 samples, question 1 is right at 1 sample and wrong from 2 on (its
+    # vote turns): the fixed-N curve peaks at N = 2 (0.5 + 0 vs 0 + 1 at N = 1: equal) ...
+    accuracy = np.vstack([step_curves(np.array([2]))[0], np.r_[1.0, np.zeros(N_MAX - 1)]])
+    fixed = accuracy.mean(axis=0)
+    assert fixed[0] == fixed[1] == 0.5
+    # ... a head that gives question 0 its 2 samples and question 1 one gets both right.
+    predictions = np.array([2 / N_MAX, 1 / N_MAX])
+    exact, doubled = at_margin_multiples(accuracy, predictions, 1.0, multiples=(1.0, 2.0))
+    assert (exact["accuracy"], exact["samples"], exact["margin"]) == (1.0, 1.5, 1.0)
+    assert exact["above_fixed_curve"] == pytest.approx(0.5)
+    # At margin 2: 4 and 2 samples, question 1 lost; the best fixed N of <= 3 samples is 0.5.
+    assert (doubled["accuracy"], doubled["samples"]) == (0.5, 3.0)
+    assert doubled["above_fixed_curve"] == pytest.approx(0.0)

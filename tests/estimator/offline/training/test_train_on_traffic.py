@@ -89,3 +89,6 @@ def test_evaluate_scores_the_traffic_joined_to_gold(store, tmp_path, capsys):
     assert "60 traffic records without gold left out; 30 scored" in printed
     report = json.loads(out.with_suffix(".json").read_text())
     assert 0 < report["questions"] < 30 and report["n_max"] == N_MAX
+    # The head's own margin and its multiples, against the fixed-N curve.
+    assert [r["multiple"] for r in report["margin_multiples"]] == [1.0, 1.5, 2.0]
+    assert "t2 at the head's margin x1.5" in printed and printed.count("fixed N curve: 1: ") == 1
