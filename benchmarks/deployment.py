@@ -266,30 +266,37 @@ def gauge_policies(head: T2Head, stopping: StoppingTable | None, labels: Sequenc
     return out
 
 
+def shipped_head_scores(held: tuple[list[dict], np.ndarray], *, orderings: int, seed: int) -> dict:
+    """The held-out scores before any traffic: the shipped head, its gate and stopping table."""
+    head = T2Head.load(DEFAULT_HEAD)
+    policies = held_out_policies(head, StoppingTable.load(DEFAULT_HEAD), None)
+    return score_held_out(*held, head, Gate.load(DEFAULT_HEAD), policies, orderings=orderings, seed=seed)
+
+
+def policy_rows(policies: dict[str, dict]) -> list[str]:
+    """Held-out rows (fixed N at 1, 4, 8 and 16 only) beside the fixed-N curve."""
+    lines = [f"  {'policy':<28} {'held-out acc':>12} {'samples':>8} {'fixed-N there':>13} {'over':>7}"]
+    for name, row in policies.items():
+        if name.startswith("fixed:") and name not in ("fixed:n=1", "fixed:n=4", "fixed:n=8", "fixed:n=16"):
+            continue
+        lines.append(
+            f"  {name:<28} {row['accuracy']:>12.4f} {row['samples']:>8.2f} {row['fixed_curve']:>13.4f} "
+            f"{row['over_curve']:>+7.4f}"
+        )
+    return lines
+
+
 def report_table(result: dict) -> str:
     lines = []
+    if "shipped_head" in result:
+        lines += ["before any traffic: the shipped head", *policy_rows(result["shipped_head"]["policies"])]
     for point in result["checkpoints"]:
-        held = point["held_out"]
         lines.append(
             f"checkpoint {point['explored']} explored ({point['requests']} requests): tuned {point['tuned']} "
             f"(traffic agreement {point['tune_tuning']['agreement']:.3f} @ {point['tune_tuning']['samples']:.2f}); "
             f"head {point['head']}; retrain: {point['retrain']['status']}; reload: {point['reload']['status']}"
         )
-        lines.append(
-            f"  {'policy':<28} {'held-out acc':>12} {'samples':>8} {'fixed-N there':>13} {'over':>7}"
-        )
-        for name, row in held["policies"].items():
-            if name.startswith("fixed:") and name not in (
-                "fixed:n=1",
-                "fixed:n=4",
-                "fixed:n=8",
-                "fixed:n=16",
-            ):
-                continue
-            lines.append(
-                f"  {name:<28} {row['accuracy']:>12.4f} {row['samples']:>8.2f} {row['fixed_curve']:>13.4f} "
-                f"{row['over_curve']:>+7.4f}"
-            )
+        lines += policy_rows(point["held_out"]["policies"])
     final = result["checkpoints"][-1] if result["checkpoints"] else None
     if final is not None:
         lines.append("")
@@ -332,6 +339,12 @@ def plot(result: dict, path: Path) -> None:
             if name in held["policies"]:
                 row = held["policies"][name]
                 front.plot(row["samples"], row["accuracy"], marker, ms=9, label=f"{name} (last head)")
+        for name, marker in (("auto (default)", "s"), ("t2+learned", "^")):
+            row = result.get("shipped_head", {}).get("policies", {}).get(name)
+            if row is not None:
+                front.plot(
+                    row["samples"], row["accuracy"], marker, ms=9, mfc="none", label=f"{name} (shipped head)"
+                )
         for point in points:
             row = point["held_out"]["policies"].get("tuned")
             if row is not None:
@@ -667,8 +680,11 @@ def main(argv: list[str] | None = None) -> None:
         f"held-out: {len(held[0])} test questions labelled; streaming {len(train)} train questions",
         flush=True,
     )
-    result = asyncio.run(deploy(args, train, held))
-    result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    baseline = shipped_head_scores(held, orderings=args.orderings, seed=args.seed)
+    result = {"shipped_head": baseline, **asyncio.run(deploy(args, train, held))}
+    result["config"] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "started"
+    }
     result["wall_s"] = time.monotonic() - started
     print(report_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
