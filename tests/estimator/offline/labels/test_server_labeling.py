@@ -78,6 +78,24 @@ async def test_forcing_exploration_needs_an_admin_key(tmp_path):
         )
 
 
+@pytest.mark.parametrize("flag", [["--n-max", "8"], ["--aggregate", "consensus"], ["--shard-size", "4"]])
+def test_label_server_refuses_what_the_servers_decide(flag, tmp_path, monkeypatch):
+    from server.cli import main
+
+    monkeypatch.delenv("T2SERVE_ADMIN_KEYS", raising=False)
+    with pytest.raises(SystemExit, match="servers' to decide"):
+        main(["label", "--server", "http://127.0.0.1:9", "--out", str(tmp_path), *flag])
+
+
+def test_label_server_without_an_admin_key_stops_before_sending(tmp_path, monkeypatch):
+    from server.cli import main
+
+    monkeypatch.delenv("T2SERVE_ADMIN_KEYS", raising=False)
+    with pytest.raises(SystemExit, match="admin key"):
+        main(["label", "--server", "http://127.0.0.1:9", "--count", "2", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 async def test_label_through_two_servers_leaves_records_joined_by_the_gold_file(
     engine, server_settings, tmp_path
 ):
