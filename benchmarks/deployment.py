@@ -19,7 +19,9 @@ its own traffic, and the held-out truth says whether what it learned is worth ha
    `t2serve evaluate` replays them (estimator/offline/evaluation/replay.py; fixed N and T2
    with the exact A_x(N), stopping policies over `--orderings` random orders): the tuned
    choice, the default `auto` (T2 at the head's margin behind its gate), `t2+learned`, and
-   fixed N = 1..N_max, each beside the fixed-N curve at its mean samples.
+   fixed N = 1..N_max, each beside the fixed-N curve at its mean samples; and once before any
+   traffic, with the shipped head (the baseline). `--stop-after S` ends the stream at a last
+   checkpoint after S seconds.
 5. The gauge against gold, on the same pools: for every gauge policy whose knobs did not
    change (fixed N, esc, ac; auto and t2+learned until a reload) the gauge's agreement with
    the N_max vote beside the offline replay of the recorded pools, and the accuracy it loses
