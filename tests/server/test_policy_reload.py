@@ -255,10 +255,14 @@ async def test_a_server_watching_a_file_serves_it_from_the_first_request_and_fol
     tuned(tmp_path / "v1.json", "fixed:n=2")
     watched.write_text('{"policy": "@v1.json"}')
     recording = RecordingSettings(reload_watch=str(watched), reload_watch_interval_s=0.05)
-    settings = server_settings.model_copy(update={"recording": recording})
+    settings = server_settings.model_copy(update={"recording": recording, "admin_keys": ["adm"]})
     body = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 4, "temperature": 0.8}
     async with serve(engine, settings) as (url, app), httpx.AsyncClient(base_url=url, timeout=None) as http:
         first = (await http.post("/v1/chat/completions", json=body)).json()["t2"]
+        # A head with a policy that cannot run: neither is swapped in.
+        pair = {"head": "default", "policy": "esc:window=zero"}
+        refused = await http.post("/admin/head", json=pair, headers={"authorization": "Bearer adm"})
+        models = (await http.get("/v1/models")).json()["data"][0]
         tuned(tmp_path / "v2.json", "fixed:n=3")
         watched.write_text('{"policy": "@v2.json"}')  # what the retrain job does, by a rename
         thinker = app.state.head_reloader.thinker
@@ -266,4 +270,6 @@ async def test_a_server_watching_a_file_serves_it_from_the_first_request_and_fol
         card = (await http.get("/v1/models")).json()["data"][0]["t2_policy"]
         second = (await http.post("/v1/chat/completions", json=body)).json()["t2"]
     assert first["policy"] == "fixed:n=2" and first["n_used"] == 2
+    assert_openai_error(refused, 400, "invalid_policy")
+    assert models["t2_head"] is None and models["t2_policy"]["policy"] == "fixed:n=2"
     assert card["spec"] == f"@{tmp_path / 'v2.json'}" and second["policy"] == "fixed:n=3"
