@@ -170,11 +170,10 @@ async def server_url(engine, server_settings) -> AsyncIterator[str]:
     )
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
+    # Polled until it is up or has stopped (no clock: a loaded machine only makes it slower).
+    while not server.started and not task.done():
         await asyncio.sleep(0.05)
-    assert server.started, "uvicorn did not start"
+    assert server.started, f"uvicorn did not start: {task.exception() if task.done() else ''}"
     yield f"http://127.0.0.1:{server_settings.port}"
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError):
