@@ -21,9 +21,10 @@ stopping table), `esc`, `ac` (beta criterion) at their default knobs, `fixed:n=1
 `fixed:n=N_max`, and the served policy under its own spec (e.g. `ac-beta:c=0.99,...`) when no
 other row runs it, so a dashboard tells one tuned policy from the next. They follow the head
 and policy in use: after a reload (server/head_reload.py) the next pool is replayed with the
-new ones, and a row whose policy changed (or left) starts its running means afresh. Exported,
-as running means over this process's explored pools: t2serve_shadow_agreement{policy} and
-t2serve_shadow_samples{policy}, with the counts behind them; and for every policy that is
+new ones, and a row whose policy changed (or left, or reads the prediction of a head that
+changed) starts its running means afresh. Exported, as running means over this process's
+explored pools: t2serve_shadow_agreement{policy} and t2serve_shadow_samples{policy}, with
+the counts behind them; and for every policy that is
 not a fixed N, t2serve_shadow_samples_saved{policy}: the samples of the cheapest fixed N
 whose agreement is at least the policy's, minus the policy's own (negative: that fixed N is
 cheaper). Beside "samples saved against N_max" it is the honest figure: what the policy's
@@ -117,14 +118,16 @@ class ShadowGauge:
         gauge.thinker, gauge.head = thinker, head
         return gauge
 
-    def rebind(self, policies: dict[str, Policy], n_max: int) -> None:
+    def rebind(self, policies: dict[str, Policy], n_max: int, new_head: bool = False) -> None:
         """Replay `policies` from now on: a row whose policy is the same keeps its running
-        means, a changed or new one starts afresh, a row no longer replayed is dropped (its
-        gauges with it)."""
+        means, a changed or new one starts afresh (with `new_head`, so does every row that
+        reads the head's prediction), a row no longer replayed is dropped (its gauges with it)."""
         kept = {
             label: self.totals[label]
             for label, policy in policies.items()
-            if label in self.policies and describe(self.policies[label]) == describe(policy)
+            if label in self.policies
+            and describe(self.policies[label]) == describe(policy)
+            and not (new_head and policy.reads_prediction)
         }
         for label in self.policies.keys() - kept.keys():
             for gauge in (metrics.SHADOW_AGREEMENT, metrics.SHADOW_SAMPLES, metrics.SHADOW_SAVED):
@@ -137,8 +140,9 @@ class ShadowGauge:
         """Rebind to the thinker's head in use if a reload swapped it."""
         if self.thinker is None or self.thinker.current is self.head:
             return
+        new_head = self.head is None or self.thinker.current.head is not self.head.head
         self.head = self.thinker.current
-        self.rebind(shadow_policies(self.thinker, self.head), self.head.n_max)
+        self.rebind(shadow_policies(self.thinker, self.head), self.head.n_max, new_head)
         logger.info(
             "live gauge: replaying with the reloaded head and policy %s", describe(self.head.default_policy)
         )

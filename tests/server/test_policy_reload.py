@@ -20,6 +20,7 @@ from server.exploration import Exploration
 from server.head_reload import HeadRefused, HeadReloader, PolicyRefused
 from server.parallel import ParallelThinker
 from server.reload_watch import ReloadWatch, reload_request
+from server.shadow import ShadowGauge
 from tests.conftest import MODEL_NAME, wait_until
 from tests.server.engine_double import Finish, ScriptedEngine
 from tests.server.helpers import PROMPT, QUESTION, assert_openai_error, metric, params, serve
@@ -209,6 +210,28 @@ async def test_after_a_reload_the_gauge_replays_the_policy_and_head_now_in_use()
     assert gauge.totals["fixed:n=2"].pools == 2  # an unchanged row keeps its pools
     assert metric("t2serve_shadow_samples", policy="auto") == gauge.totals["auto"].mean_samples == 3
     assert metric("t2serve_shadow_samples", policy=served) == 3
+
+
+async def test_after_a_head_reload_the_rows_reading_its_prediction_start_afresh():
+    thinker = ParallelThinker(
+        None,  # type: ignore[arg-type]
+        ParallelismSettings(policy="t2", estimator_margin=1.5),
+        estimator=T2Head.load(DEFAULT_HEAD),
+        head_version="0123456789ab@2026-01-01T00:00:00Z",
+    )
+    reload = HeadReloader(thinker, engine_for(), "default", None)
+    gauge = ShadowGauge.following(thinker)
+    n_max = thinker.n_max
+    pool = ["1"] * (n_max - 1) + ["2"]
+    gauge.observe(pool, 0.3, 1.0)
+    before = dict(gauge.policies)
+    await reload.reload(str(GENERATOR_HEAD))
+    assert thinker.n_max == n_max  # the same N_max: only the head changed
+    gauge.observe(pool, 0.3, 1.0)
+    # t2 and t2+learned keep their spec, but read another head's prediction and table.
+    assert describe(gauge.policies["auto"]) == describe(before["auto"]) == "t2:margin=1.5"
+    assert gauge.totals["auto"].pools == gauge.totals["t2+learned"].pools == 1
+    assert gauge.totals["esc"].pools == gauge.totals["fixed:n=1"].pools == 2
 
 
 # -- a real server under load -----------------------------------------------------------
