@@ -86,9 +86,21 @@ def load_traffic(folder: Path) -> tuple[list[dict], np.ndarray]:
     return join_gold([records[i] for i in keep], load_gold(folder)), states[keep]
 
 
+def voted_with(record: dict) -> str:
+    """What a traffic record's samples voted with: `auto` records name the aggregator it
+    chose for that request ("auto:answer" -> "answer"), as a label folder's config does."""
+    aggregate = record["aggregate"]
+    return aggregate.split(":", 1)[1] if aggregate.startswith("auto:") else aggregate
+
+
+SETUP_KEYS = ("n_max", "temperature", "max_tokens")
+
+
 def traffic_header(records: Sequence[dict], folders: Sequence[Path]) -> dict:
     """What labels.json says of a label folder, from traffic records: the model and the
-    sampling setup, which must be one for all."""
+    sampling setup, which must be one for all. The aggregate is not part of it: under
+    `auto` it is chosen per request (each record's curve is on its own vote keys), so the
+    header lists every one seen."""
     setups = {
         json.dumps(
             {
@@ -96,7 +108,6 @@ def traffic_header(records: Sequence[dict], folders: Sequence[Path]) -> dict:
                 "n_max": r["n_max"],
                 "temperature": r["sampling"]["temperature"],
                 "max_tokens": r["sampling"]["max_tokens"],
-                "aggregate": r["aggregate"],
             },
             sort_keys=True,
         )
@@ -104,12 +115,13 @@ def traffic_header(records: Sequence[dict], folders: Sequence[Path]) -> dict:
     }
     if len(setups) != 1:
         raise ValueError(
-            f"traffic records of {len(setups)} models or sampling setups (N_max, temperature, max_tokens, "
-            "aggregate): a head is fitted for one; train on stores of one setup"
+            f"traffic records of {len(setups)} models or sampling setups (N_max, temperature, max_tokens): "
+            "a head is fitted for one; train on stores of one setup"
         )
     setup = json.loads(setups.pop())
+    aggregates = sorted({voted_with(r) for r in records})
     return {
-        "config": {k: setup[k] for k in ("n_max", "temperature", "max_tokens", "aggregate")},
+        "config": {**{k: setup[k] for k in SETUP_KEYS}, "aggregate": "+".join(aggregates)},
         "model": setup["model"],
         "folders": [str(f) for f in folders],
         "problems": len(records),
@@ -141,8 +153,8 @@ def load_store(folders: Sequence[Path]) -> tuple[list[dict], np.ndarray, dict]:
         if header is None:
             header = mine
         else:
-            theirs = {k: header["config"].get(k) for k in mine["config"]}
-            if header["model"] != mine["model"] or theirs != mine["config"]:
+            theirs = {k: header["config"].get(k) for k in SETUP_KEYS}
+            if header["model"] != mine["model"] or theirs != {k: mine["config"][k] for k in SETUP_KEYS}:
                 raise ValueError(
                     f"traffic in {', '.join(map(str, traffic_folders))} is of another model or sampling "
                     f"setup ({mine['config']}) than the labels ({theirs})"

@@ -110,3 +110,13 @@ def test_traffic_of_two_sampling_setups_is_refused(tmp_path):
     ShardAppender(tmp_path, "pod").append(records, states)
     with pytest.raises(ValueError, match="traffic records of 2 models or sampling setups"):
         load_store([tmp_path])
+
+
+def test_auto_traffic_whose_requests_voted_with_different_aggregators_loads_as_one_setup(tmp_path):
+    # A server on `aggregate: auto` records what each request voted with: one store mixes them.
+    records, states, _ = pools(4)
+    records = [{**r, "aggregate": "auto:mbr" if i == 1 else "auto:answer"} for i, r in enumerate(records)]
+    ShardAppender(tmp_path, "pod").append(records, states)
+    loaded, _, header = load_store([tmp_path])
+    assert len(loaded) == 4
+    assert header["config"]["aggregate"] == "answer+mbr"
