@@ -11,12 +11,13 @@ servers' --explore-share draws are explored (the reply's `t2.explored` says whic
 The gold answers stay with the client, which writes them into the store as
 `gold-<name>.jsonl`, one line per explored request, exactly
 
-    {"request_id": str, "answer": str, "source": str, "problem_id": str}
+    {"request_id": str, "answer": str, "source": str, "problem_id": str, "split": str}
 
 `request_id` is the request's `X-Request-Id`, which the server takes as the record's
 `request_id` and echoes back (checked: a server that does not is refused), so gold joins the
 records by it; `answer` is the normalised gold answer, `source` the data set, `problem_id`
-the question's id. <name> is the client's host, process id and start time (UTC). The file is
+the question's id, `split` the question's split as `t2serve label` gives it (so a question
+labelled both ways falls in one split). <name> is the client's host, process id and start time (UTC). The file is
 rewritten whole under a dot-name (which no reader matches), synced, and renamed over the
 previous version every PUBLISH_EVERY lines and at the end: a reader sees a complete version,
 never a half line; a client killed in between loses at most the lines since the last one
@@ -64,6 +65,7 @@ def gold_line(request_id: str, problem: Problem) -> dict[str, str]:
         "answer": problem.answer,
         "source": problem.source,
         "problem_id": problem.id,
+        "split": problem.split,
     }
 
 

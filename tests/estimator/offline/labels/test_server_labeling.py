@@ -31,6 +31,7 @@ def test_a_gold_line_has_exactly_the_joined_fields():
         "answer": "5",
         "source": "builtin",
         "problem_id": "p1",
+        "split": "train",
     }
 
 
@@ -125,6 +126,8 @@ async def test_label_through_two_servers_leaves_records_joined_by_the_gold_file(
     assert len(records) == len(gold) == 6 and "explored 6" in output
     assert {r["request_id"] for r in records} == set(gold)
     assert {r["replica"] for r in records} == {"a", "b"}  # both servers took questions
-    assert all(set(line) == {"request_id", "answer", "source", "problem_id"} for line in gold.values())
+    assert all(
+        set(line) == {"request_id", "answer", "source", "problem_id", "split"} for line in gold.values()
+    )
     assert all(line["source"] == "builtin" and line["answer"] for line in gold.values())
     assert len(list(store.glob("gold-*.jsonl"))) == 1 and not list(store.glob(".gold-*"))
