@@ -281,7 +281,8 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
     tune = sub.add_parser(
         "tune",
         help="pick the policy with the fewest samples that keeps agreement with the N_max vote on explored "
-        "traffic (no gold); writes what `serve --policy @FILE` serves",
+        "traffic (no gold), or accuracy against gold where the store has it; writes what `serve --policy @FILE` "
+        "serves",
     )
     tune.add_argument(
         "--labels",
@@ -295,6 +296,20 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.99,
         help="target share of pools whose vote is the N_max vote (default: %(default)s)",
+    )
+    tune.add_argument(
+        "--objective",
+        choices=("agreement", "accuracy"),
+        default="agreement",
+        help="agreement: with the N_max vote, at least --agreement (no gold needed); accuracy: against gold, "
+        "on the pools that have it (`t2serve label` records, gold joined by `label --server`), within "
+        "--tolerance of the best candidate: for sources where more samples lose accuracy (default: %(default)s)",
+    )
+    tune.add_argument(
+        "--tolerance",
+        type=float,
+        help="with --objective accuracy: how far below the best candidate's tuning accuracy the cheapest "
+        "choice may be (default: estimator/offline/evaluation/tune.py's TOLERANCE)",
     )
     tune.add_argument(
         "--held-out",
@@ -601,6 +616,8 @@ def tune_command(args: argparse.Namespace) -> None:
     from estimator.learned_stopping import StoppingTable
     from estimator.offline.evaluation import tune
 
+    if args.tolerance is not None and args.objective != "accuracy":
+        raise SystemExit("t2serve tune: --tolerance is for --objective accuracy")
     stopping = None
     if args.head is not None:
         stopping = StoppingTable.load(args.head)
@@ -611,9 +628,10 @@ def tune_command(args: argparse.Namespace) -> None:
             tune.load_store(args.labels),
             store=args.labels,
             target=args.agreement,
+            objective=args.objective,
             default=args.default_parallelism,
             stopping=stopping,
-            **given(args, "held_out", "seed"),
+            **given(args, "held_out", "seed", "tolerance"),
         )
     except ValueError as exc:
         raise SystemExit(f"t2serve tune: {exc}") from exc

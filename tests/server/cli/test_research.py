@@ -196,6 +196,24 @@ def test_tune_command_writes_the_choice_into_the_store_and_serve_reads_it(tmp_pa
         serve_settings(args)
 
 
+def test_tune_command_by_accuracy_reads_the_stores_gold_and_refuses_a_store_without(tmp_path, capsys):
+    from tests.estimator.offline.evaluation.test_tune_accuracy import HURT, write_gold
+    from tests.estimator.offline.evaluation.traffic import traffic_records, write_traffic_store
+
+    records = traffic_records(split=HURT)
+    store = write_traffic_store(tmp_path / "store", records)
+    with pytest.raises(SystemExit, match=r"t2serve tune: objective accuracy: .*t2serve label --server"):
+        main(["tune", "--labels", str(store), "--objective", "accuracy"])
+    with pytest.raises(SystemExit, match="--tolerance is for --objective accuracy"):
+        main(["tune", "--labels", str(store), "--tolerance", "0.01"])
+    write_gold(store, records, share=1.0)
+    main(["tune", "--labels", str(store), "--objective", "accuracy", "--tolerance", "0.01"])
+    out = capsys.readouterr().out
+    result = json.loads((store / "tuned.json").read_text())
+    assert (result["objective"], result["tolerance"], result["policy"]) == ("accuracy", 0.01, "fixed:n=1")
+    assert out.splitlines()[0].split()[:3] == ["policy", "tune", "acc"] and result["message"] in out
+
+
 def test_tune_command_reads_label_output_and_refuses_a_bad_target(labels, tmp_path, capsys):
     folder, records = labels
     out = tmp_path / "tuned.json"
