@@ -247,19 +247,7 @@ def tune(
     tuning, held = split_pools(pools, held_out, seed)
     without_gold = sum(p.gold is None for p in pools)
     if objective == "accuracy":
-        tuning, held = [p for p in tuning if p.gold is not None], [p for p in held if p.gold is not None]
-        if not tuning:
-            raise ValueError(
-                f"objective accuracy: none of the {len(pools)} pools' tuning part has gold (no gold-*.jsonl "
-                "line for its request, no `t2serve label` record); get gold by labelling a data set through "
-                "the servers (`t2serve label --server URL --data SOURCE --out STORE`), or tune with "
-                "--objective agreement"
-            )
-        if not held and held_out:
-            raise ValueError(
-                f"objective accuracy: none of the held-out pools has gold ({len(pools) - without_gold} pools "
-                "have it): label more of the store with gold, or tune with --held-out 0"
-            )
+        tuning, held = with_gold(tuning, held, held_out=held_out, without_gold=without_gold)
     on_tuning = replay_candidates(policies, tuning, default=default, desc="replay tuning")
     on_held = replay_candidates(policies, held, default=default, desc="replay held-out") if held else None
     fixed_n_max = describe(Fixed(n_max))
@@ -298,31 +286,65 @@ def tune(
         ],
     }
     if on_held and objective == "accuracy":
-        mine = on_held[chosen]
-        curve = best_fixed_within(on_held, mine["samples"], fixed)
-        gain = mine["accuracy"] - on_held[curve]["accuracy"]
-        result["held_out"] = {
-            **mine,
-            "best_fixed_within_samples": {"policy": curve, **on_held[curve]},
-            "fixed_n_max": {"policy": fixed_n_max, **on_held[fixed_n_max]},
-            "accuracy_over_fixed_curve": gain,
-            "above_fixed_curve": gain > 1e-12,
-        }
+        result["held_out"] = held_out_by_accuracy(on_held, chosen, fixed)
     elif on_held:
-        mine = on_held[chosen]
-        as_often = cheapest_meeting(on_held, mine["agreement"], fixed)
-        assert as_often is not None  # fixed N_max agrees on every pool
-        at_target = cheapest_meeting(on_held, target, fixed)
-        result["held_out"] = {
-            **mine,
-            "meets_target": mine["agreement"] >= target - 1e-12,
-            "cheapest_fixed_at_target": at_target and {"policy": at_target, **on_held[at_target]},
-            "cheapest_fixed_as_often": {"policy": as_often, **on_held[as_often]},
-            "samples_saved": on_held[as_often]["samples"] - mine["samples"],
-            "above_fixed_curve": on_held[as_often]["samples"] > mine["samples"],
-        }
+        result["held_out"] = held_out_by_agreement(on_held, chosen, fixed, target)
     result["message"] = message(result)
     return result
+
+
+def with_gold(
+    tuning: list[TrafficPool], held: list[TrafficPool], *, held_out: float, without_gold: int
+) -> tuple[list[TrafficPool], list[TrafficPool]]:
+    """The pools with gold of each side of the split; ValueError saying how to get gold when a
+    side that should have pools has none."""
+    gold_pools = len(tuning) + len(held) - without_gold
+    tuning, held = [p for p in tuning if p.gold is not None], [p for p in held if p.gold is not None]
+    if not gold_pools:
+        raise ValueError(
+            f"objective accuracy: none of the {without_gold} pools has gold (a `t2serve label` record, or a "
+            "traffic record whose request has a line in the store's gold-*.jsonl); get gold by labelling a data "
+            "set through the servers (`t2serve label --server URL --data SOURCE --out STORE`), or tune with "
+            "--objective agreement"
+        )
+    if not tuning or (held_out and not held):
+        side = "tuning" if not tuning else "held-out"
+        raise ValueError(
+            f"objective accuracy: the {gold_pools} pools with gold all fell outside the {side} part: label more "
+            "of the store with gold (`t2serve label --server`), or change --held-out / --seed"
+        )
+    return tuning, held
+
+
+def held_out_by_accuracy(rows: dict[str, dict], chosen: str, fixed: Sequence[str]) -> dict:
+    """The choice's held-out numbers beside the fixed-N curve at its samples and fixed N_max
+    (`fixed`: fixed N = 1..N_max in order)."""
+    mine = rows[chosen]
+    curve = best_fixed_within(rows, mine["samples"], fixed)
+    gain = mine["accuracy"] - rows[curve]["accuracy"]
+    return {
+        **mine,
+        "best_fixed_within_samples": {"policy": curve, **rows[curve]},
+        "fixed_n_max": {"policy": fixed[-1], **rows[fixed[-1]]},
+        "accuracy_over_fixed_curve": gain,
+        "above_fixed_curve": gain > 1e-12,
+    }
+
+
+def held_out_by_agreement(rows: dict[str, dict], chosen: str, fixed: Sequence[str], target: float) -> dict:
+    """The choice's held-out numbers beside the cheapest fixed N agreeing as often and at the target."""
+    mine = rows[chosen]
+    as_often = cheapest_meeting(rows, mine["agreement"], fixed)
+    assert as_often is not None  # fixed N_max agrees on every pool
+    at_target = cheapest_meeting(rows, target, fixed)
+    return {
+        **mine,
+        "meets_target": mine["agreement"] >= target - 1e-12,
+        "cheapest_fixed_at_target": at_target and {"policy": at_target, **rows[at_target]},
+        "cheapest_fixed_as_often": {"policy": as_often, **rows[as_often]},
+        "samples_saved": rows[as_often]["samples"] - mine["samples"],
+        "above_fixed_curve": rows[as_often]["samples"] > mine["samples"],
+    }
 
 
 def message(result: dict) -> str:

@@ -155,6 +155,12 @@ def test_accuracy_without_gold_says_how_to_get_it(tmp_path):
     with pytest.raises(ValueError, match=r"objective accuracy: .*t2serve label --server"):
         tune(load_store([store]), target=0.99, objective="accuracy", default=4)
     assert tune(load_store([store]), target=0.99, default=4)["pools_without_gold"] == 200
+    write_gold(store, traffic_records(), share=0.01)  # one request: one side of the split has no gold
+    with pytest.raises(ValueError, match="the 2 pools with gold all fell outside the (tuning|held-out) part"):
+        tune(load_store([store]), target=0.99, objective="accuracy", default=4)
+    one_side = tune(load_store([store]), target=0.99, objective="accuracy", held_out=0.0, default=4)
+    assert one_side["tuning"]["pools"] == 2 and one_side["held_out"] is None
+    assert "198 pools without gold were left out. No pools held out" in one_side["message"]
 
 
 def test_label_records_carry_their_gold():
