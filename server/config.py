@@ -248,6 +248,15 @@ class RecordingSettings(BaseModel):
         description="share of 'auto' requests sent to N_max samples, replayed by the live gauge and (with "
         "--record-dir) recorded",
     )
+    # Checked at start-up like every setting: outside (0, 1] the server refuses to start.
+    explore_budget: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="most extra samples exploration may spend, as a share of all samples launched (held at "
+        "every moment, up to one request's cost); it caps --explore-share (none: all 'auto' requests are "
+        "candidates); admin t2_explore requests are charged too; none: no bound",
+    )
     record_dir: str | None = Field(
         default=None,
         description="label store folder traffic records are appended to (shared by every replica); none: "

@@ -150,8 +150,20 @@ ENGINE_HEALTHY = Gauge("t2serve_engine_healthy", "1 while the vLLM engine is ali
 EXPLORED = Counter(
     "t2serve_explored_requests",
     "Requests run at N_max for the live gauge and the traffic records, by why: share "
-    "(--explore-share) or requested (t2_explore with an admin key).",
+    "(--explore-share) or requested (t2_explore with an admin key); budget_skipped: drawn but not "
+    "explored, the --explore-budget credit being short (not run at N_max).",
     ["reason"],
+)
+EXPLORE_EXTRA_SAMPLES = Counter(
+    "t2serve_explore_extra_samples",
+    "Samples explored requests were charged beyond what `auto` would have launched for them (N_max "
+    "minus the live gauge's `auto` samples, per choice); exploration's share of the cost = this / "
+    "t2serve_samples_dispatched_total.",
+)
+EXPLORE_CREDIT = Gauge(
+    "t2serve_explore_budget_credit",
+    "--explore-budget: extra samples exploration may still spend (B x samples launched - extra "
+    "samples charged; negative after admin t2_explore requests).",
 )
 LABEL_RECORDS = Counter(
     "t2serve_label_records",
