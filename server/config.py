@@ -254,8 +254,8 @@ class RecordingSettings(BaseModel):
         gt=0,
         le=1,
         description="most extra samples exploration may spend, as a share of all samples launched (held at "
-        "every moment, up to one request's cost); it caps --explore-share (none: all 'auto' requests are "
-        "candidates); admin t2_explore requests are charged too; none: no bound",
+        "every moment, up to one request's cost); it caps --explore-share (at share 0 every 'auto' request "
+        "is a candidate); admin t2_explore requests are charged too; none: no bound",
     )
     record_dir: str | None = Field(
         default=None,
