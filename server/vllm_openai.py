@@ -168,6 +168,9 @@ def to_sampling_params(
     model = chat_model if chat else completion_model
     fields = {k: v for k, v in body.items() if k in SAMPLING_FIELDS}
     fields["messages" if chat else "prompt"] = [] if chat else [0]
+    if fields.get("structured_outputs") is not None and not isinstance(fields["structured_outputs"], dict):
+        # vLLM's before-validator reads it as a mapping and would fail with an AttributeError (a 500).
+        raise APIError(400, "structured_outputs must be an object", param="structured_outputs")
     try:
         request = model.model_validate(fields)
     except ValidationError as exc:

@@ -169,7 +169,13 @@ async def test_metrics_count_samples_and_baseline(client, server_url, server_set
     assert delta("t2serve_chosen_parallelism_count{}") == 1
     assert sum(delta(f"t2serve_votes_total{{outcome={o}}}") for o in ("decided", "tie", "no_answer")) == 2
     assert after["t2serve_samples_in_flight{}"] == 0 and after["t2serve_requests_in_flight{}"] == 0
-    assert after["t2serve_estimator_info{identity=,layers=,margin=,n_max=4,spec=,version=}"] == 1
+    # No head: the info names only N_max and the policy `auto` runs, as /v1/models names it.
+    async with httpx.AsyncClient() as http:
+        policy = (await http.get(f"{server_url}/v1/models")).json()["data"][0]["t2_policy"]["policy"]
+    info = {k: v for k, v in after.items() if k.startswith("t2serve_estimator_info{")}
+    assert info == {
+        f"t2serve_estimator_info{{identity=,layers=,margin=,n_max=4,policy={policy},spec=,version=}}": 1
+    }
 
 
 # -- estimator head fallback ------------------------------------------------------------

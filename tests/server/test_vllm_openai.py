@@ -72,6 +72,14 @@ def test_vllm_sampling_extras_reach_the_sampling_params():
     assert p.logit_bias == {7: -100} and p.allowed_token_ids == [1, 2, 3, 7]
 
 
+@pytest.mark.parametrize("value", [True, 1, "json", ["regex"]])
+def test_structured_outputs_that_is_no_object_is_a_400_not_a_crash_in_vllms_validator(value):
+    # vLLM's before-validator reads the raw field as a mapping (an AttributeError on a bool).
+    with pytest.raises(APIError) as err:
+        params({"structured_outputs": value})
+    assert (err.value.status, err.value.param) == (400, "structured_outputs")
+
+
 def test_max_tokens_defaults_to_the_context_left_as_in_vllm():
     assert params({}, prompt_len=30, context=100).max_tokens == 70
     assert params({}, prompt_len=30, context=100, default_max_tokens=16).max_tokens == 16
