@@ -375,7 +375,9 @@ def test_multinode_example_runs_tp_x_pp_over_ray_with_a_tcp_capture_channel():
     worker_argv = container_argv(worker, {"LWS_LEADER_ADDRESS": "leader"})
     assert worker_argv[:3] == ["exec", "ray", "start"] and f"--address=leader:{ports['ray']}" in worker_argv
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert args.record_dir == mounts["labels"] and args.model.startswith(mounts["models"] + "/")
+    # The store and the published head where the retrain CronJob reads and writes them.
+    assert args.record_dir == f"{mounts['labels']}/traffic" and args.model.startswith(mounts["models"] + "/")
+    assert args.reload_watch == f"{mounts['labels']}/current.json"
     assert service["spec"]["selector"].items() <= leader["metadata"]["labels"].items()
     assert leader["metadata"]["labels"]["role"] != template["workerTemplate"]["metadata"]["labels"]["role"]
     assert service["spec"]["ports"][0]["targetPort"] in ports
