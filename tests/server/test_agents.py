@@ -92,6 +92,6 @@ async def test_langchain_structured_output_returns_the_schemas_object(server_url
         name: str
         country: str
 
-    model = ChatOpenAI(model=MODEL_NAME, base_url=f"{server_url}/v1", api_key="none", max_tokens=60)
+    model = ChatOpenAI(model=MODEL_NAME, base_url=f"{server_url}/v1", api_key="none", max_tokens=200, seed=0)
     city = await model.with_structured_output(City, method=method).ainvoke("Name a city in France.")
     assert isinstance(city, City)
