@@ -150,15 +150,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--targets",
         choices=("gold", "majority", "share", "posterior"),
         help="what N* is of: gold (the labelled A(N); records without gold are an error), majority (A(N) "
-        "against the pool's N_max vote), share (E[A(N)], answers as likely right as their vote share) or "
-        "posterior (E[A(N)] under --calibration); default: gold where a record has gold, else posterior "
-        "with --calibration, else majority",
+        "against the pool's N_max vote), share (the gold N* expected with answers as likely right as their "
+        "vote share) or posterior (expected under --calibration); default: gold where a record has gold, "
+        "else posterior with --calibration, else majority",
     )
     targets.add_argument(
         "--target-eps",
         type=float,
         default=0.0,
-        help="gold-free rules: N* is the smallest N within this of the curve's maximum (default: %(default)s)",
+        help="gold-free rules: N* of a curve is the smallest N within this of its maximum (default: %(default)s)",
     )
     targets.add_argument(
         "--calibration",
@@ -171,6 +171,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="fit the answer posterior on the gold pools of --labels (train and validation splits only), "
         "write it to FILE and stop (no head)",
+    )
+    targets.add_argument(
+        "--calibration-states",
+        choices=("auto", "off"),
+        default="auto",
+        help="with --fit-calibration: auto also fits p(leader right) on the pools' states and keeps it where "
+        "it beats the pool features alone in cross-validation (gold of the traffic's own source only: "
+        "estimator/offline/labels/leader_states.py); off: pool features only (default: %(default)s)",
     )
     probes = train.add_argument_group("probes (defaults: estimator.offline.training.probes.TrainConfig)")
     probes.add_argument("--ratio", type=float, help="probe width as a fraction of the hidden size")
@@ -398,7 +406,7 @@ def train_command(args: argparse.Namespace) -> None:
 
     if args.fit_calibration:
         try:
-            posterior = calibration_fit.fit_calibration(args.labels)
+            posterior = calibration_fit.fit_calibration(args.labels, states=args.calibration_states == "auto")
         except ValueError as exc:
             raise SystemExit(f"t2serve train --fit-calibration: {exc}") from exc
         posterior.save(args.fit_calibration)

@@ -55,7 +55,14 @@ def training_labels(
     `eps` for the gold-free rules."""
     records, states, header = load_store(folders)
     fallback = "posterior" if posterior is not None else "majority"
-    records = with_targets(records, rule, posterior=posterior, eps=eps, fallback=fallback)
+    if posterior is not None and posterior.leader_states is not None:
+        calibrated = posterior.fitted.get("model", {}).get("fingerprint")
+        if calibrated != header["model"].get("fingerprint"):
+            raise ValueError(
+                f"the calibration reads the states of model {calibrated}, the labels are of model "
+                f"{header['model'].get('fingerprint')}"
+            )
+    records = with_targets(records, rule, posterior=posterior, eps=eps, fallback=fallback, states=states)
     used = Counter(r["target_rule"] for r in records)
     header = {
         **header,

@@ -7,7 +7,7 @@ import pytest
 
 from estimator.offline.labels.answer_posterior import FEATURES, AnswerPosterior
 from estimator.offline.labels.gold_free import answer_probabilities, expected_curve, pool_target, with_targets
-from estimator.offline.labels.targets import expected_accuracy
+from estimator.offline.labels.targets import expected_accuracy, sample_optimal_n
 
 N_MAX = 16
 UNANIMOUS = ["a"] * N_MAX
@@ -73,7 +73,26 @@ def test_a_split_pool_whose_majority_is_unlikely_right_gets_a_small_n_star():
     trusting = AnswerPosterior(
         [20.0 if i == leader else 0.0 for i in range(len(FEATURES))], -10.0, [0.0] * 6, [1.0] * 6, N_MAX
     )
-    assert pool_target(split, "posterior", posterior=trusting, eps=0.02).n_star == majority.n_star
+    assert pool_target(split, "posterior", posterior=trusting, eps=0.02).n_star == pytest.approx(
+        majority.n_star, abs=0.01
+    )
+
+
+def test_the_target_is_the_gold_n_star_expected_under_the_rule():
+    """Not the N* of the expected curve: a pool whose leader is right half the time mixes a
+    curve that rises to N_max with falling ones, and the mix still peaks late."""
+    split = {"id": "s", "answers": SPLIT}
+    n_star = {a: sample_optimal_n(expected_accuracy(SPLIT, a)) for a in "abc"}
+    assert n_star["a"] >= 10 and n_star["b"] == n_star["c"] == 1
+    share = pool_target(split, "share")
+    assert share.n_star == pytest.approx(7 / 16 * n_star["a"] + 9 / 16 * 1)
+    assert share.n_star < sample_optimal_n(share.curve) - 4  # the mixed curve's N* is much later
+    trusting_a_third = share_posterior(weight=0.0, bias=-float(np.log(2)))  # p = 1/3 for each answer
+    assert pool_target(split, "posterior", posterior=trusting_a_third).n_star == pytest.approx(
+        (n_star["a"] + 2) / 3
+    )
+    # No answer right (every sample abstained): N* = 1.
+    assert pool_target({"id": "n", "answers": [None] * N_MAX}, "share").n_star == 1
 
 
 def test_records_keep_gold_unless_a_rule_is_asked_and_gold_is_refused_without_gold():

@@ -9,9 +9,9 @@ import pytest
 
 from estimator.head import T2Head
 from estimator.learned_stopping import StoppingTable
-from estimator.offline.labels.answer_posterior import AnswerPosterior
+from estimator.offline.labels.answer_posterior import AnswerPosterior, fit_posterior
 from server.cli import main
-from tests.estimator.offline.labels.traffic_store import N_MAX, pools, write_store
+from tests.estimator.offline.labels.traffic_store import MODEL, N_MAX, pools, write_store
 
 REQUESTS = 90
 
@@ -92,3 +92,38 @@ def test_evaluate_scores_the_traffic_joined_to_gold(store, tmp_path, capsys):
     # The head's own margin and its multiples, against the fixed-N curve.
     assert [r["multiple"] for r in report["margin_multiples"]] == [1.0, 1.5, 2.0]
     assert "t2 at the head's margin x1.5" in printed and printed.count("fixed N curve: 1: ") == 1
+
+
+def test_a_calibration_reads_states_only_of_the_model_it_was_fitted_on(store, tmp_path, capsys):
+    """`--calibration-states off` fits the pool features alone; a calibration with a states
+    part is refused on labels of another model (its states mean nothing there)."""
+    off = tmp_path / "off.json"
+    main(["train", "--labels", str(store), "--fit-calibration", str(off), "--calibration-states", "off"])
+    assert "leader right" not in capsys.readouterr().out
+    assert (
+        AnswerPosterior.load(off).leader_states is None and "states" not in AnswerPosterior.load(off).fitted
+    )
+
+    records, states, _ = pools(400, seed=1)
+    for record, state in zip(records, states, strict=True):  # the leader is right where layer 2 says so
+        record["answer"] = "a" if state[2, 0] > 0.55 else "zz"
+    with_states = fit_posterior(records, states=states.astype(float))
+    assert with_states.leader_states is not None
+    with_states.fitted["model"] = {**MODEL, "fingerprint": "another"}
+    path = tmp_path / "states.json"
+    with_states.save(path)
+    with pytest.raises(SystemExit, match="reads the states of model another, the labels are of model f"):
+        train(store, tmp_path / "head", "--targets", "posterior", "--calibration", str(path))
+    with_states.fitted["model"] = MODEL
+    with_states.save(path)
+    train(
+        store,
+        tmp_path / "head",
+        "--targets",
+        "posterior",
+        "--calibration",
+        str(path),
+        "--stopping-folds",
+        "0",
+    )
+    assert T2Head.load(tmp_path / "head").meta.labels["targets"]["rules"] == {"posterior": REQUESTS}
