@@ -393,6 +393,8 @@ with open({log!r}, "a") as log:
 args = build_parser().parse_args(sys.argv[1:])  # exits 2 on a command the CLI refuses
 if args.command == "tune":
     args.out.write_text(json.dumps({{"policy": "esc:window=2,max=8"}}))
+elif args.command == "train" and args.fit_calibration:
+    sys.exit("no gold-labelled train or validation pools to calibrate on")  # a store without gold
 elif args.command == "train":
     Path(str(args.out) + ".json").write_text("{{}}")
 """
@@ -424,6 +426,7 @@ def test_retrain_cronjob_tunes_trains_publishes_then_prunes_the_replicas_store(t
 
     labels, log = tmp_path / "labels", tmp_path / "argv.jsonl"
     labels.mkdir()
+    (labels / "calibration.json").write_text("operator's")  # the CALIBRATION fallback
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "t2serve"
@@ -436,13 +439,15 @@ def test_retrain_cronjob_tunes_trains_publishes_then_prunes_the_replicas_store(t
     subprocess.run(["sh", "-c", script], env={**env, "PATH": path}, check=True, timeout=600)
 
     commands = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [c[0] for c in commands] == ["tune", "train", "store"]
+    assert [c[0] for c in commands] == ["tune", "train", "train", "store"]
     from server.cli import build_parser
 
-    tune, train, prune = (build_parser().parse_args(c) for c in commands)
+    tune, calibrate, train, prune = (build_parser().parse_args(c) for c in commands)
     store = [Path(serve.record_dir.replace("/labels", str(labels)))]
-    assert tune.labels == train.labels == prune.labels == store
+    assert tune.labels == calibrate.labels == train.labels == prune.labels == store
     assert tune.agreement == 0.99 and train.targets == "posterior" and prune.max_age_days and prune.max_gb
+    # The calibration is fitted on the store's own gold; without any, the operator's is copied in.
+    assert calibrate.fit_calibration == train.calibration and train.calibration.parent.name.startswith(".")
 
     # current.json, at the path the replicas watch, names this run's head and tuned policy.
     watched = Path(serve.reload_watch.replace("/labels", str(labels)))
@@ -455,4 +460,5 @@ def test_retrain_cronjob_tunes_trains_publishes_then_prunes_the_replicas_store(t
     from estimator.policy_spec import spec_from_flag
 
     assert spec_from_flag(request["policy"]) == "esc:window=2,max=8"
-    assert sorted(p.name for p in labels.iterdir()) == ["current.json", "versions"]  # nothing partial left
+    assert (version / "calibration.json").read_text() == "operator's"
+    assert sorted(p.name for p in labels.iterdir()) == ["calibration.json", "current.json", "versions"]
