@@ -535,6 +535,7 @@ async def deploy(
                     str(args.agreement),
                     "--out",
                     str(tuned_path),
+                    *args.tune_args.split(),
                 ]
                 if stopping is not None:  # its stopping table: t2+learned candidates
                     argv += ["--head", str(head_path)]
@@ -641,6 +642,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoints", default="25,50,100", help="explored requests at which to tune (and retrain)"
     )
     p.add_argument("--agreement", type=float, default=0.99, help="`t2serve tune --agreement`")
+    p.add_argument(
+        "--tune-args",
+        default="",
+        help="extra `t2serve tune` flags (e.g. '--objective accuracy': gold-joined pools)",
+    )
     p.add_argument(
         "--retrain", action=argparse.BooleanOptionalAction, default=True, help="try `t2serve train`"
     )

@@ -109,6 +109,7 @@ class RequestRecord:
     correct: bool | None = None  # voted answer == gold (None: no gold)
     ttft_s: float | None = None  # streamed: send to the first chunk carrying output
     itl_s: list[float] = field(default_factory=list)  # streamed: gaps between output chunks
+    explored: bool = False  # t2.explored: run at N_max for the live gauge (--explore-share)
 
 
 # --goodput keys (vllm bench serve's names) -> the record's time they bound
@@ -224,6 +225,7 @@ def record_from_reply(
         correct=None if gold is None else answer == gold,
         ttft_s=output_times[0] if output_times else None,
         itl_s=inter_token_latencies(output_times or []),
+        explored=bool(t2 and t2.get("explored")),
     )
 
 

@@ -62,6 +62,9 @@ def test_parse_variant_and_records():
     }
     record = record_from_reply(200, reply, 1.0, gold="7")
     assert (record.samples, record.baseline, record.correct, record.completion_tokens) == (6, 32, True, 50)
+    assert not record.explored
+    explored = record_from_reply(200, {**reply, "t2": {**reply["t2"], "explored": True}}, 1.0, gold="7")
+    assert explored.explored  # benchmarks/explore_budget.py tells explored requests apart by it
     # A plain OpenAI server (no t2): one sample per choice, answer extracted from the text.
     plain = record_from_reply(200, {"choices": reply["choices"][:1], "usage": {}}, 1.0, gold="8")
     assert (plain.samples, plain.baseline, plain.correct) == (1, 1, False)
