@@ -41,8 +41,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
+from estimator.offline.labels.answer_posterior import answer_features, leader_index  # noqa: E402
 from estimator.offline.labels.gold_free import has_gold, with_targets  # noqa: E402
-from estimator.offline.labels.targets import sample_optimal_n  # noqa: E402
+from estimator.offline.labels.leader_states import auc  # noqa: E402
+from estimator.offline.labels.targets import gold_of, sample_optimal_n  # noqa: E402
 from estimator.offline.labels.traffic import load_store  # noqa: E402
 from estimator.offline.training.calibration_fit import fit_calibration  # noqa: E402
 from estimator.offline.training.margin_fit import MULTIPLES, fit_margin, t2_parallelism  # noqa: E402
@@ -75,6 +77,18 @@ def with_rule(
         out = with_targets(records, gold_free, posterior=posterior, eps=curve_eps, states=states)
         return curve_of_expected(out, curve_eps)
     return with_targets(records, gold_free, posterior=posterior, eps=eps, states=states)
+
+
+def leader_auc_of(posterior, records: list[dict], states: np.ndarray) -> float:
+    """How well the posterior's p(leader) ranks right leaders above wrong ones on gold pools."""
+    p, y = [], []
+    for record, state in zip(records, states, strict=True):
+        keys, x = answer_features(record["answers"])
+        if keys:
+            lead = keys[leader_index(x)]
+            p.append(posterior.probabilities(record["answers"], state)[lead])
+            y.append(float(lead in gold_of(record)))
+    return auc(np.array(p), np.array(y))
 
 
 def train_head(records: list[dict], states: np.ndarray, seed: int, epochs: int):
@@ -176,9 +190,15 @@ def main() -> None:
                         **score(head, margin, *folders[str(test_folder)]),
                     }
                 )
+                if seed != seeds[0]:
+                    del runs[-1]["points"]  # kept for one seed (the plot's): the file stays small
                 bar.update()
     bar.close()
     summary = summarise(runs, rules, folders)
+    leader_auc = {
+        Path(name).name: {kind: leader_auc_of(posterior, *data) for kind, posterior in calibrations.items()}
+        for name, data in folders.items()
+    }
     report = {
         "folders": [str(f) for f in args.folders],
         "calibration": {
@@ -191,12 +211,17 @@ def main() -> None:
         "target_eps": args.target_eps,
         "curve_eps": args.curve_eps,
         "mid_samples": MID,
+        "leader_auc": leader_auc,
         "summary": summary,
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(summary))
+    for name, aucs in leader_auc.items():
+        print(
+            f"leader right on {name}, AUC: pool features {aucs['pool']:.3f}, with the states {aucs['states']:.3f}"
+        )
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out}.json and {args.out}.png")
 

@@ -3,15 +3,16 @@ the part of the answer posterior (answer_posterior.py) that looks past the pool'
 
 From the pool alone a split vote with a right leader and one with a wrong leader look alike,
 and that is where a gold N* gets its value (gold_free.py). The captured states tell them
-apart better: on built-in generator labels, the leader's pool features plus 8 principal
-components of one layer's states separated right from wrong leaders with AUC 0.82 to 0.90,
-the pool features alone 0.75 to 0.83 (docs/estimator.md, "Train from traffic").
+apart better: on built-in generator labels, calibrated on 80 gold pools of another draw,
+p(leader right) ranked right leaders above wrong ones with AUC 0.81 and 0.88 on two folders,
+the pool features alone 0.75 and 0.83 (benchmarks/gold_free_heads.py, docs/estimator.md
+"Train from traffic").
 
-But states are specific to their source. Calibrated on SVAMP pools and applied to the
-generator, the same model ranked leaders worse than chance (AUC 0.29 to 0.38). So the states
-part is fitted only on gold pools of the traffic's own source (a `t2serve label --server`
-sample of it), its layer chosen by cross-validated log loss, and kept only where it beats
-the pool features alone there by more than two standard errors.
+But states are specific to their source: that is why a head trained on one source sits on
+the fixed-N curve on another (issue 29's measurements). So the states part is fitted only
+on gold pools of the traffic's own source (a `t2serve label --server` sample of it), its
+layer chosen by cross-validated log loss, and kept only where it beats the pool features
+alone there by more than two standard errors.
 
     p(leader right) = sigmoid(w . z + b),  z = standardised [leader's pool features,
                                                              PCA_k((state[layer] - mu) / sd)]

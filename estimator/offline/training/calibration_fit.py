@@ -7,8 +7,8 @@ came from (a question's split is a hash of it, the same in every folder).
 
 With `states` (the default, `--calibration-states auto`) it also tries the states part
 (estimator.offline.labels.leader_states) and keeps it where it beats the pool features alone
-in cross-validation. Its gold must come from the traffic's own source: states calibrated on
-another source rank leaders worse than chance.
+in cross-validation. Its gold must come from the traffic's own source: what states say is
+specific to the source (a head trained on one sits on the fixed-N curve on another).
 """
 
 from __future__ import annotations
