@@ -424,6 +424,8 @@ def train_command(args: argparse.Namespace) -> None:
             args.labels, rule=args.targets, posterior=posterior, eps=args.target_eps
         )
         print(head_fit.source_table(labels.records))
+        if carved := labels.header.get("validation_carved"):
+            print(f"no validation split in the labels: {carved:.0%} of the train questions carved out for it")
         trained = head_fit.train_head(
             labels,
             args.out,

@@ -78,6 +78,23 @@ def join_gold(records: Sequence[dict], gold: dict[str, dict], eps: float = 0.0) 
     return out
 
 
+VALIDATION_SHARE = 0.15  # of the train split, where a store has no validation split
+
+
+def carve_validation(records: Sequence[dict]) -> list[dict]:
+    """Copies of `records` with a validation split taken out of the train split, for stores
+    that have none: `t2serve label --server` run over a data set's train split gives every
+    joined record its line's split, "train". A salted hash of the question (problem id, else
+    request id) picks VALIDATION_SHARE of them, so a question's requests stay together (the
+    unsalted hash already put all of them in train)."""
+    out = []
+    for record in records:
+        key = record.get("problem_id") or record.get("request_id") or record["id"]
+        carved = split_of(f"validation:{key}", (1 - VALIDATION_SHARE, VALIDATION_SHARE)) == "validation"
+        out.append({**record, "split": "validation"} if record["split"] == "train" and carved else record)
+    return out
+
+
 def load_traffic(folder: Path) -> tuple[list[dict], np.ndarray]:
     """A store folder's traffic records, gold joined (`join_gold`), and their states; records
     whose states were not captured are left out."""

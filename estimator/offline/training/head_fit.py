@@ -24,7 +24,7 @@ from estimator.offline.inputs.open_ended import load_states
 from estimator.offline.labels.answer_posterior import AnswerPosterior
 from estimator.offline.labels.gold_free import with_targets
 from estimator.offline.labels.targets import TYPES, source_of
-from estimator.offline.labels.traffic import load_store
+from estimator.offline.labels.traffic import VALIDATION_SHARE, carve_validation, load_store
 from estimator.offline.training.gate_fit import fit_gate
 from estimator.offline.training.margin_fit import TOLERANCE, fit_margin
 from estimator.offline.training.probes import TrainConfig, cross_fitted_predictions, fit, in_split, targets
@@ -73,6 +73,10 @@ def training_labels(
         },
     }
     train, validation = in_split(records, states, "train"), in_split(records, states, "validation")
+    if train[0] and not validation[0]:
+        records = carve_validation(records)
+        header["validation_carved"] = VALIDATION_SHARE
+        train, validation = in_split(records, states, "train"), in_split(records, states, "validation")
     if not train[0] or not validation[0]:
         raise ValueError("the labels need both train and validation questions")
     return TrainingLabels(records, header, train, validation)

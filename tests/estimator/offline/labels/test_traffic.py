@@ -12,7 +12,7 @@ from estimator.label_store import ShardAppender, write_shard
 from estimator.offline.inputs.problems import generate, split_of
 from estimator.offline.labels.labeling import LabelConfig, label_record, prepare_output
 from estimator.offline.labels.targets import expected_accuracy, sample_optimal_n
-from estimator.offline.labels.traffic import load_gold, load_store, load_traffic
+from estimator.offline.labels.traffic import carve_validation, load_gold, load_store, load_traffic
 from tests.estimator.offline.labels.traffic_store import (
     HIDDEN,
     LAYERS,
@@ -120,3 +120,18 @@ def test_auto_traffic_whose_requests_voted_with_different_aggregators_loads_as_o
     loaded, _, header = load_store([tmp_path])
     assert len(loaded) == 4
     assert header["config"]["aggregate"] == "answer+mbr"
+
+
+def test_carving_keeps_a_question_s_requests_together_and_leaves_other_splits_alone():
+    records = [
+        {"id": f"r{i}", "request_id": f"r{i}", "problem_id": f"q{i // 3}", "split": "train"}
+        for i in range(600)
+    ]
+    records += [{"id": "t", "request_id": "t", "problem_id": "x", "split": "test"}]
+    carved = carve_validation(records)
+    by_question: dict[str, set[str]] = {}
+    for record in carved:
+        by_question.setdefault(record["problem_id"], set()).add(record["split"])
+    assert all(len(splits) == 1 for splits in by_question.values())
+    share = sum(r["split"] == "validation" for r in carved) / 600
+    assert 0.08 < share < 0.22 and carved[-1]["split"] == "test"

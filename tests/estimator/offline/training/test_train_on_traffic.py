@@ -127,3 +127,17 @@ def test_a_calibration_reads_states_only_of_the_model_it_was_fitted_on(store, tm
         "0",
     )
     assert T2Head.load(tmp_path / "head").meta.labels["targets"]["rules"] == {"posterior": REQUESTS}
+
+
+def test_a_store_of_train_split_questions_gets_a_validation_split_carved_out(tmp_path, capsys):
+    """`label --server` over a data set's train split joins every record as "train": train
+    carves a validation split out of it, by question, rather than refusing the store."""
+    records, states, gold = pools(60)
+    folder = write_store(tmp_path / "store", records, states, gold)
+    lines = [json.loads(line) for line in (folder / "gold-run.jsonl").read_text().splitlines()]
+    (folder / "gold-run.jsonl").write_text(
+        "".join(json.dumps({**line, "split": "train"}) + "\n" for line in lines)
+    )
+    train(folder, tmp_path / "head", "--stopping-folds", "0")
+    assert "15% of the train questions carved out for it" in capsys.readouterr().out
+    assert T2Head.load(tmp_path / "head").meta.labels["validation_carved"] == 0.15
