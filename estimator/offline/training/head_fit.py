@@ -30,6 +30,11 @@ from estimator.offline.training.margin_fit import TOLERANCE, fit_margin
 from estimator.offline.training.probes import TrainConfig, cross_fitted_predictions, fit, in_split, targets
 from estimator.offline.training.stopping_fit import fit_stopping
 
+# Below this many validation questions the margin is also fitted on the train questions'
+# cross-fitted predictions (the stopping table's folds, else CROSS_FIT_FOLDS).
+MARGIN_QUESTIONS = 50
+CROSS_FIT_FOLDS = 5
+
 
 @dataclass
 class TrainingLabels:
@@ -154,29 +159,43 @@ def train_head(
     )
     head.meta.model_fingerprint = labels.header["model"].get("fingerprint", "")
     gate = fit_gate_on(labels, open_ended) if open_ended else None
-    # The margin is chosen as the server will run it: times the gate's multiple.
+    small = len(val_records) < MARGIN_QUESTIONS
+    cross_fitted = None
+    if stopping_folds > 1 or small:
+        cross_fitted = cross_fitted_predictions(
+            train_states,
+            targets(train_records),
+            val_states,
+            targets(val_records),
+            folds=stopping_folds if stopping_folds > 1 else CROSS_FIT_FOLDS,
+            config=config,
+        )
+    # The margin is chosen as the server will run it: times the gate's multiple. On a small
+    # validation split (a store's first retrains: a handful of questions, where one question
+    # solved only at N_max decides it) it is chosen on the train questions' cross-fitted
+    # predictions too.
+    margin_records, margin_states, predictions = val_records, val_states, head.predict_batch(val_states)
+    if small:
+        assert cross_fitted is not None
+        margin_records = [*train_records, *val_records]
+        margin_states = np.concatenate([train_states, val_states])
+        predictions = np.concatenate([cross_fitted, predictions])
     fitted = fit_margin(
-        np.array([r.get("target_accuracy", r.get("accuracy")) for r in val_records]),
-        head.predict_batch(val_states),
-        scales=gate.margin_scale(val_states) if gate is not None else None,
+        np.array([r.get("target_accuracy", r.get("accuracy")) for r in margin_records]),
+        predictions,
+        scales=gate.margin_scale(margin_states) if gate is not None else None,
         tolerance=margin_tolerance,
     )
+    fitted["cross_fitted_train"] = len(train_records) if small else 0
     head.meta.margin, head.meta.margin_fit = fitted["margin"], fitted
     head.save(out)
     if gate is not None:
         gate.save(out)  # after the head: saving a head removes the gate of an earlier one
     table = None
     if stopping_folds > 1:
-        predictions = cross_fitted_predictions(
-            train_states,
-            targets(train_records),
-            val_states,
-            targets(val_records),
-            folds=stopping_folds,
-            config=config,
-        )
+        assert cross_fitted is not None
         bandwidth = {} if stopping_bandwidth is None else {"bandwidth": stopping_bandwidth}
-        table = fit_stopping(train_records, predictions, seed=config.seed, **bandwidth)
+        table = fit_stopping(train_records, cross_fitted, seed=config.seed, **bandwidth)
         table.save(out)
     return TrainedHead(labels, out, head, gate, table, stopping_folds)
 
@@ -222,9 +241,16 @@ def report(trained: TrainedHead) -> str:
         f"train {len(train_records)}  validation {len(val_records)}  N_max {head.meta.n_max}",
         "best layers (validation MSE of N*/N_max): " + ", ".join(f"{i}: {mse[i]:.4f}" for i in order[:5]),
         f"combined over {len(head.meta.layers)} layers {head.meta.layers}: {head.meta.combined_val_mse:.4f}",
-        f"t2:margin={fitted['margin']:g} (validation: accuracy {fitted['accuracy']:.3f} at "
+        f"t2:margin={fitted['margin']:g} ({margin_questions(fitted)}: accuracy {fitted['accuracy']:.3f} at "
         f"{fitted['samples']:.2f} samples, fixed N_max {fitted['fixed_accuracy']:.3f}, tolerance "
         f"{fitted['tolerance']:g}{'' if fitted['met'] else ', not met: the grid largest'})",
         f"wrote {out}.safetensors and {out}.json" + (f", {gate_path(out)}" if gate else ""),
     ]
     return "\n".join(lines)
+
+
+def margin_questions(fitted: dict) -> str:
+    """What the margin was fitted on, as the report says it."""
+    train = fitted.get("cross_fitted_train", 0)
+    validation = fitted["questions"] - train
+    return f"{validation} validation and {train} cross-fitted train questions" if train else "validation"

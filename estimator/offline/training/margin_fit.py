@@ -6,7 +6,9 @@ training questions). A global margin suits one head and not the next: a head tha
 N* well needs less of it. So each head carries the smallest margin on a grid whose exact
 validation accuracy (mean A_x(N_x), no sampling noise) is within `tolerance` of fixed
 N_max's on the same questions; where none is, the largest margin of the grid (the closest
-to fixed N_max). `--estimator-margin` overrides it; a head without one gets 1.5.
+to fixed N_max). `--estimator-margin` overrides it; a head without one gets 1.5. On a
+validation split of fewer than head_fit.MARGIN_QUESTIONS questions `train` passes the train
+questions' cross-fitted predictions too.
 """
 
 from __future__ import annotations

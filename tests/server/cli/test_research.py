@@ -106,7 +106,9 @@ def labels(tmp_path):
 
 def test_train_command_stores_the_margin_chosen_on_validation(labels, tmp_path, capsys):
     """`t2serve train` writes the head's own T2 margin: the smallest on the grid whose
-    validation accuracy is within the tolerance of fixed N_max's."""
+    validation accuracy is within the tolerance of fixed N_max's; with fewer than 50
+    validation questions (these labels have 7), on the train questions' cross-fitted
+    predictions too."""
     from estimator.offline.training.margin_fit import MARGIN_GRID
 
     folder, records = labels
@@ -121,9 +123,12 @@ def test_train_command_stores_the_margin_chosen_on_validation(labels, tmp_path, 
     fitted = head.meta.margin_fit
     assert head.meta.margin == fitted["margin"] and head.meta.margin in MARGIN_GRID
     validation = [r for r in records if r["split"] == "validation"]
-    assert fitted["questions"] == len(validation)
+    train = [r for r in records if r["split"] == "train"]
+    assert len(validation) < 50 and fitted["cross_fitted_train"] == len(train)
+    assert fitted["questions"] == len(validation) + len(train)
+    assert f"{len(validation)} validation and {len(train)} cross-fitted train questions" in out
     assert fitted["tolerance"] == 0.005  # margin_fit.TOLERANCE: --margin-tolerance unset
-    assert fitted["fixed_accuracy"] == pytest.approx(np.mean([r["accuracy"][-1] for r in validation]))
+    assert fitted["fixed_accuracy"] == pytest.approx(np.mean([r["accuracy"][-1] for r in train + validation]))
     # The rule: the chosen margin is the first on the curve within the line (or the last).
     line = fitted["fixed_accuracy"] - fitted["tolerance"]
     first_within = next((p["margin"] for p in fitted["curve"] if p["accuracy"] >= line), MARGIN_GRID[-1])
