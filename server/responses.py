@@ -10,7 +10,7 @@ becomes an OpenAI Response (openai.types.responses).
             stream, its item events; stored when the turn holds room in the store
   pending   the Response as the stream opens it (in progress, no output yet)
 
-vLLM's conversions do the item work (server.vllm_openai, Responses API section); the stream
+vLLM's conversions do the item work (server.vllm_responses); the stream
 is framed in server.response_events and the store is server.response_store.
 """
 
@@ -27,7 +27,7 @@ from openai.types.responses import Response, ResponseError, ResponseUsage
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import ValidationError
 
-from server import vllm_openai
+from server import vllm_openai, vllm_responses
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessageOut, ResponsesCreateRequest, T2Info, Usage
 from server.response_store import ResponseStore
@@ -75,16 +75,16 @@ def begin(body: ResponsesCreateRequest, store: ResponseStore, served_model: str)
     cannot run (the store's room is held later, once the chat request is prepared)."""
     sent = body.model_dump(exclude_unset=True, mode="json")
     extension = {name: sent.pop(name) for name in extension_fields() if name in sent}
-    request = vllm_openai.responses_request(sent)
+    request = vllm_responses.responses_request(sent)
     if not isinstance(request.input, str):
         for i, item in enumerate(request.input):
             check_item(i, item if isinstance(item, dict) else item.model_dump())
     previous = store.transcript(request.previous_response_id) if request.previous_response_id else None
-    messages = [chat_message(m) for m in vllm_openai.responses_messages(request, previous)]
+    messages = [chat_message(m) for m in vllm_responses.responses_messages(request, previous)]
     chat: dict[str, Any] = {
         "model": request.model or served_model,
         "messages": messages,
-        **{name: sent[name] for name in vllm_openai.responses_sampling_fields() if name in sent},
+        **{name: sent[name] for name in vllm_responses.responses_sampling_fields() if name in sent},
         **extension,
         **chat_tools(request),
         **template_fields(request),
@@ -157,7 +157,7 @@ def chat_tools(request: Any) -> dict[str, Any]:
                 param=f"tools.{i}",
                 code="unsupported_parameter",
             )
-    tools = vllm_openai.responses_tools(request)
+    tools = vllm_responses.responses_tools(request)
     if not tools:
         return {}
     choice = request.tool_choice
@@ -177,7 +177,7 @@ def chat_tools(request: Any) -> dict[str, Any]:
 def template_fields(request: Any) -> dict[str, Any]:
     """Chat's template fields from vLLM's reading of the request (reasoning.effort and
     chat_template_kwargs into the template's kwargs)."""
-    kwargs = vllm_openai.responses_template_kwargs(request)
+    kwargs = vllm_responses.responses_template_kwargs(request)
     fields: dict[str, Any] = {
         "add_generation_prompt": kwargs.pop("add_generation_prompt"),
         "continue_final_message": kwargs.pop("continue_final_message"),
@@ -222,9 +222,9 @@ def finish(
     parsed = vllm_openai.ParsedOutput(message.reasoning, message.content, message.tool_calls)
     tools = turn.request.tools
     if streamed:
-        events, output = vllm_openai.responses_events(parsed, tools)
+        events, output = vllm_responses.responses_events(parsed, tools)
     else:
-        events, output = [], vllm_openai.responses_output(parsed, tools)
+        events, output = [], vllm_responses.responses_output(parsed, tools)
     incomplete = finish_reason == "length"
     response = pending(
         turn,
