@@ -1,12 +1,12 @@
 """`t2serve` console entry point: `serve` and `prepare-model` (server/cli/serve.py), and the
-research commands `label`, `train` and `evaluate` (server/cli/research.py), `tune`
-(server/cli/tune.py) and `store prune` (server/cli/store.py)."""
+research commands `label` and `evaluate` (server/cli/research.py), `train`
+(server/cli/train.py), `tune` (server/cli/tune.py) and `store prune` (server/cli/store.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-from server.cli import research, serve, store, tune
+from server.cli import research, serve, store, train, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve.add_parsers(sub)
     research.add_parsers(sub)
+    train.add_parsers(sub)
     tune.add_parsers(sub)
     store.add_parsers(sub)
     return parser

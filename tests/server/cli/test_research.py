@@ -1,4 +1,4 @@
-"""server/cli/research.py: `label`, `train`, `evaluate` take only their own flags, leave unset
+"""server/cli/research.py and train.py: `label`, `train`, `evaluate` take only their own flags, leave unset
 ones at the offline code's defaults, and run end to end on made-up labels (pure data, no engine)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from estimator.offline.inputs.problems import generate
 from estimator.offline.labels.labeling import LabelConfig, label_record, prepare_output
 from estimator.offline.training.probes import TrainConfig
 from server.cli import build_parser, main
-from server.cli.research import label_config, train_config
+from server.cli.research import label_config
+from server.cli.train import train_config
 
 
 @pytest.mark.parametrize(
