@@ -23,6 +23,18 @@ def prompts(count: int) -> list[str]:
     return out
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value on a /metrics page (Prometheus text): the sample `name` with exactly
+    `labels`; 0 where the server has not exported it yet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ServerProcess  # noqa: E402
+from benchmarks.common import RESULTS, ServerProcess, metric_value  # noqa: E402
 from benchmarks.loadtest import Load, load_problems, run_load  # noqa: E402
 from server.engine.model_store import prepare_embedded_model  # noqa: E402
 
@@ -39,15 +38,6 @@ SETUPS = {
     "share 1 + budget 0.05": "--explore-share 1 --explore-budget 0.05",
 }
 ADMIN_KEY = "bench-admin"
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """One sample's value from Prometheus text (0 when absent)."""
-    pattern = (
-        rf"^{re.escape(name)}{re.escape(labels)}\s+(\S+)$" if labels else rf"^{re.escape(name)}\s+(\S+)$"
-    )
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 async def one_setup(name: str, flags: str, args: argparse.Namespace, store: Path) -> dict:
@@ -96,9 +86,9 @@ async def one_setup(name: str, flags: str, args: argparse.Namespace, store: Path
         # what --explore-budget bounds: extra samples per sample launched
         "extra_per_launched": extra / max(1, sum(r.samples for r in ok)),
         "server": {
-            "extra_samples_charged": metric(text, "t2serve_explore_extra_samples_total"),
-            "budget_credit": metric(text, "t2serve_explore_budget_credit"),
-            "budget_skipped": metric(text, "t2serve_explored_requests_total", '{reason="budget_skipped"}'),
+            "extra_samples_charged": metric_value(text, "t2serve_explore_extra_samples_total"),
+            "budget_credit": metric_value(text, "t2serve_explore_budget_credit"),
+            "budget_skipped": metric_value(text, "t2serve_explored_requests_total", reason="budget_skipped"),
         },
         "wall_s": wall,
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ServerProcess  # noqa: E402
+from benchmarks.common import RESULTS, ServerProcess, metric_value  # noqa: E402
 
 WEATHER = {
     "type": "function",
@@ -89,10 +89,7 @@ def _matches(arguments: dict, schema: dict) -> bool:
 
 async def scrape_malformed(http, url: str) -> float:
     text = (await http.get(f"{url}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith('t2serve_tool_call_samples_total{outcome="malformed"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(text, "t2serve_tool_call_samples_total", outcome="malformed")
 
 
 async def measure(url: str, args, tool_choice: str) -> dict[str, int]:
