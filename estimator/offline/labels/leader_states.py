@@ -20,6 +20,7 @@ alone there by more than two standard errors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,9 +93,15 @@ class LeaderStates:
                 f"the calibration reads states of {self.num_layers} layers x {self.hidden_size}, "
                 f"these are {state.shape[0]} x {state.shape[1]}"
             )
-        row = _rows(pool_features[None], state[None, self.layer], self)
+        row = _rows(pool_features[None], state[None, self.layer], self.projection)
         z = (row - np.array(self.mean)) / np.array(self.scale)
         return float(sigmoid(z @ np.array(self.weights) + self.bias)[0])
+
+    @functools.cached_property
+    def projection(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The standardisation and principal directions as arrays, converted once (a target
+        computation asks for one probability per pool)."""
+        return np.array(self.state_mean), np.array(self.state_scale), np.array(self.components)
 
 
 def _projection(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,18 +111,11 @@ def _projection(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return mean, scale, vt[:COMPONENTS].T
 
 
-def _rows(features: np.ndarray, states: np.ndarray | None, part: LeaderStates | tuple | None) -> np.ndarray:
-    """[pool features, components] (pool features alone when `part` is None)."""
-    if part is None or states is None:
+def _rows(features: np.ndarray, states: np.ndarray | None, projection: tuple | None) -> np.ndarray:
+    """[pool features, components] (pool features alone without states)."""
+    if projection is None or states is None:
         return features
-    if isinstance(part, LeaderStates):
-        mean, scale, components = (
-            np.array(part.state_mean),
-            np.array(part.state_scale),
-            np.array(part.components),
-        )
-    else:
-        mean, scale, components = part
+    mean, scale, components = projection
     return np.hstack([features, ((states - mean) / scale) @ components])
 
 
